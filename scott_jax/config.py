@@ -1,0 +1,194 @@
+"""The one place where configs are defined and validated.
+
+Every experiment config (``configs/*.py``) starts from :func:`defaults` and overrides fields; it never adds
+new top-level keys. :func:`validate` checks the whole tree against the schema below: unknown keys, values
+outside their allowed set and wrongly typed values raise :class:`ConfigError` with a one-line message
+naming the key, the value and what is allowed. ``scott_jax.main`` turns that into exit status 2.
+
+Decisions the paper leaves open (``shared/notes/algorithms.md``, marked DECISION there) are fields here,
+never constants in library code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config key or value is invalid. The message is one line and names key, value and what is allowed."""
+
+
+def defaults() -> ConfigDict:
+  """The full config tree with SD1.5 SCott paper settings as defaults."""
+  c = ConfigDict()
+  c.seed = 0
+  # Mode run when --mode is not given (the README's main job runs the default of its config).
+  c.default_mode = "train"
+
+  # Noise schedule (notes section 1); fields follow diffusers' scheduler config.
+  c.schedule = ConfigDict(
+      dict(
+          beta_schedule="scaled_linear",
+          beta_start=0.00085,
+          beta_end=0.012,
+          num_train_timesteps=1000,
+          prediction_type="epsilon",
+      )
+  )
+
+  # The teacher's SDE solve Phi_SDE(z_tn, t_n, t_m, h) (paper Eq. 2, 5; notes section 3).
+  c.solver = ConfigDict(
+      dict(
+          name="er_sde",  # registry name in scott_jax.solvers
+          eta=0.0,  # DDIM noise scale (Eq. 5); used by "ddim"
+          order=2,  # ER-SDE order 1-3
+          noise_fn=7,  # ER-SDE noise scale function 1-7 (notes numbering); 7 is the paper's "ER-SDE 5"
+          skip=24,  # DECISION: t_m = max(t_n - skip, 0)
+          h=3,  # sub-steps of the multi-step teacher
+      )
+  )
+
+  # Solver demo / teacher sampling (mode sample_teacher).
+  c.sample_teacher = ConfigDict(
+      dict(
+          solver="ddim",
+          num_steps=50,
+          eta=0.0,
+          order=1,
+          noise_fn=1,
+          num_samples=20000,
+          data_mean=0.5,  # the toy analytic model: Gaussian data N(mean, std^2 I)
+          data_std=0.3,
+          dim=4,
+      )
+  )
+  return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema: allowed values per key. Keys absent here are checked for type only (same type as the default).
+
+SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
+
+_ALLOWED: dict[str, tuple[Any, ...]] = {
+    "default_mode": ("train", "eval", "sample", "export", "plan", "sample_teacher", "cache", "fid_stats"),
+    "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
+    "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "solver.name": SOLVER_NAMES,
+    "solver.order": (1, 2, 3),
+    "solver.noise_fn": (1, 2, 3, 4, 5, 6, 7),
+    "sample_teacher.solver": SOLVER_NAMES,
+    "sample_teacher.order": (1, 2, 3),
+    "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
+}
+
+_RANGES: dict[str, Callable[[Any], bool]] = {
+    "solver.eta": lambda v: 0.0 <= v <= 1.0,
+    "solver.skip": lambda v: v >= 1,
+    "solver.h": lambda v: v >= 1,
+    "schedule.num_train_timesteps": lambda v: v >= 2,
+    "sample_teacher.num_steps": lambda v: v >= 1,
+    "sample_teacher.num_samples": lambda v: v >= 2,
+    "sample_teacher.eta": lambda v: 0.0 <= v <= 1.0,
+    "sample_teacher.data_std": lambda v: v > 0,
+}
+
+_RANGE_TEXT: dict[str, str] = {
+    "solver.eta": "a number in [0, 1]",
+    "solver.skip": "an integer >= 1",
+    "solver.h": "an integer >= 1",
+    "schedule.num_train_timesteps": "an integer >= 2",
+    "sample_teacher.num_steps": "an integer >= 1",
+    "sample_teacher.num_samples": "an integer >= 2",
+    "sample_teacher.eta": "a number in [0, 1]",
+    "sample_teacher.data_std": "a number > 0",
+}
+
+
+def register(key: str, *, allowed: tuple[Any, ...] | None = None,
+             check: Callable[[Any], bool] | None = None, text: str | None = None) -> None:
+  """Adds a value constraint for ``key`` (dotted path). Used by modules that own a config section."""
+  if allowed is not None:
+    _ALLOWED[key] = tuple(allowed)
+  if check is not None:
+    _RANGES[key] = check
+    _RANGE_TEXT[key] = text or "a valid value"
+
+
+def _flatten(d: ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, (ConfigDict, dict)):
+      out[key] = v  # sections are keys too, so an unknown section is caught
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+  if default is None or value is None:
+    return True
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  if isinstance(default, (ConfigDict, dict)):
+    return isinstance(value, (ConfigDict, dict))
+  return isinstance(value, type(default))
+
+
+def _typename(v: Any) -> str:
+  return {bool: "a bool", int: "an integer", float: "a number", str: "a string"}.get(type(v), type(v).__name__)
+
+
+def _unknown_key_error(key: str, known: dict[str, Any]) -> ConfigError:
+  parent = key.rsplit(".", 1)[0] if "." in key else ""
+  depth = key.count(".")
+  siblings = sorted(k.rsplit(".", 1)[-1] for k in known
+                    if k.count(".") == depth and (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+  where = f" in section '{parent}'" if parent else ""
+  if parent and parent not in known:
+    return _unknown_key_error(parent, known)
+  return ConfigError(f"unknown config key '{key}'; allowed keys{where}: {', '.join(siblings)}")
+
+
+def check_key(key: str, schema: ConfigDict | None = None) -> None:
+  """Raises :class:`ConfigError` if the dotted ``key`` is not in the schema."""
+  known = _flatten(defaults() if schema is None else schema)
+  if key not in known:
+    raise _unknown_key_error(key, known)
+
+
+def validate(config: ConfigDict, schema: ConfigDict | None = None) -> ConfigDict:
+  """Checks ``config`` against the schema; returns it unchanged or raises :class:`ConfigError`.
+
+  Args:
+    config: the experiment config.
+    schema: the tree of allowed keys with default values; :func:`defaults` when None.
+  """
+  schema = defaults() if schema is None else schema
+  known = _flatten(schema)
+  given = _flatten(config)
+  for key, value in given.items():
+    if key not in known:
+      raise _unknown_key_error(key, known)
+    default = known[key]
+    if not _type_ok(default, value):
+      raise ConfigError(f"config key '{key}' has value {value!r}; expected {_typename(default)}")
+    if key in _ALLOWED and value not in _ALLOWED[key]:
+      allowed = ", ".join(repr(a) for a in _ALLOWED[key])
+      raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+    if key in _RANGES and not _RANGES[key](value):
+      raise ConfigError(f"config key '{key}' has value {value!r}; expected {_RANGE_TEXT[key]}")
+  return config

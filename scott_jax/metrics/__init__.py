@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID, CLIP score, coverage."""
