@@ -1,0 +1,47 @@
+"""CLI behaviour through a real subprocess: bad input exits 2 with one line naming key, value and what is allowed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "scott_jax.main", *args], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.solver.etaa=0.2"], ["solver.etaa", "eta", "noise_fn"]),
+        (["--config.nosection.x=1"], ["nosection", "solver"]),
+        (["--config.solver.eta=2.5"], ["solver.eta", "2.5", "[0, 1]"]),
+        (["--config.solver.name=rk4"], ["solver.name", "rk4", "er_sde", "ddim"]),
+        (["--config.solver.order=5"], ["solver.order", "5", "1, 2, 3"]),
+        (["--config.solver.eta=abc"], ["solver.eta", "abc"]),
+        (["--mode", "dance"], ["dance", "sample_teacher"]),
+        (["--no_such_flag=1"], ["no_such_flag"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, expected):
+  r = _run("--config", "configs/solver_demo.py", "--workdir", "/tmp/unused", *args)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert "Traceback" not in r.stderr
+  for word in expected:
+    assert word in lines[0], (word, lines[0])
+
+
+def test_missing_config_file_and_bad_config_arg():
+  r = _run("--config", "configs/does_not_exist.py")
+  assert r.returncode == 2 and "configs/does_not_exist.py" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  r = _run("--config", "configs/solver_demo.py:nonsense")
+  assert r.returncode == 2 and "nonsense" in r.stderr and "er_sde" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
