@@ -53,6 +53,40 @@ def defaults() -> ConfigDict:
       )
   )
 
+  # Consistency distillation (paper Eq. 1; notes sections 2, 4, 5).
+  c.consistency = ConfigDict(
+      dict(
+          num_ddim_timesteps=50,  # LCM training grid [19, 39, ..., 999]
+          timestep_scaling=10.0,  # boundary conditions use s = timestep_scaling * t
+          distance="l2",  # l2 (paper Eq. 1) or pseudo_huber (LCM script)
+          huber_c=0.001,
+          ema_decay=0.95,  # theta^- <- mu theta^- + (1 - mu) theta
+          w_min=5.0,  # DECISION: guidance scale w ~ U[w_min, w_max] (LCM form, notes section 2)
+          w_max=15.0,
+          guidance_embed_dim=256,
+      )
+  )
+
+  # The 2-D toy experiment (paper Figure 4 made measurable; mode toy2d).
+  c.toy2d = ConfigDict(
+      dict(
+          num_modes=8,
+          radius=1.0,
+          mode_std=0.05,
+          rare_mode_weight=1.0,  # weight of every other mode relative to the rest (1.0: equal weights)
+          hidden=128,
+          depth=3,
+          batch_size=512,
+          pretrain_steps=3000,  # regress the MLP onto the exact eps: the "pretrained teacher" init
+          distill_steps=3000,
+          learning_rate=1e-3,
+          seeds=(0, 1, 2),
+          eval_samples=4000,
+          sample_steps=(1, 2, 4),
+          lcm_skip=20,  # the ODE baseline: ddim, eta 0, h 1, skip lcm_skip
+      )
+  )
+
   # Solver demo / teacher sampling (mode sample_teacher).
   c.sample_teacher = ConfigDict(
       dict(
@@ -76,7 +110,6 @@ def defaults() -> ConfigDict:
 SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
 
 _ALLOWED: dict[str, tuple[Any, ...]] = {
-    "default_mode": ("train", "eval", "sample", "export", "plan", "sample_teacher", "cache", "fid_stats"),
     "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
     "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
     "solver.name": SOLVER_NAMES,
@@ -85,6 +118,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample_teacher.solver": SOLVER_NAMES,
     "sample_teacher.order": (1, 2, 3),
     "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
+    "consistency.distance": ("l2", "pseudo_huber"),
 }
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -96,6 +130,9 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "sample_teacher.num_samples": lambda v: v >= 2,
     "sample_teacher.eta": lambda v: 0.0 <= v <= 1.0,
     "sample_teacher.data_std": lambda v: v > 0,
+    "consistency.ema_decay": lambda v: 0.0 <= v < 1.0,
+    "consistency.num_ddim_timesteps": lambda v: v >= 1,
+    "toy2d.rare_mode_weight": lambda v: v > 0,
 }
 
 _RANGE_TEXT: dict[str, str] = {
@@ -107,6 +144,9 @@ _RANGE_TEXT: dict[str, str] = {
     "sample_teacher.num_samples": "an integer >= 2",
     "sample_teacher.eta": "a number in [0, 1]",
     "sample_teacher.data_std": "a number > 0",
+    "consistency.ema_decay": "a number in [0, 1)",
+    "consistency.num_ddim_timesteps": "an integer >= 1",
+    "toy2d.rare_mode_weight": "a number > 0",
 }
 
 
