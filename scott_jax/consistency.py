@@ -1,0 +1,123 @@
+"""LCM consistency parameterisation: boundary conditions, guidance embedding, timestep grids (notes 2, 4, 6).
+
+The consistency function of a (w-conditioned) diffusion model output is
+
+  f_theta(z, t, c, w) = c_skip(t) z + c_out(t) x0_hat(z, t),   s = timestep_scaling * t,
+  c_skip = sigma_data^2 / (s^2 + sigma_data^2),   c_out = s / sqrt(s^2 + sigma_data^2),
+
+so f(z, 0) = z exactly (c_skip(0) = 1, c_out(0) = 0). x0_hat comes from the model output through the noise
+schedule's conversion (eps, v or x0 prediction). Timesteps t are integers 0..num_train-1 (they may be passed as
+floats; the scalings are evaluated at the given value). Everything here is a pure function of arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+  from scott_jax.schedules import NoiseSchedule
+
+Array = jax.Array
+
+
+def boundary_scalings(t: Array | float, timestep_scaling: float = 10.0,
+                      sigma_data: float = 0.5) -> tuple[Array, Array]:
+  """LCM boundary-condition scalings (c_skip(t), c_out(t)), each with the shape of ``t``.
+
+  Same formula as diffusers `LCMScheduler.get_scalings_for_boundary_condition_discrete`; t is the integer
+  timestep (any shape), dimensionless.
+  """
+  s = jnp.asarray(t, jnp.float32) * timestep_scaling
+  c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+  c_out = s / jnp.sqrt(s**2 + sigma_data**2)
+  return c_skip, c_out
+
+
+def guidance_embedding(w: Array, dim: int = 256, dtype: jnp.dtype = jnp.float32) -> Array:
+  """Sinusoidal embedding of the guidance scale w (B,) -> (B, dim), as diffusers' LCM pipeline.
+
+  Matches `LatentConsistencyModelPipeline.get_guidance_scale_embedding`: the argument is w * 1000, frequencies
+  exp(-log(10000) k / (dim/2 - 1)), k = 0..dim/2-1, output [sin, cos] (zero-padded by one column if dim is odd).
+  w is the LCM guidance weight (CFG scale g = 1 + w).
+  """
+  w = jnp.asarray(w)
+  if w.ndim != 1:
+    raise ValueError(f"w must have shape (B,), got {w.shape}")
+  half = dim // 2
+  # Same float operation order as diffusers (log in the working dtype), so large w * 1000 arguments agree.
+  step = jnp.log(jnp.asarray(10000.0, dtype)) / (half - 1)
+  freq = jnp.exp(jnp.arange(half, dtype=dtype) * -step)
+  arg = (w * 1000.0).astype(dtype)[:, None] * freq[None, :]
+  emb = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _expand(x: Array, like: Array) -> Array:
+  """Broadcast per-example scalars x (B,) or () against ``like`` (B, ...)."""
+  x = jnp.asarray(x)
+  return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSchedule, *,
+                       timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[Array, Array]:
+  """f = c_skip(t) z + c_out(t) x0_hat and x0_hat, both shaped like z (B, ...).
+
+  ``model_out`` (B, ...) is the network output in the schedule's prediction type (eps, v or x0); ``t`` (B,) or
+  () integer timesteps. x0_hat = ``schedule.to_x0(model_out, z, t)``.
+  """
+  x0_hat = schedule.to_x0(model_out, z, t)
+  c_skip, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
+  f = _expand(c_skip, z).astype(z.dtype) * z + _expand(c_out, z).astype(z.dtype) * x0_hat
+  return f, x0_hat
+
+
+def consistency_fn(model_fn: Callable[[Array, Array], Array], z: Array, t: Array, schedule: NoiseSchedule, *,
+                   timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Array:
+  """The consistency function f(z, t) (B, ...) around ``model_fn(z, t) -> model output`` (B, ...).
+
+  ``model_fn`` closes over its parameters and conditioning (prompt embedding c, guidance weight w); its output is
+  in the schedule's prediction type. f(z, 0) = z exactly.
+  """
+  f, _ = consistency_output(model_fn(z, t), z, t, schedule, timestep_scaling=timestep_scaling,
+                            sigma_data=sigma_data)
+  return f
+
+
+def ddim_grid(num_ddim_timesteps: int = 50, num_train: int = 1000) -> Array:
+  """LCM training timesteps (num_ddim_timesteps,) int32, ascending: [19, 39, ..., 999] for (50, 1000).
+
+  As the LCM distillation script's `DDIMSolver`: round(arange(1, N + 1) * (num_train // N)) - 1.
+  """
+  if not 1 <= num_ddim_timesteps <= num_train:
+    raise ValueError(f"num_ddim_timesteps must be in [1, {num_train}], got {num_ddim_timesteps}")
+  step = num_train // num_ddim_timesteps
+  return jnp.asarray(np.round(np.arange(1, num_ddim_timesteps + 1) * step) - 1, jnp.int32)
+
+
+def sample_grid_index(key: Array, batch: int, num_ddim_timesteps: int = 50) -> Array:
+  """Uniform indices (batch,) int32 into `ddim_grid` (t_n = ddim_grid(...)[index])."""
+  return jax.random.randint(key, (batch,), 0, num_ddim_timesteps, dtype=jnp.int32)
+
+
+def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 1000) -> np.ndarray:
+  """Multistep consistency sampling timesteps (num_steps,) int64, descending, as `LCMScheduler.set_timesteps`.
+
+  The training grid k * (1..original_steps) - 1 (k = num_train // original_steps), reversed, sampled at
+  floor(linspace(0, original_steps, num_steps, endpoint=False)): 1 -> [999], 2 -> [999, 499],
+  4 -> [999, 759, 499, 259] for the defaults.
+  """
+  if not 1 <= original_steps <= num_train:
+    raise ValueError(f"original_steps must be in [1, {num_train}], got {original_steps}")
+  if not 1 <= num_steps <= original_steps:
+    raise ValueError(f"num_steps must be in [1, original_steps={original_steps}], got {num_steps}")
+  k = num_train // original_steps
+  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+  index = np.floor(np.linspace(0, original_steps, num=num_steps, endpoint=False)).astype(np.int64)
+  return origin[index].astype(np.int64)
