@@ -1,0 +1,129 @@
+"""SCott objectives: consistency distillation with a multi-step SDE teacher (paper Eq. 1), the hinge GAN
+losses (Eq. 6) and their total (Eq. 7). Notes: ``shared/notes/algorithms.md`` section 5.
+
+Everything here is a pure function of (params, arrays, key). Model functions are passed in:
+
+- ``student_fn(params, z, t, cond) -> model output`` (eps by default), z (B, ...), t (B,) int timesteps,
+  cond any pytree the model understands (text embeddings and guidance scale w for SD; None for toy data).
+- ``teacher_eps_fn(z, t, cond) -> eps``: the frozen teacher, classifier-free guidance already applied
+  (``solvers`` has the guidance helpers). It is only ever evaluated under ``stop_gradient``.
+- ``disc_fn(params, x, t, cond) -> logits (B,)``: the discriminator.
+
+The LCM baseline is this same code with ``solver="ddim", eta=0, h=1, skip=20`` and ``lambda_adv=0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scott_jax import consistency, solvers
+from scott_jax.schedules import NoiseSchedule
+
+PyTree = Any
+DISTANCES = ("l2", "pseudo_huber")
+DISC_TIMES = ("shared", "paper", "renoise")
+
+
+def distance(pred: jax.Array, target: jax.Array, kind: str = "l2", huber_c: float = 0.001) -> jax.Array:
+  """Per-example distance d(pred, target) -> (B,), averaged over the non-batch dimensions.
+
+  l2: mean squared error (paper Eq. 1). pseudo_huber: sqrt(a^2 + c^2) - c elementwise, as the LCM script.
+  """
+  diff = (pred - target).astype(jnp.float32)
+  if kind == "l2":
+    per_elem = diff**2
+  elif kind == "pseudo_huber":
+    per_elem = jnp.sqrt(diff**2 + huber_c**2) - huber_c
+  else:
+    raise ValueError(f"unknown distance '{kind}'; allowed: {', '.join(DISTANCES)}")
+  return jnp.mean(per_elem.reshape(per_elem.shape[0], -1), axis=1)
+
+
+def make_consistency_fn(student_fn: Callable, schedule: NoiseSchedule, *,
+                        timestep_scaling: float = 10.0) -> Callable:
+  """f_theta(params, z, t, cond) -> (f (B, ...), x0_hat (B, ...)): LCM boundary conditions around ``student_fn``."""
+
+  def f(params: PyTree, z: jax.Array, t: jax.Array, cond: PyTree) -> tuple[jax.Array, jax.Array]:
+    out = student_fn(params, z, t, cond)
+    return consistency.consistency_output(out, z, t, schedule, timestep_scaling=timestep_scaling)
+
+  return f
+
+
+def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: NoiseSchedule, *,
+                 solver: str, solver_kwargs: dict[str, Any] | None = None, skip: int, h: int,
+                 num_ddim_timesteps: int = 50, distance_kind: str = "l2", huber_c: float = 0.001,
+                 timestep_scaling: float = 10.0) -> Callable:
+  """Consistency-distillation loss with the multi-step SDE teacher (paper Eq. 1 with Phi_SDE).
+
+  Returns ``loss_fn(params, target_params, z0, cond, key) -> (loss, aux)`` where z0 (B, ...) is clean data
+  (latents), ``target_params`` the EMA parameters theta^- (no gradient flows into them) and aux a dict with
+  the per-batch diagnostics and the student's prediction ``x_fake`` = f_theta(z_tn, t_n) for the GAN loss.
+  """
+  if distance_kind not in DISTANCES:
+    raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
+  grid = consistency.ddim_grid(num_ddim_timesteps, schedule.num_train_timesteps)
+  f = make_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
+  solver_kwargs = dict(solver_kwargs or {})
+
+  def loss_fn(params: PyTree, target_params: PyTree, z0: jax.Array, cond: PyTree,
+              key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    k_t, k_eps, k_solver = jax.random.split(key, 3)
+    batch = z0.shape[0]
+    t_n = grid[jax.random.randint(k_t, (batch,), 0, grid.shape[0])]
+    t_m = jnp.maximum(t_n - skip, 0)  # DECISION (notes section 3): t_m = max(t_n - skip, 0)
+    eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
+    z_tn = schedule.add_noise(z0, eps, t_n)
+
+    # Teacher: z_tm_hat = Phi_SDE(eps_teacher, z_tn, t_n, t_m, h), no gradient (paper Fig. 3).
+    z_tm = solvers.sde_multistep(lambda z, t: teacher_eps_fn(z, t, cond), z_tn, t_n, t_m, h,
+                                 solver=solver, schedule=schedule, key=k_solver, **solver_kwargs)
+    z_tm = jax.lax.stop_gradient(z_tm)
+    target, _ = f(target_params, z_tm, t_m, cond)
+    target = jax.lax.stop_gradient(target)
+
+    pred, x0_pred = f(params, z_tn, t_n, cond)
+    per_example = distance(pred, target, distance_kind, huber_c)
+    loss = jnp.mean(per_example)
+    aux = {"loss_cd": loss, "t_n": t_n, "x_fake": pred, "x0_pred": x0_pred, "z_tn": z_tn, "eps": eps}
+    return loss, aux
+
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hinge GAN (paper Eq. 6) and the total objective (Eq. 7).
+
+def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))] (paper Eq. 6)."""
+  return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
+
+
+def hinge_g_loss(fake_logits: jax.Array) -> jax.Array:
+  """L_G = -E[D(fake)], the generator side of Eq. 6."""
+  return -jnp.mean(fake_logits)
+
+
+def disc_inputs(x_real: jax.Array, x_fake: jax.Array, t_n: jax.Array, eps: jax.Array, schedule: NoiseSchedule,
+                disc_time: str) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """What the discriminator sees for real and fake samples: (x_real, t_real, x_fake, t_fake).
+
+  DECISION (notes section 5): "shared" conditions both on t_n; "paper" is Eq. 6 read literally (real at t=0,
+  fake at t_n); "renoise" re-noises both to t_n with one shared eps (as PCM/UFOGen).
+  """
+  if disc_time == "shared":
+    return x_real, t_n, x_fake, t_n
+  if disc_time == "paper":
+    return x_real, jnp.zeros_like(t_n), x_fake, t_n
+  if disc_time == "renoise":
+    return schedule.add_noise(x_real, eps, t_n), t_n, schedule.add_noise(x_fake, eps, t_n), t_n
+  raise ValueError(f"unknown disc_time '{disc_time}'; allowed: {', '.join(DISC_TIMES)}")
+
+
+def total_student_loss(loss_cd: jax.Array, loss_g: jax.Array, lambda_adv: float) -> jax.Array:
+  """L_SCott = L_CD + lambda_adv * L_G (paper Eq. 7, student side)."""
+  return loss_cd + lambda_adv * loss_g
