@@ -67,6 +67,8 @@ class CLIPTextConfig:
       config, model_type = config["text_config"], "clip_text_model"
     if model_type != "clip_text_model":
       raise ValueError(f"expected a clip_text_model config, got model_type={model_type!r}")
+    if config.get("use_attention_mask"):
+      raise ValueError("use_attention_mask=True (padding mask) is not supported; only the causal mask")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
