@@ -67,6 +67,74 @@ def defaults() -> ConfigDict:
       )
   )
 
+  # The teacher (and the student's / discriminator's initialisation): a diffusers-format folder (mode train).
+  c.model = ConfigDict(
+      dict(
+          teacher_path="models/stable-diffusion-v1-5",  # unet/ vae/ text_encoder/ tokenizer/ scheduler/
+          vae_path="",  # a folder with vae/ to use instead of the teacher's (e.g. RV5.1 "noVAE"); "" = teacher's
+          dtype="float32",  # compute dtype of every network (parameters stay float32)
+          vae_sample=True,  # encode images with a posterior sample (LCM script) rather than its mean
+      )
+  )
+
+  # Adversarial part of Eq. 7 and the LoRA discriminator (notes section 5).
+  c.gan = ConfigDict(
+      dict(
+          enabled=True,
+          lambda_adv=0.4,
+          disc_time="shared",  # DECISION: shared | paper | renoise (losses.disc_inputs)
+          variant="lora",  # lora (frozen encoder, LoRA decoder) | full (trainable U-Net copy) | no_cond
+          lora_targets=("attention", "conv"),  # lora.PRESETS names or regexes, inside the up blocks
+          lora_rank=64,  # attention + conv of the SD1.5 up blocks at rank 64 + head: 3.64% of the U-Net
+          lora_alpha=64.0,
+      )
+  )
+
+  # One AdamW per network: linear warmup to the learning rate, then constant; global-norm clipping first.
+  c.optim = ConfigDict(
+      dict(
+          student_lr=8e-6,
+          disc_lr=2e-5,
+          warmup_steps=500,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+          weight_decay=1e-2,
+          grad_clip=1.0,
+      )
+  )
+
+  # The train loop (mode train).
+  c.train = ConfigDict(
+      dict(
+          batch_size=40,
+          num_steps=40000,
+          log_every=50,  # metrics and the progress/ETA line
+          checkpoint_every=1000,
+          keep_checkpoints=3,
+          sample_every=1000,  # PNG grids of the student's multistep samples; 0 disables
+          sample_steps=(1, 2, 4),
+          sample_guidance_scale=8.0,  # CFG scale g; the student gets w = g - 1
+          sample_prompts=(
+              "a photo of an astronaut riding a horse on the moon",
+              "a cozy cabin in a snowy forest at dusk, warm light in the windows",
+              "a close-up portrait of a fluffy orange cat, studio lighting",
+              "a bowl of ramen with a soft-boiled egg, top view",
+          ),
+          sample_seed=0,
+      )
+  )
+
+  # Training data (mode train): images with captions; a batch at step k depends only on (seed, k).
+  c.data = ConfigDict(
+      dict(
+          source="folder",  # folder (images + same-name .txt captions) | synthetic (random, for tests)
+          path="",
+          resolution=512,
+          num_examples=64,  # synthetic only
+      )
+  )
+
   # The 2-D toy experiment (paper Figure 4 made measurable; mode toy2d).
   c.toy2d = ConfigDict(
       dict(
@@ -119,6 +187,10 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample_teacher.order": (1, 2, 3),
     "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
     "consistency.distance": ("l2", "pseudo_huber"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "gan.disc_time": ("shared", "paper", "renoise"),
+    "gan.variant": ("lora", "full", "no_cond"),
+    "data.source": ("folder", "synthetic"),
 }
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -133,6 +205,24 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "consistency.ema_decay": lambda v: 0.0 <= v < 1.0,
     "consistency.num_ddim_timesteps": lambda v: v >= 1,
     "toy2d.rare_mode_weight": lambda v: v > 0,
+    "gan.lambda_adv": lambda v: v >= 0,
+    "gan.lora_rank": lambda v: v >= 1,
+    "gan.lora_alpha": lambda v: v > 0,
+    "optim.student_lr": lambda v: v > 0,
+    "optim.disc_lr": lambda v: v > 0,
+    "optim.warmup_steps": lambda v: v >= 0,
+    "optim.grad_clip": lambda v: v > 0,
+    "optim.weight_decay": lambda v: v >= 0,
+    "train.batch_size": lambda v: v >= 1,
+    "train.num_steps": lambda v: v >= 1,
+    "train.log_every": lambda v: v >= 1,
+    "train.checkpoint_every": lambda v: v >= 1,
+    "train.keep_checkpoints": lambda v: v >= 1,
+    "train.sample_every": lambda v: v >= 0,
+    "train.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
+    "train.sample_guidance_scale": lambda v: v >= 1.0,
+    "data.resolution": lambda v: v >= 8 and v % 8 == 0,
+    "data.num_examples": lambda v: v >= 1,
 }
 
 _RANGE_TEXT: dict[str, str] = {
@@ -147,6 +237,24 @@ _RANGE_TEXT: dict[str, str] = {
     "consistency.ema_decay": "a number in [0, 1)",
     "consistency.num_ddim_timesteps": "an integer >= 1",
     "toy2d.rare_mode_weight": "a number > 0",
+    "gan.lambda_adv": "a number >= 0",
+    "gan.lora_rank": "an integer >= 1",
+    "gan.lora_alpha": "a number > 0",
+    "optim.student_lr": "a number > 0",
+    "optim.disc_lr": "a number > 0",
+    "optim.warmup_steps": "an integer >= 0",
+    "optim.grad_clip": "a number > 0",
+    "optim.weight_decay": "a number >= 0",
+    "train.batch_size": "an integer >= 1",
+    "train.num_steps": "an integer >= 1",
+    "train.log_every": "an integer >= 1",
+    "train.checkpoint_every": "an integer >= 1",
+    "train.keep_checkpoints": "an integer >= 1",
+    "train.sample_every": "an integer >= 0 (0 disables sampling)",
+    "train.sample_steps": "a non-empty tuple of integers >= 1",
+    "train.sample_guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
+    "data.resolution": "an integer >= 8, a multiple of 8",
+    "data.num_examples": "an integer >= 1",
 }
 
 
