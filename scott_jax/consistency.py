@@ -5,9 +5,10 @@ The consistency function of a (w-conditioned) diffusion model output is
   f_theta(z, t, c, w) = c_skip(t) z + c_out(t) x0_hat(z, t),   s = timestep_scaling * t,
   c_skip = sigma_data^2 / (s^2 + sigma_data^2),   c_out = s / sqrt(s^2 + sigma_data^2),
 
-so f(z, 0) = z exactly (c_skip(0) = 1, c_out(0) = 0). x0_hat comes from the model output through the noise
-schedule's conversion (eps, v or x0 prediction). Timesteps t are integers 0..num_train-1 (they may be passed as
-floats; the scalings are evaluated at the given value). Everything here is a pure function of arrays.
+so f(z, 0) = z exactly (c_skip(0) = 1, c_out(0) = 0). x0_hat comes from the model output through the
+noise schedule's conversion (eps, v or x0 prediction). Timesteps t are integers 0..num_train-1 (they may be
+passed as floats; the scalings are evaluated at the given value). Everything here is a pure function of
+arrays.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def boundary_scalings(t: Array | float, timestep_scaling: float = 10.0,
 def guidance_embedding(w: Array, dim: int = 256, dtype: jnp.dtype = jnp.float32) -> Array:
   """Sinusoidal embedding of the guidance scale w (B,) -> (B, dim), as diffusers' LCM pipeline.
 
-  Matches `LatentConsistencyModelPipeline.get_guidance_scale_embedding`: the argument is w * 1000, frequencies
-  exp(-log(10000) k / (dim/2 - 1)), k = 0..dim/2-1, output [sin, cos] (zero-padded by one column if dim is odd).
-  w is the LCM guidance weight (CFG scale g = 1 + w).
+  Matches `LatentConsistencyModelPipeline.get_guidance_scale_embedding`: the argument is w * 1000,
+  frequencies exp(-log(10000) k / (dim/2 - 1)), k = 0..dim/2-1, output [sin, cos] (zero-padded by one column
+  if dim is odd). w is the LCM guidance weight (CFG scale g = 1 + w).
   """
   w = jnp.asarray(w)
   if w.ndim != 1:
@@ -82,8 +83,8 @@ def consistency_fn(model_fn: Callable[[Array, Array], Array], z: Array, t: Array
                    timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Array:
   """The consistency function f(z, t) (B, ...) around ``model_fn(z, t) -> model output`` (B, ...).
 
-  ``model_fn`` closes over its parameters and conditioning (prompt embedding c, guidance weight w); its output is
-  in the schedule's prediction type. f(z, 0) = z exactly.
+  ``model_fn`` closes over its parameters and conditioning (prompt embedding c, guidance weight w); its output
+  is in the schedule's prediction type. f(z, 0) = z exactly.
   """
   f, _ = consistency_output(model_fn(z, t), z, t, schedule, timestep_scaling=timestep_scaling,
                             sigma_data=sigma_data)
@@ -121,3 +122,25 @@ def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 100
   origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
   index = np.floor(np.linspace(0, original_steps, num=num_steps, endpoint=False)).astype(np.int64)
   return origin[index].astype(np.int64)
+
+
+def multistep_sample(f_fn: Callable[[Array, Array], Array], z_T: Array, timesteps: Array | np.ndarray,
+                     schedule: NoiseSchedule, key: Array) -> Array:
+  """Multistep consistency sampling (notes section 6; diffusers `LCMScheduler.step`).
+
+  ``f_fn(z, t) -> f`` is the consistency function (B, ...) at a scalar int timestep t; ``timesteps`` (K,)
+  descending ints (e.g. `lcm_timesteps(K)`). x0 = f(z_t, t); between steps z_t' = alpha_t' x0 + sigma_t' xi
+  with fresh noise xi. Returns the last x0 (B, ...). One lax.scan: jit-able with f_fn closed over.
+  """
+  ts = jnp.asarray(timesteps, jnp.int32)
+  nxt = jnp.concatenate([ts[1:], ts[-1:]])
+  keys = jax.random.split(key, ts.shape[0])
+
+  def body(z, inp):
+    t, t_next, k = inp
+    x0 = f_fn(z, t)
+    z_next = schedule.add_noise(x0, jax.random.normal(k, z.shape, z.dtype), t_next)
+    return z_next, x0
+
+  _, x0s = jax.lax.scan(body, z_T, (ts, nxt, keys))
+  return x0s[-1]
