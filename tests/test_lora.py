@@ -1,4 +1,4 @@
-"""LoRA overlays: merge against dense numpy and PEFT layers, identity at init, masks, PEFT export for diffusers."""
+"""LoRA overlays: merge vs dense numpy and PEFT layers, identity at init, masks, PEFT export for diffusers."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _toy_params(rng: np.random.Generator) -> dict:
     c = 8
     return {
       "attentions_0": {
-        "proj_in": {"kernel": rng.standard_normal((1, 1, c, c)).astype(np.float32), "bias": np.zeros(c, np.float32)},
+        "proj_in": {"kernel": rng.standard_normal((1, 1, c, c)).astype(np.float32),
+                    "bias": np.zeros(c, np.float32)},
         "transformer_blocks_0": {
           "attn1": {
             "to_q": {"kernel": rng.standard_normal((c, c)).astype(np.float32)},
@@ -92,7 +93,8 @@ def test_select_targets_presets_and_scope():
 def test_init_is_identity_and_follows_peft_init(init_a):
   params = _toy_params(np.random.default_rng(1))
   rank = 4
-  tree = lora.init(jax.random.key(0), params, ["attention", "feed_forward", "conv", "proj"], rank, init_a=init_a)
+  targets = ["attention", "feed_forward", "conv", "proj"]
+  tree = lora.init(jax.random.key(0), params, targets, rank, init_a=init_a)
   merged = lora.merge(params, tree, alpha=8.0)
   for name, value in _flat(params).items():
     np.testing.assert_array_equal(_flat(merged)[name], value)  # bit-identical: B = 0
@@ -117,8 +119,8 @@ def test_init_is_identity_and_follows_peft_init(init_a):
 
 def _random_overlay(tree, rng: np.random.Generator, b_scale: float = 0.3):
   """Perturb both A and B so that the overlay is not the identity."""
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * b_scale),
-                                tree)
+  return jax.tree_util.tree_map(
+    lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * b_scale), tree)
 
 
 def test_merge_matches_dense_numpy_and_jit():
@@ -172,21 +174,21 @@ def test_conv_lora_matches_peft_layer(stride):
   with torch.no_grad():
     ref = net(x).numpy()
   base = net.conv.base_layer
-  params = {"conv": {"kernel": base.weight.detach().numpy().transpose(2, 3, 1, 0), "bias": base.bias.detach().numpy()}}
+  params = {"conv": {"kernel": base.weight.detach().numpy().transpose(2, 3, 1, 0),
+                     "bias": base.bias.detach().numpy()}}
   tree = {"conv": {"kernel": {
     "lora_A": net.conv.lora_A["default"].weight.detach().numpy().transpose(2, 3, 1, 0),  # (3, 3, in, r)
     "lora_B": net.conv.lora_B["default"].weight.detach().numpy().transpose(2, 3, 1, 0),  # (1, 1, r, out)
   }}}
-  merged = lora.merge(params, tree, alpha)
-  y = jax.lax.conv_general_dilated(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), merged["conv"]["kernel"],
-                                   (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y = y + merged["conv"]["bias"]
-  np.testing.assert_allclose(np.asarray(y).transpose(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
-  # And without the overlay the outputs differ: the LoRA term is not negligible.
-  assert np.abs(np.asarray(jax.lax.conv_general_dilated(
-    jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), params["conv"]["kernel"], (stride, stride), ((1, 1), (1, 1)),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"))).transpose(0, 3, 1, 2) + base.bias.detach().numpy()[:, None, None]
-    - ref).max() > 1e-2
+  def conv(p):  # NCHW in and out, as torch
+    y = jax.lax.conv_general_dilated(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), p["conv"]["kernel"],
+                                     (stride, stride), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return np.asarray(y + p["conv"]["bias"]).transpose(0, 3, 1, 2)
+
+  np.testing.assert_allclose(conv(lora.merge(params, tree, alpha)), ref, rtol=1e-5, atol=1e-5)
+  # Without the overlay the outputs differ: the LoRA term is not negligible.
+  assert np.abs(conv(params) - ref).max() > 1e-2
 
 
 def test_trainable_mask_and_multi_transform():
@@ -199,7 +201,9 @@ def test_trainable_mask_and_multi_transform():
   assert {k for k, v in flat_mask.items() if v} == {k for k in _flat(state) if k.startswith("lora/")}
   mask2 = lora.trainable_mask(state, [r"^lora/", r"^head/"])
   assert {k for k, v in _flat(mask2).items() if v} == {k for k in _flat(state) if not k.startswith("base/")}
-  assert lora.count_params(tree) == sum(v.size for v in _flat(tree).values()) == 2 * (4 * (8 * 2 + 2 * 8) + (6 * 2 + 2 * 8))
+  # Per block: 4 attn1 projections 8 -> 8 and attn2.to_k 6 -> 8, A (in, 2) and B (2, out) each; two blocks.
+  expected = 2 * (4 * (8 * 2 + 2 * 8) + (6 * 2 + 2 * 8))
+  assert lora.count_params(tree) == sum(v.size for v in _flat(tree).values()) == expected
   assert lora.count_params(state) == sum(np.size(v) for v in jax.tree_util.tree_leaves(state))
 
   labels = lora.mask_labels(mask2)
@@ -251,7 +255,8 @@ def _tiny_torch_unet():
   torch.manual_seed(0)
   return UNet2DConditionModel(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=12, attention_head_dim=4, norm_num_groups=8)
 
 
@@ -283,7 +288,8 @@ def test_export_loads_into_diffusers_unet_with_same_effective_weights(tmp_path):
 
   unet.load_lora_adapter(path, prefix="unet", adapter_name="ours", use_safetensors=True)
   layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
-  assert set(layers) == {_flax_to_torch(k.removesuffix("/lora_A")) for k in _flat(tree) if k.endswith("lora_A")}
+  overlaid = {_flax_to_torch(k.removesuffix("/lora_A")) for k in _flat(tree) if k.endswith("lora_A")}
+  assert set(layers) == overlaid
   for name, layer in layers.items():
     assert layer.scaling["ours"] == alpha / 4
     with torch.no_grad():

@@ -1,22 +1,23 @@
 """LoRA overlays on Flax parameter trees (pure functions), with PEFT-layout export for diffusers.
 
-A LoRA overlay adds a low-rank update to selected kernels: W' = W + (alpha / r) * delta(A, B), B = 0 at init so
-the overlay starts as the identity. The overlay tree mirrors the parameter tree down to each selected kernel and
-replaces the kernel leaf by ``{"lora_A": A, "lora_B": B}``:
+A LoRA overlay adds a low-rank update to selected kernels: W' = W + (alpha / r) * delta(A, B), with B = 0 at
+init so that the overlay starts as the identity. The overlay tree mirrors the parameter tree down to each
+selected kernel and replaces the kernel leaf by ``{"lora_A": A, "lora_B": B}``:
 
   Dense kernel W (in, out):        A (in, r), B (r, out),             delta = A @ B.
   Conv kernel W (kh, kw, in, out): A (kh, kw, in, r), B (1, 1, r, out), delta[h, w] = A[h, w] @ B[0, 0].
 
-The conv form is PEFT's: A is a conv with the base kernel size (and stride/padding) to r channels, B a 1x1 conv
-from r channels, so conv(conv(x, A), B) = conv(x, delta). Kernels are selected by regular expressions matched
-(`re.search`) against the '/'-joined Flax parameter path, e.g. ``up_blocks_1/attentions_0/transformer_blocks_0/
-attn1/to_q/kernel``; `PRESETS` names the usual groups. alpha is a static hyper-parameter (not in the tree, so it
-is never trained); r is read from the shapes of A, so targets may have different ranks.
+The conv form is PEFT's: A is a conv with the base kernel size (and stride/padding) to r channels, B a 1x1
+conv from r channels, so conv(conv(x, A), B) = conv(x, delta). Kernels are selected by regular expressions
+matched (`re.search`) against the '/'-joined Flax parameter path, e.g.
+``up_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel``; `PRESETS` names the usual groups. alpha
+is a static hyper-parameter (not in the tree, so it is never trained); r is read from the shape of A, so
+targets may have different ranks.
 
-`export_peft` / `import_peft` read and write a .safetensors file in the layout that diffusers' PEFT integration
-loads (`UNet2DConditionModel.load_lora_adapter(path, prefix="unet")`, a pipeline's `load_lora_weights`): keys
-``unet.<torch module>.lora_A.weight`` / ``lora_B.weight`` in torch layout and the `LoraConfig` (r, lora_alpha,
-target_modules, rank_pattern) as JSON under the file metadata key ``lora_adapter_metadata``.
+`export_peft` / `import_peft` write and read a .safetensors file in the layout that diffusers' PEFT
+integration loads (a pipeline's `load_lora_weights`, `UNet2DConditionModel.load_lora_adapter`): keys
+``unet.<torch module>.lora_A.weight`` / ``lora_B.weight`` in torch layout and the `LoraConfig` (r,
+lora_alpha, target_modules, rank_pattern) as JSON under the file metadata key ``lora_adapter_metadata``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def select_targets(params: PyTree, targets: Sequence[str] | str, scope: str | No
   """Sorted '/'-joined paths of the kernels selected by ``targets`` (preset names or regexes).
 
   A kernel is selected when its path matches any target and, if given, the ``scope`` regex (e.g.
-  ``r"^up_blocks_"``). Only 2-D (Dense) and 4-D (Conv HWIO) leaves can be targets; a selected leaf of any other
-  rank raises, and so does a selection that matches nothing.
+  ``r"^up_blocks_"``). Only 2-D (Dense) and 4-D (Conv HWIO) leaves can be targets; a selected leaf of any
+  other rank raises, and so does a selection that matches nothing.
   """
   patterns = _compile_targets(targets)
   scope_re = re.compile(scope) if scope is not None else None
@@ -80,7 +81,8 @@ def select_targets(params: PyTree, targets: Sequence[str] | str, scope: str | No
     if not any(p.search(name) for p in patterns) or (scope_re is not None and not scope_re.search(name)):
       continue
     if np.ndim(leaf) not in (2, 4):
-      raise ValueError(f"LoRA target '{name}' has shape {np.shape(leaf)}; only 2-D and 4-D kernels are supported")
+      raise ValueError(
+        f"LoRA target '{name}' has shape {np.shape(leaf)}; only 2-D and 4-D kernels are supported")
     selected.append(name)
   if not selected:
     raise ValueError(f"no parameter matches targets {list(targets)} (scope {scope!r})")
@@ -144,8 +146,9 @@ def _overlays(lora: PyTree) -> dict[tuple[str, ...], tuple[Array, Array]]:
 def merge(params: PyTree, lora: PyTree, alpha: float) -> PyTree:
   """params with W + (alpha / r) * delta(A, B) for every overlaid kernel (r = A.shape[-1]); jit-able.
 
-  ``params`` is any nested dict of arrays (a Flax ``{"params": ...}`` dict or its inside, whichever the overlay
-  was built from); untouched leaves are passed through. The update is computed in float32 and cast to W's dtype.
+  ``params`` is any nested dict of arrays (a Flax ``{"params": ...}`` dict or its inside, whichever the
+  overlay was built from); untouched leaves are passed through. The update is computed in float32 and cast to
+  W's dtype.
   """
   flat = traverse_util.flatten_dict(params)
   for path, (a, b) in _overlays(lora).items():
@@ -180,7 +183,10 @@ def trainable_mask(tree: PyTree, patterns: Sequence[str] | str | None = None) ->
 
 
 def mask_labels(mask: PyTree, trainable: str = "trainable", frozen: str = "frozen") -> PyTree:
-  """Label pytree for `optax.multi_transform` from a bool mask (e.g. {"trainable": adamw, "frozen": set_to_zero})."""
+  """Label pytree for `optax.multi_transform` from a bool mask.
+
+  E.g. ``optax.multi_transform({"trainable": optax.adamw(...), "frozen": optax.set_to_zero()}, labels)``.
+  """
   return jax.tree_util.tree_map(lambda m: trainable if m else frozen, mask)
 
 
@@ -257,11 +263,12 @@ def export_peft(path: str, lora: PyTree, alpha: float, to_torch_module: Callable
   save_file(sd, path, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
 
 
-def import_peft(path: str, to_flax_path: Callable[[str], str], *, prefix: str = "unet") -> tuple[PyTree, float]:
+def import_peft(path: str, to_flax_path: Callable[[str], str], *,
+                prefix: str = "unet") -> tuple[PyTree, float]:
   """Read a PEFT-layout LoRA .safetensors file -> (overlay tree, alpha); the inverse of `export_peft`.
 
-  ``to_flax_path`` maps a torch module name to the '/'-joined Flax kernel path. Without LoRA metadata in the file
-  the diffusers convention applies (alpha = r, scale 1), which needs a single rank. Per-module alphas
+  ``to_flax_path`` maps a torch module name to the '/'-joined Flax kernel path. Without LoRA metadata in the
+  file the diffusers convention applies (alpha = r, scale 1), which needs a single rank. Per-module alphas
   (alpha_pattern) are not representable here and raise.
   """
   from safetensors import safe_open
