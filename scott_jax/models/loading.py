@@ -1,0 +1,276 @@
+"""Torch-free loading and saving of diffusers / transformers weights for the Flax models.
+
+Generic core (no model-specific knowledge):
+
+* `read_safetensors_folder(folder, variant=None) -> {torch key: np.ndarray}` reads
+  ``diffusion_pytorch_model[.<variant>].safetensors`` or ``model[.<variant>].safetensors``, or the shards
+  listed in ``<weights>.safetensors.index[.<variant>].json``, with ``safetensors.numpy`` (no torch).
+* `read_config(folder) -> dict` reads ``config.json``.
+* Key naming. Flax submodules carry diffusers' torch module names with list indices joined by ``_``: torch
+  ``down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight`` is the Flax path
+  ``('down_blocks_0', 'attentions_1', 'transformer_blocks_0', 'attn1', 'to_out_0', 'kernel')``.
+  `torch_module_to_flax` / `flax_to_torch_module` map module names (no leaf) both ways;
+  `torch_key_to_flax_path(key, leaf)` / `flax_path_to_torch_key(path)` map full parameter keys. Going back,
+  ``name_<digits>`` is split only when ``name`` is in `LIST_CONTAINERS` (``linear_1`` of a time embedding is a
+  module name, not an index).
+* Leaves: torch ``weight`` is the Flax ``kernel`` (Dense: (out, in) -> (in, out); Conv: OIHW -> HWIO),
+  ``scale`` (GroupNorm / LayerNorm) or ``embedding`` (Embed), whichever leaf the abstract Flax tree has; every
+  other leaf name (``bias``, ...) is kept.
+* `convert_state_dict(state_dict, abstract_params) -> params` fills an abstract parameter tree (from
+  `jax.eval_shape` of ``module.init``) and raises `WeightLoadError` listing every missing, unexpected and
+  mis-shaped tensor (never a silent random init). `to_state_dict(params)` is the inverse (torch layout).
+* `save_safetensors_folder(folder, state_dict, config, weights_name)` writes a diffusers-format folder.
+
+Model loaders (`load_unet`, `save_unet`, and the VAE / text encoder / pipeline loaders) build on this core.
+Parameters are float32 unless a loader is asked for another parameter dtype; fp16 files are upcast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import numpy as np
+
+PyTree = Any
+
+# Torch module names that are lists (nn.ModuleList / nn.Sequential): `<name>.<i>` <-> Flax `<name>_<i>`.
+LIST_CONTAINERS: frozenset[str] = frozenset({
+  "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
+  "to_out", "net", "layers", "blocks", "conv_in_list", "norms",
+})
+
+WEIGHTS_NAMES: tuple[str, ...] = ("diffusion_pytorch_model", "model")  # diffusers, transformers
+
+_KERNEL_LEAVES = ("kernel", "scale", "embedding")  # Flax leaves a torch `weight` may become
+
+
+class WeightLoadError(ValueError):
+  """A state dict does not match the Flax parameter tree; the message lists every offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files.
+
+def _variant_name(name: str, variant: str | None) -> str:
+  """diffusers `_add_variant`: ``variant`` goes before the last extension (``a.safetensors`` ->
+  ``a.fp16.safetensors``, ``a.safetensors.index.json`` -> ``a.safetensors.index.fp16.json``)."""
+  if variant is None:
+    return name
+  head, ext = name.rsplit(".", 1)
+  return f"{head}.{variant}.{ext}"
+
+
+def read_safetensors_folder(folder: str | os.PathLike, *,
+                            variant: str | None = None) -> dict[str, np.ndarray]:
+  """All tensors of a diffusers / transformers weights folder as numpy arrays (their stored dtype).
+
+  Looks for, in order, ``diffusion_pytorch_model.safetensors``, its sharded index
+  ``diffusion_pytorch_model.safetensors.index.json``, ``model.safetensors`` and
+  ``model.safetensors.index.json``; with ``variant`` (e.g. "fp16") the variant names
+  (``diffusion_pytorch_model.fp16.safetensors``, ``diffusion_pytorch_model.safetensors.index.fp16.json``,
+  ...).
+  Raises FileNotFoundError naming the folder and the file names looked for.
+  """
+  from safetensors.numpy import load_file
+
+  folder = os.fspath(folder)
+  tried = []
+  for base in WEIGHTS_NAMES:
+    single = _variant_name(f"{base}.safetensors", variant)
+    index = _variant_name(f"{base}.safetensors.index.json", variant)
+    tried += [single, index]
+    if os.path.isfile(os.path.join(folder, single)):
+      return dict(load_file(os.path.join(folder, single)))
+    if os.path.isfile(os.path.join(folder, index)):
+      with open(os.path.join(folder, index)) as fh:
+        weight_map: dict[str, str] = json.load(fh)["weight_map"]
+      out: dict[str, np.ndarray] = {}
+      for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+          raise FileNotFoundError(f"shard '{shard}' listed in {index} is missing from {folder}")
+        out.update(load_file(shard_path))
+      missing = sorted(set(weight_map) - set(out))
+      if missing:
+        raise WeightLoadError(f"{index} in {folder} lists tensors absent from its shards: {missing}")
+      return out
+  raise FileNotFoundError(f"no safetensors weights in {folder}: looked for {', '.join(tried)}")
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+  """``config.json`` of a diffusers / transformers folder as a dict."""
+  path = os.path.join(os.fspath(folder), "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in {os.fspath(folder)}")
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def save_safetensors_folder(folder: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
+                            config: Mapping[str, Any],
+                            weights_name: str = "diffusion_pytorch_model.safetensors") -> None:
+  """Write ``config.json`` and one safetensors file (torch-layout arrays, contiguous) into ``folder``."""
+  from safetensors.numpy import save_file
+
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as fh:
+    json.dump(dict(config), fh, indent=2, sort_keys=True)
+  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+  save_file(arrays, os.path.join(folder, weights_name), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Key naming.
+
+def torch_module_to_flax(module: str) -> tuple[str, ...]:
+  """Torch module name -> Flax module path: ``a.b.0.c`` -> ``('a', 'b_0', 'c')`` (every integer component is a
+  list index and joins the name before it)."""
+  out: list[str] = []
+  for part in module.split(".") if module else []:
+    if part.isdigit():
+      if not out:
+        raise ValueError(f"torch module name '{module}' starts with a list index")
+      out[-1] = f"{out[-1]}_{part}"
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+_INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+
+def flax_to_torch_module(path: tuple[str, ...] | str) -> str:
+  """Flax module path (tuple or '/'-joined) -> torch module name; ``name_<i>`` splits only for names in
+  `LIST_CONTAINERS` (``to_out_0`` -> ``to_out.0``, ``linear_1`` stays)."""
+  if isinstance(path, str):
+    path = tuple(path.split("/")) if path else ()
+  parts: list[str] = []
+  for name in path:
+    m = _INDEXED.match(name)
+    if m and m.group(1) in LIST_CONTAINERS:
+      parts += [m.group(1), m.group(2)]
+    else:
+      parts.append(name)
+  return ".".join(parts)
+
+
+def torch_key_to_flax_path(key: str, leaf: str | None = None) -> tuple[str, ...]:
+  """Torch parameter key -> Flax parameter path. ``leaf`` overrides the last component (e.g. ``weight`` ->
+  ``kernel``); without it the torch leaf name is kept."""
+  module, _, name = key.rpartition(".")
+  return torch_module_to_flax(module) + (leaf or name,)
+
+
+def flax_path_to_torch_key(path: tuple[str, ...] | str) -> str:
+  """Flax parameter path -> torch key; leaves ``kernel``/``scale``/``embedding`` become ``weight``."""
+  if isinstance(path, str):
+    path = tuple(path.split("/"))
+  leaf = "weight" if path[-1] in _KERNEL_LEAVES else path[-1]
+  module = flax_to_torch_module(path[:-1])
+  return f"{module}.{leaf}" if module else leaf
+
+
+def _torch_to_flax_array(value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == "kernel":
+    if value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
+      return value.T
+    if value.ndim == 4:  # Conv2d OIHW -> HWIO
+      return value.transpose(2, 3, 1, 0)
+    if value.ndim == 3:  # Conv1d OIW -> WIO
+      return value.transpose(2, 1, 0)
+  return value
+
+
+def _flax_to_torch_array(value: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == "kernel":
+    if value.ndim == 2:
+      return value.T
+    if value.ndim == 4:
+      return value.transpose(3, 2, 0, 1)
+    if value.ndim == 3:
+      return value.transpose(2, 1, 0)
+  return value
+
+
+def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+  return tuple(_flax_to_torch_array(np.empty(shape, np.uint8), leaf).shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# State dict <-> Flax tree.
+
+def _split_params(tree: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+  if set(tree) == {"params"}:
+    return tree["params"], True
+  return tree, False
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: PyTree) -> PyTree:
+  """Fill ``abstract_params`` (a Flax param tree of arrays or `jax.ShapeDtypeStruct`, with or without the
+  ``{'params': ...}`` wrapper) from a torch-layout ``state_dict``.
+
+  Each leaf takes its dtype from the abstract leaf (fp16 files upcast to float32 parameters). Returns the same
+  structure with device arrays. Raises `WeightLoadError` listing every Flax parameter with no tensor, every
+  tensor with no parameter, and every shape mismatch (torch key, torch shape, Flax path, expected shape).
+  """
+  inner, wrapped = _split_params(abstract_params)
+  flat = traverse_util.flatten_dict(dict(inner))
+  # Module path -> {flax leaf name}; a torch key `<module>.weight` picks the leaf the tree has.
+  leaves: dict[tuple[str, ...], set[str]] = {}
+  for path in flat:
+    leaves.setdefault(path[:-1], set()).add(path[-1])
+
+  out: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected, mismatched, seen = [], [], set()
+  for key, value in state_dict.items():
+    module, _, name = key.rpartition(".")
+    mod_path = torch_module_to_flax(module) if module else ()
+    have = leaves.get(mod_path, set())
+    leaf = name
+    if name == "weight":
+      cands = [c for c in _KERNEL_LEAVES if c in have]
+      leaf = cands[0] if len(cands) == 1 else "weight"
+    path = mod_path + (leaf,)
+    if path not in flat:
+      unexpected.append(f"  {key} {tuple(value.shape)} (no Flax parameter {'/'.join(path)})")
+      continue
+    seen.add(path)
+    arr = _torch_to_flax_array(np.asarray(value), leaf)
+    want = tuple(flat[path].shape)
+    if tuple(arr.shape) != want:
+      mismatched.append(f"  {key} torch shape {tuple(value.shape)} -> Flax {'/'.join(path)} has shape {want} "
+                        f"(torch shape {_torch_shape(want, leaf)} expected)")
+      continue
+    out[path] = arr.astype(flat[path].dtype)
+  missing = [f"  {'/'.join(p)} {tuple(flat[p].shape)} (torch key {flax_path_to_torch_key(p)}, torch shape "
+             f"{_torch_shape(tuple(flat[p].shape), p[-1])})" for p in flat if p not in seen]
+  if missing or unexpected or mismatched:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} missing (Flax parameters with no tensor):\n" + "\n".join(missing))
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected (tensors with no Flax parameter):\n"
+                   + "\n".join(unexpected))
+    if mismatched:
+      parts.append(f"{len(mismatched)} with the wrong shape:\n" + "\n".join(mismatched))
+    raise WeightLoadError("state dict does not match the Flax parameters:\n" + "\n".join(parts))
+  params = jax.device_put(traverse_util.unflatten_dict(out))
+  return {"params": params} if wrapped else params
+
+
+def to_state_dict(params: PyTree) -> dict[str, np.ndarray]:
+  """Flax param tree (with or without ``{'params': ...}``) -> torch-layout state dict of numpy arrays (their
+  dtype kept)."""
+  inner, _ = _split_params(params)
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(inner)).items():
+    arr = np.asarray(jax.device_get(value))
+    out[flax_path_to_torch_key(path)] = np.ascontiguousarray(_flax_to_torch_array(arr, path[-1]))
+  return out
