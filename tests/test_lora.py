@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 
 import jax
@@ -21,16 +20,15 @@ except (ImportError, RuntimeError, OSError):
 
 import torch  # noqa: E402
 
-from scott_jax.models import lora  # noqa: E402
+from scott_jax.models import loading, lora  # noqa: E402
 
 
 def _torch_to_flax(module: str) -> str:
-  """Test-local name mapping for the modules LoRA targets: torch `a.b.0.c` -> Flax `a/b_0/c/kernel`."""
-  return re.sub(r"\.(\d+)", r"_\1", module).replace(".", "/") + "/kernel"
+  return "/".join(loading.torch_module_to_flax(module)) + "/kernel"
 
 
 def _flax_to_torch(path: str) -> str:
-  return re.sub(r"_(\d+)(?=/|$)", r".\1", path.removesuffix("/kernel")).replace("/", ".")
+  return loading.flax_to_torch_module(path.removesuffix("/kernel"))
 
 
 def _toy_params(rng: np.random.Generator) -> dict:
@@ -224,8 +222,8 @@ def test_export_import_round_trip_bit_exact(tmp_path):
   extra = lora.init(jax.random.key(4), params, "feed_forward", 2)  # mixed ranks
   tree = _random_overlay({**_merge_dicts(tree, extra)}, rng)
   path = str(tmp_path / "lora.safetensors")
-  lora.export_peft(path, tree, 3.5, _flax_to_torch)
-  back, alpha = lora.import_peft(path, _torch_to_flax)
+  lora.export_peft(path, {"params": tree}, 3.5)  # the default key mapping, a Flax "params" wrapper
+  back, alpha = lora.import_peft(path)
   assert alpha == 3.5
   a, b = _flat(tree), _flat(back)
   assert a.keys() == b.keys()
@@ -284,7 +282,7 @@ def test_export_loads_into_diffusers_unet_with_same_effective_weights(tmp_path):
   alpha = 6.0
   merged = _flat(lora.merge(params, tree, alpha))
   path = str(tmp_path / "pytorch_lora_weights.safetensors")
-  lora.export_peft(path, tree, alpha, _flax_to_torch)
+  lora.export_peft(path, tree, alpha)
 
   unet.load_lora_adapter(path, prefix="unet", adapter_name="ours", use_safetensors=True)
   layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}

@@ -214,14 +214,35 @@ def _from_torch_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
   return np.ascontiguousarray(a.transpose(2, 3, 1, 0)), np.ascontiguousarray(b.transpose(2, 3, 1, 0))
 
 
-def peft_state_dict(lora: PyTree, alpha: float, to_torch_module: Callable[[str], str], *,
-                    prefix: str = "unet") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _default_to_torch_module(path: str) -> str:
+  from scott_jax.models import loading
+
+  parts = tuple(path.split("/"))
+  if parts[0] == "params":
+    parts = parts[1:]
+  if parts[-1] != "kernel":
+    raise ValueError(f"LoRA target '{path}' is not a kernel")
+  return loading.flax_to_torch_module(parts[:-1])
+
+
+def _default_to_flax_path(module: str) -> str:
+  from scott_jax.models import loading
+
+  return "/".join(loading.torch_module_to_flax(module) + ("kernel",))
+
+
+def peft_state_dict(lora: PyTree, alpha: float, *, prefix: str = "unet",
+                    to_torch_module: Callable[[str], str] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(state dict, LoraConfig kwargs) in diffusers' PEFT layout.
 
-  ``to_torch_module`` maps a '/'-joined Flax kernel path (e.g. ``down_blocks_0/.../to_out_0/kernel``) to the
-  torch module name (``down_blocks.0....to_out.0``). Keys are ``{prefix}.{module}.lora_A.weight``; the config
-  holds r (the most common rank, others in rank_pattern), lora_alpha and the exact target module names.
+  ``to_torch_module`` maps a '/'-joined Flax kernel path (``down_blocks_0/.../to_out_0/kernel``, with or
+  without a leading ``params/``) to the torch module name (``down_blocks.0....to_out.0``); default
+  `scott_jax.models.loading.flax_to_torch_module` of the path without its ``kernel`` leaf. Keys are
+  ``{prefix}.{module}.lora_A.weight``; the config holds r (the most common rank, others in rank_pattern),
+  lora_alpha and the exact target module names.
   """
+  to_torch_module = to_torch_module or _default_to_torch_module
   sd: dict[str, np.ndarray] = {}
   ranks: dict[str, int] = {}
   for path, (a, b) in sorted(_overlays(lora).items()):
@@ -247,8 +268,8 @@ def peft_state_dict(lora: PyTree, alpha: float, to_torch_module: Callable[[str],
   return sd, config
 
 
-def export_peft(path: str, lora: PyTree, alpha: float, to_torch_module: Callable[[str], str], *,
-                prefix: str = "unet") -> None:
+def export_peft(path: str, lora: PyTree, alpha: float, *, prefix: str = "unet",
+                to_torch_module: Callable[[str], str] | None = None) -> None:
   """Write ``lora`` as a diffusers/PEFT LoRA .safetensors file (see `peft_state_dict`).
 
   The LoraConfig goes to the file metadata under ``lora_adapter_metadata`` with keys ``{prefix}.r`` etc., as
@@ -258,22 +279,24 @@ def export_peft(path: str, lora: PyTree, alpha: float, to_torch_module: Callable
   """
   from safetensors.numpy import save_file
 
-  sd, config = peft_state_dict(lora, alpha, to_torch_module, prefix=prefix)
+  sd, config = peft_state_dict(lora, alpha, prefix=prefix, to_torch_module=to_torch_module)
   meta = {f"{prefix}.{k}": v for k, v in config.items()}
   save_file(sd, path, metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
 
 
-def import_peft(path: str, to_flax_path: Callable[[str], str], *,
-                prefix: str = "unet") -> tuple[PyTree, float]:
+def import_peft(path: str, *, prefix: str = "unet",
+                to_flax_path: Callable[[str], str] | None = None) -> tuple[PyTree, float]:
   """Read a PEFT-layout LoRA .safetensors file -> (overlay tree, alpha); the inverse of `export_peft`.
 
-  ``to_flax_path`` maps a torch module name to the '/'-joined Flax kernel path. Without LoRA metadata in the
-  file the diffusers convention applies (alpha = r, scale 1), which needs a single rank. Per-module alphas
-  (alpha_pattern) are not representable here and raise.
+  ``to_flax_path`` maps a torch module name to the '/'-joined Flax kernel path (default
+  `scott_jax.models.loading.torch_module_to_flax` plus ``kernel``; the tree has no ``params`` wrapper).
+  Without LoRA metadata in the file the diffusers convention applies (alpha = r, scale 1), which needs a
+  single rank. Per-module alphas (alpha_pattern) are not representable here and raise.
   """
   from safetensors import safe_open
   from safetensors.numpy import load_file
 
+  to_flax_path = to_flax_path or _default_to_flax_path
   with safe_open(path, framework="np") as fh:
     file_meta = fh.metadata() or {}
   sd = load_file(path)
