@@ -203,6 +203,9 @@ def test_trainable_mask_and_multi_transform():
   expected = 2 * (4 * (8 * 2 + 2 * 8) + (6 * 2 + 2 * 8))
   assert lora.count_params(tree) == sum(v.size for v in _flat(tree).values()) == expected
   assert lora.count_params(state) == sum(np.size(v) for v in jax.tree_util.tree_leaves(state))
+  for targets, scope in [("attention", None), (["feed_forward", "conv", "proj"], r"^up_blocks_")]:
+    size = lora.overlay_size(params, targets, 3, scope=scope)
+    assert size == lora.count_params(lora.init(jax.random.key(0), params, targets, 3, scope=scope))
 
   labels = lora.mask_labels(mask2)
   tx = optax.multi_transform({"trainable": optax.sgd(0.1), "frozen": optax.set_to_zero()}, labels)
