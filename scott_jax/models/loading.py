@@ -35,7 +35,11 @@ from typing import Any
 
 import flax.traverse_util as traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, prepare_clip_text_state_dict
+from scott_jax.models.vae import AutoencoderKL, VAEConfig, prepare_vae_state_dict
 
 PyTree = Any
 
@@ -274,3 +278,88 @@ def to_state_dict(params: PyTree) -> dict[str, np.ndarray]:
     arr = np.asarray(jax.device_get(value))
     out[flax_path_to_torch_key(path)] = np.ascontiguousarray(_flax_to_torch_array(arr, path[-1]))
   return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE, text encoder and tokenizer loaders.
+
+
+def _component_folder(path: str | os.PathLike, subfolder: str | None) -> str:
+  folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"model folder {folder} does not exist")
+  return folder
+
+
+def load_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: str | None = None,
+             dtype: Any = jnp.float32) -> tuple[AutoencoderKL, PyTree]:
+  """A diffusers AutoencoderKL folder (``<path>/<subfolder>``: config.json + safetensors) as (Flax module,
+  float32 params). ``dtype`` is the module's compute dtype.
+
+  Raises FileNotFoundError naming the folder when it or its files are missing, ValueError for an unsupported
+  config, `WeightLoadError` when the weights do not fit the config.
+  """
+  folder = _component_folder(path, subfolder)
+  module = AutoencoderKL(VAEConfig.from_dict(read_config(folder)), dtype=dtype)
+  state = prepare_vae_state_dict(read_safetensors_folder(folder, variant=variant))
+  f, c = module.config.downsample_factor, module.config.in_channels
+  abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, f, f, c), jnp.float32))
+  return module, convert_state_dict(state, abstract)
+
+
+def load_text_encoder(path: str | os.PathLike, subfolder: str | None = "text_encoder",
+                      variant: str | None = None, dtype: Any = jnp.float32) -> tuple[CLIPTextModel, PyTree]:
+  """A transformers CLIPTextModel folder (config.json + safetensors; with or without the ``text_model.``
+  prefix) as (Flax module, float32 params). ``dtype`` is the compute dtype. Errors as `load_vae`."""
+  folder = _component_folder(path, subfolder)
+  module = CLIPTextModel(CLIPTextConfig.from_dict(read_config(folder)), dtype=dtype)
+  state = prepare_clip_text_state_dict(read_safetensors_folder(folder, variant=variant))
+  abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return module, convert_state_dict(state, abstract)
+
+
+def load_tokenizer(path: str | os.PathLike, subfolder: str | None = "tokenizer") -> Any:
+  """transformers' `CLIPTokenizer` from a local folder (tokenizer.json, or vocab.json + merges.txt, and
+  tokenizer_config.json for ``model_max_length``); never the hub. FileNotFoundError names a missing folder."""
+  from transformers import CLIPTokenizer  # needs neither torch nor the network
+
+  folder = _component_folder(path, subfolder)
+  has_vocab = os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(
+    os.path.join(folder, "merges.txt"))
+  if not (has_vocab or os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+    raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in {folder}")
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# U-Net.
+
+def _subfolder(path: str | os.PathLike, subfolder: str | None) -> str:
+  return os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+
+
+def load_unet(path: str | os.PathLike, subfolder: str | None = None, variant: str | None = None,
+              dtype: Any = None, **module_kwargs: Any) -> tuple[Any, PyTree]:
+  """A diffusers `UNet2DConditionModel` folder (config.json + safetensors) -> (Flax module, {"params": ...}).
+
+  ``subfolder`` e.g. "unet" for a pipeline folder; ``variant`` e.g. "fp16" (parameters are upcast to
+  float32); ``dtype`` the compute dtype (default float32); ``module_kwargs`` go to the module (attention,
+  attention_chunk_size, remat). Raises FileNotFoundError / ValueError (unsupported option) / WeightLoadError.
+  """
+  import jax.numpy as jnp
+
+  from scott_jax.models import unet as unet_lib
+
+  folder = _subfolder(path, subfolder)
+  config = unet_lib.UNetConfig.from_diffusers(read_config(folder))
+  module = unet_lib.UNet2DConditionModel(config, dtype=jnp.float32 if dtype is None else dtype, **module_kwargs)
+  params = convert_state_dict(read_safetensors_folder(folder, variant=variant), unet_lib.abstract_params(config))
+  return module, params
+
+
+def save_unet(folder: str | os.PathLike, config: Any, params: PyTree) -> None:
+  """Write a diffusers-format U-Net folder (config.json + diffusion_pytorch_model.safetensors, float32 torch
+  layout) that `diffusers.UNet2DConditionModel.from_pretrained(folder)` and `load_unet` read. ``config`` is a
+  `UNetConfig`; ``params`` the {"params": ...} tree (or its inner dict)."""
+  save_safetensors_folder(folder, {k: v.astype(np.float32) for k, v in to_state_dict(params).items()},
+                          config.to_diffusers())
