@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, prepare_clip_text_state_dict
+from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
+from scott_jax.models.unet import abstract_params as unet_abstract_params
 from scott_jax.models.vae import AutoencoderKL, VAEConfig, prepare_vae_state_dict
 
 PyTree = Any
@@ -334,27 +336,19 @@ def load_tokenizer(path: str | os.PathLike, subfolder: str | None = "tokenizer")
 # ---------------------------------------------------------------------------------------------------
 # U-Net.
 
-def _subfolder(path: str | os.PathLike, subfolder: str | None) -> str:
-  return os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
-
-
 def load_unet(path: str | os.PathLike, subfolder: str | None = None, variant: str | None = None,
-              dtype: Any = None, **module_kwargs: Any) -> tuple[Any, PyTree]:
+              dtype: Any = jnp.float32, **module_kwargs: Any) -> tuple[UNet2DConditionModel, PyTree]:
   """A diffusers `UNet2DConditionModel` folder (config.json + safetensors) -> (Flax module, {"params": ...}).
 
   ``subfolder`` e.g. "unet" for a pipeline folder; ``variant`` e.g. "fp16" (parameters are upcast to
-  float32); ``dtype`` the compute dtype (default float32); ``module_kwargs`` go to the module (attention,
-  attention_chunk_size, remat). Raises FileNotFoundError / ValueError (unsupported option) / WeightLoadError.
+  float32); ``dtype`` the compute dtype; ``module_kwargs`` go to the module (attention, attention_chunk_size,
+  remat). Raises FileNotFoundError, ValueError (an unsupported config option, named) or `WeightLoadError`.
   """
-  import jax.numpy as jnp
-
-  from scott_jax.models import unet as unet_lib
-
-  folder = _subfolder(path, subfolder)
-  config = unet_lib.UNetConfig.from_diffusers(read_config(folder))
-  module = unet_lib.UNet2DConditionModel(config, dtype=jnp.float32 if dtype is None else dtype, **module_kwargs)
-  params = convert_state_dict(read_safetensors_folder(folder, variant=variant), unet_lib.abstract_params(config))
-  return module, params
+  folder = _component_folder(path, subfolder)
+  config = UNetConfig.from_diffusers(read_config(folder))
+  module = UNet2DConditionModel(config, dtype=dtype, **module_kwargs)
+  state = read_safetensors_folder(folder, variant=variant)
+  return module, convert_state_dict(state, unet_abstract_params(config))
 
 
 def save_unet(folder: str | os.PathLike, config: Any, params: PyTree) -> None:
