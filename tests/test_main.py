@@ -45,3 +45,14 @@ def test_missing_config_file_and_bad_config_arg():
   r = _run("--config", "configs/solver_demo.py:nonsense")
   assert r.returncode == 2 and "nonsense" in r.stderr and "er_sde" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sample_teacher_mode_end_to_end(tmp_path):
+  r = _run("--config", "configs/solver_demo.py", "--workdir", str(tmp_path),
+           "--config.sample_teacher.num_samples=4000")
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = r.stdout
+  assert "solver=er_sde" in out and "mean:" in out and "std:" in out
+  mean = float(out.split("mean:")[1].split()[0])
+  std = float(out.split("std:")[1].split()[0])
+  assert abs(mean - 0.5) < 0.03 and abs(std - 0.3) < 0.03
