@@ -201,3 +201,77 @@ def test_missing_folder_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer")):
     loading.load_tokenizer(tmp_path)
 
+
+@pytest.fixture(scope="module")
+def sd_folder(folders, tmp_path_factory):
+  """A tiny StableDiffusionPipeline (random U-Net and VAE, the tiny text encoder, the real tokenizer) saved in
+  diffusers format; returns (folder, torch pipeline)."""
+  import diffusers
+
+  root, text_model, _ = folders
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=16,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+  ).eval()
+  vae = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    norm_num_groups=16,
+  ).eval()
+  with torch.no_grad():
+    for p in [*unet.parameters(), *vae.parameters()]:
+      p.add_(0.05 * torch.randn_like(p))
+  pipe = diffusers.StableDiffusionPipeline(
+    vae=vae,
+    text_encoder=text_model,
+    tokenizer=transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+    unet=unet,
+    scheduler=diffusers.DDIMScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    ),
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
+  folder = tmp_path_factory.mktemp("pipeline")
+  pipe.save_pretrained(folder)
+  return folder, pipe
+
+
+def test_load_pipeline(sd_folder):
+  folder, pipe = sd_folder
+  parts = loading.load_pipeline(folder)
+  assert parts.scheduler_config["beta_schedule"] == "scaled_linear"
+  assert parts.scheduler_config["_class_name"] == "DDIMScheduler"
+  # Text path end to end (tokenizer + encoder) against diffusers' own encode_prompt.
+  ids = tokenize(parts.tokenizer, PROMPTS[:2])
+  ours = parts.text_encoder.apply(parts.text_encoder_params, ids).last_hidden_state
+  with torch.no_grad():
+    ref, _ = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, False)
+  _close(ours, ref.numpy())
+  # VAE decode and U-Net eps against the torch components of the same pipeline.
+  rng = np.random.RandomState(0)
+  z = rng.randn(2, 8, 8, 4).astype(np.float32)
+  with torch.no_grad():
+    ref_img = pipe.vae.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+    ref_eps = pipe.unet(torch.from_numpy(z).permute(0, 3, 1, 2), torch.tensor([10, 900]), ref).sample
+  _close(parts.vae.apply(parts.vae_params, z, method=parts.vae.decode), ref_img)
+  eps = parts.unet.apply(parts.unet_params, z, np.array([10, 900]), np.asarray(ours))
+  _close(eps, ref_eps.permute(0, 2, 3, 1).numpy())
+
+
+def test_load_pipeline_missing_component(sd_folder, tmp_path):
+  folder, _ = sd_folder
+  (tmp_path / "vae").mkdir()
+  with pytest.raises(FileNotFoundError, match="missing"):
+    loading.load_pipeline(tmp_path)

@@ -27,6 +27,7 @@ Parameters are float32 unless a loader is asked for another parameter dtype; fp1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -357,3 +358,50 @@ def save_unet(folder: str | os.PathLike, config: Any, params: PyTree) -> None:
   `UNetConfig`; ``params`` the {"params": ...} tree (or its inner dict)."""
   save_safetensors_folder(folder, {k: v.astype(np.float32) for k, v in to_state_dict(params).items()},
                           config.to_diffusers())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole Stable Diffusion folder.
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusionComponents:
+  """A diffusers Stable Diffusion folder loaded for JAX: Flax modules with their float32 params, the
+  transformers tokenizer and the scheduler's config dict (``scheduler/scheduler_config.json``)."""
+
+  unet: UNet2DConditionModel
+  unet_params: PyTree
+  vae: AutoencoderKL
+  vae_params: PyTree
+  text_encoder: CLIPTextModel
+  text_encoder_params: PyTree
+  tokenizer: Any
+  scheduler_config: dict[str, Any]
+
+
+PIPELINE_SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_pipeline(path: str | os.PathLike, variant: str | None = None, dtype: Any = jnp.float32,
+                  **unet_kwargs: Any) -> StableDiffusionComponents:
+  """Load a diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+  ``dtype`` is the compute dtype of the three networks (params stay float32); ``unet_kwargs`` go to the U-Net
+  module (attention implementation, remat). Raises FileNotFoundError naming the folder and the missing parts.
+  """
+  root = os.fspath(path)
+  missing = [s for s in PIPELINE_SUBFOLDERS if not os.path.isdir(os.path.join(root, s))]
+  if missing:
+    raise FileNotFoundError(f"{root} is not a diffusers Stable Diffusion folder: missing {missing}")
+  scheduler_file = os.path.join(root, "scheduler", "scheduler_config.json")
+  if not os.path.isfile(scheduler_file):
+    raise FileNotFoundError(f"no scheduler_config.json in {os.path.join(root, 'scheduler')}")
+  with open(scheduler_file) as fh:
+    scheduler_config = json.load(fh)
+  unet, unet_params = load_unet(root, "unet", variant=variant, dtype=dtype, **unet_kwargs)
+  vae, vae_params = load_vae(root, variant=variant, dtype=dtype)
+  text_encoder, text_encoder_params = load_text_encoder(root, variant=variant, dtype=dtype)
+  return StableDiffusionComponents(
+    unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text_encoder,
+    text_encoder_params=text_encoder_params, tokenizer=load_tokenizer(root),
+    scheduler_config=scheduler_config)
