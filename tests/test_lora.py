@@ -261,40 +261,43 @@ def _tiny_torch_unet():
     cross_attention_dim=12, attention_head_dim=4, norm_num_groups=8)
 
 
-def test_export_loads_into_diffusers_unet_with_same_effective_weights(tmp_path):
-  """Our merged kernels equal base + PEFT's delta after diffusers' `load_lora_adapter` reads our file."""
+def test_merged_unet_matches_diffusers_with_lora_adapter(tmp_path):
+  """End to end: our U-Net with `merge`d weights == diffusers' U-Net + `load_lora_adapter` of our export."""
+  from diffusers import UNet2DConditionModel
   from peft.tuners.lora import LoraLayer
 
-  unet = _tiny_torch_unet().eval()
-  params = {}
-  for name, mod in unet.named_modules():
-    if isinstance(mod, torch.nn.Linear):
-      w = mod.weight.detach().numpy().T
-    elif isinstance(mod, torch.nn.Conv2d):
-      w = mod.weight.detach().numpy().transpose(2, 3, 1, 0)
-    else:
-      continue
-    node = params
-    for part in _torch_to_flax(name).split("/")[:-1]:
-      node = node.setdefault(part, {})
-    node["kernel"] = np.ascontiguousarray(w)
-  rng = np.random.default_rng(5)
-  tree = lora.init(jax.random.key(5), params, ["attention", "feed_forward", "conv", "proj"], 4,
-                   scope=r"^(up_blocks_|mid_block)")
-  tree = _random_overlay(tree, rng)
-  alpha = 6.0
-  merged = _flat(lora.merge(params, tree, alpha))
+  folder = str(tmp_path / "unet")
+  _tiny_torch_unet().save_pretrained(folder)
+  module, params = loading.load_unet(folder)
+  rng = np.random.default_rng(6)
+  # Targets in the decoder half and the mid block (the discriminator's trainable part), through the wrapper.
+  tree = lora.init(jax.random.key(6), params, ["attention", "feed_forward", "conv", "proj"], 4,
+                   scope=r"^params/(up_blocks_|mid_block)")
+  tree = _random_overlay(tree, rng, b_scale=0.1)
+  alpha = 3.0
   path = str(tmp_path / "pytorch_lora_weights.safetensors")
   lora.export_peft(path, tree, alpha)
 
-  unet.load_lora_adapter(path, prefix="unet", adapter_name="ours", use_safetensors=True)
-  layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
-  overlaid = {_flax_to_torch(k.removesuffix("/lora_A")) for k in _flat(tree) if k.endswith("lora_A")}
-  assert set(layers) == overlaid
-  for name, layer in layers.items():
-    assert layer.scaling["ours"] == alpha / 4
-    with torch.no_grad():
-      w = (layer.get_base_layer().weight + layer.get_delta_weight("ours")).numpy()
-    ours = merged[_torch_to_flax(name)]
-    ours = ours.T if ours.ndim == 2 else ours.transpose(3, 2, 0, 1)
-    np.testing.assert_allclose(ours, w, rtol=1e-5, atol=1e-6)
+  sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)  # NCHW, as torch
+  context = rng.standard_normal((2, 5, 12)).astype(np.float32)
+  timesteps = np.array([999, 37], np.int64)
+
+  def ours(p):
+    x = jnp.asarray(sample.transpose(0, 2, 3, 1))
+    return np.asarray(module.apply(p, x, jnp.asarray(timesteps), jnp.asarray(context))).transpose(0, 3, 1, 2)
+
+  ref_unet = UNet2DConditionModel.from_pretrained(folder).eval()
+  ref_unet.load_lora_adapter(path, prefix="unet", use_safetensors=True)
+  # PEFT wrapped exactly our targets, with our alpha / r.
+  layers = {n: m for n, m in ref_unet.named_modules() if isinstance(m, LoraLayer)}
+  targets = {_flax_to_torch(k.removeprefix("params/").removesuffix("/lora_A"))
+             for k in _flat(tree) if k.endswith("lora_A")}
+  assert set(layers) == targets and len(targets) > 10
+  assert {m.scaling["default_0"] for m in layers.values()} == {alpha / 4}
+  with torch.no_grad():
+    ref = ref_unet(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+  ref = ref.numpy()
+  got = ours(lora.merge(params, tree, alpha))
+  scale = np.abs(ref).max()
+  assert np.abs(got - ref).max() <= 1e-4 * scale
+  assert np.abs(ours(params) - ref).max() > 1e-2 * scale  # the overlay changes the output
