@@ -126,12 +126,27 @@ def defaults() -> ConfigDict:
   )
 
   # Training data (mode train): images with captions; a batch at step k depends only on (seed, k).
+  # scott_jax.data.pipeline.make_pipeline reads every source below; sources: folder (images + captions_file
+  # or same-name .txt captions) | synthetic (random, for tests) | tar (webdataset shards: key.jpg + key.txt
+  # or key.json "caption") | tfds (tfds.data_source) | latent_cache (scott_jax.data.cache.write_cache output).
   c.data = ConfigDict(
       dict(
-          source="folder",  # folder (images + same-name .txt captions) | synthetic (random, for tests)
-          path="",
-          resolution=512,
+          source="folder",
+          path="",  # folder: image dir | tar: dir, glob or a/{00000..00099}.tar | latent_cache: cache dir
+          resolution=512,  # images: bicubic resize of the short side, then a square crop of this size
           num_examples=64,  # synthetic only
+          captions_file="",  # folder: jsonl {"file", "caption"} or csv file,caption (relative to path); ""=.txt
+          crop="center",  # center | random (seeded per example and epoch)
+          shuffle=True,  # seeded per-epoch shuffling of this process's shard
+          tar_index="",  # tar: .npz cache of the member index ("" = index in memory at start)
+          tfds_name="coco_captions",
+          tfds_split="train",
+          tfds_data_dir="",  # "" = TFDS's default data_dir
+          tfds_image_key="image",  # feature paths ("/" for nested features)
+          tfds_caption_key="captions/text",  # one of several captions is picked per example (seeded)
+          num_threads=16,  # grain read threads per process (decode + resize run there)
+          prefetch_buffer=128,  # grain prefetch buffer (examples)
+          num_workers=0,  # grain mp_prefetch worker processes (0: threads only)
       )
   )
 
@@ -190,7 +205,8 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
-    "data.source": ("folder", "synthetic"),
+    "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
+    "data.crop": ("center", "random"),
 }
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -223,6 +239,9 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "train.sample_guidance_scale": lambda v: v >= 1.0,
     "data.resolution": lambda v: v >= 8 and v % 8 == 0,
     "data.num_examples": lambda v: v >= 1,
+    "data.num_threads": lambda v: v >= 0,
+    "data.prefetch_buffer": lambda v: v >= 1,
+    "data.num_workers": lambda v: v >= 0,
 }
 
 _RANGE_TEXT: dict[str, str] = {
@@ -255,6 +274,9 @@ _RANGE_TEXT: dict[str, str] = {
     "train.sample_guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
     "data.resolution": "an integer >= 8, a multiple of 8",
     "data.num_examples": "an integer >= 1",
+    "data.num_threads": "an integer >= 0",
+    "data.prefetch_buffer": "an integer >= 1",
+    "data.num_workers": "an integer >= 0",
 }
 
 
