@@ -101,7 +101,7 @@ def preprocess_image(image: Any, resolution: int, crop: str = "center",
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
   """uint8 images (..., H, W, 3) in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1)."""
-  return np.asarray(images, np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+  return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def clean_caption(caption: Any) -> str:
