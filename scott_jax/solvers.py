@@ -16,9 +16,10 @@ Every solver is a single-step function with the same signature,
 - key: a jax.random key for the stochastic solvers (or ``noise``, the standard normal draw itself, shaped
   like z). A solver that needs noise and gets neither raises ValueError.
 
-Solvers are looked up by name in :data:`SOLVERS` (:func:`get_solver`). :func:`sample` runs a whole sampling
-trajectory and :func:`sde_multistep` the SCott multi-step teacher Phi_SDE; both use lax.scan (one trace of
-the model, no host synchronisation per step) and are jit-able. Everything is a pure function of arrays.
+Solvers are looked up by name in :data:`SOLVERS` (:func:`get_solver`). :func:`integrate` steps through an
+explicit timestep grid, :func:`sample` runs a whole sampling trajectory (ending with the jump to clean data)
+and :func:`sde_multistep` the SCott multi-step teacher Phi_SDE; all use one lax.scan (one trace of the model,
+no host synchronisation per step) and are jit-able. Everything is a pure function of arrays.
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def er_sde_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Sol
   z_s = alpha_s x_s, with D1, D2 divided differences of the x0 history over lam and S1, S2 the integrals of
   the notes (left Riemann sums with ``integration_points`` points, 100 as the official solver). With too
   little history, or when s is clean data, the step falls back to the highest order available (order 1).
-  ``order`` and ``noise_fn`` are static Python ints.
+  ``order`` and ``noise_fn`` are static Python ints. As in the official solver, D1 is the plain backward
+  difference (x0_t - x0_prev)/(lam_t - lam_prev), so order 3 lowers the error constant but its global order
+  stays 2 (tests/test_solvers.py measures the slopes); order 2 is second order.
   """
   if order not in (1, 2, 3):
     raise ValueError(f"er_sde order must be 1, 2 or 3, got {order!r}")
@@ -283,9 +286,18 @@ def solver_kwargs(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Loops.
 
-def _scan_steps(eps_fn: EpsFn, z: Array, ts: Array, ss: Array, *, solver: str, schedule: NoiseSchedule,
-                key: Array | None, solver_kwargs: dict[str, Any]) -> Array:
+def integrate(eps_fn: EpsFn, z: Array, grid: Array | np.ndarray, *, solver: str, schedule: NoiseSchedule,
+              key: Array | None = None, **solver_kwargs: Any) -> Array:
+  """Steps z from grid[0] through grid[1], ..., to grid[-1] with ``solver``: one lax.scan, history empty at
+  grid[0]. grid: (K + 1,) or (K + 1, B) integer timesteps, non-increasing along the first axis (may be a traced
+  array; a negative entry is clean data, a repeated entry an exact no-op step). ``eps_fn(z, t)`` gets t of
+  shape grid.shape[1:]. ``key`` is split once per step. Returns z at grid[-1], shaped and typed like z.
+  """
+  grid = jnp.asarray(grid, jnp.int32)
+  if grid.ndim not in (1, 2) or grid.shape[0] < 2:
+    raise ValueError(f"grid must have shape (K + 1,) or (K + 1, B) with K >= 1, got {grid.shape}")
   step = get_solver(solver)
+  ts, ss = grid[:-1], grid[1:]
   state = init_state(z, ts[0], schedule.abar.dtype)
   keys = None if key is None else jax.random.split(key, ts.shape[0])
 
@@ -313,10 +325,8 @@ def sample(eps_fn: EpsFn, z_T: Array, timesteps: Array | np.ndarray | list[int],
   ts = jnp.asarray(timesteps, jnp.int32)
   if ts.ndim != 1 or ts.shape[0] < 1:
     raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {ts.shape}")
-  ss = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
-  get_solver(solver)
-  return _scan_steps(eps_fn, z_T, ts, ss, solver=solver, schedule=schedule, key=key,
-                     solver_kwargs=solver_kwargs)
+  grid = jnp.concatenate([ts, jnp.full((1,), -1, jnp.int32)])
+  return integrate(eps_fn, z_T, grid, solver=solver, schedule=schedule, key=key, **solver_kwargs)
 
 
 def multistep_grid(t_n: Array | int, t_m: Array | int, h: int) -> Array:
@@ -333,12 +343,12 @@ def sde_multistep(eps_fn: EpsFn, z_tn: Array, t_n: Array | int, t_m: Array | int
   first sub-step is first order), ending at the integer timestep t_m (abar[t_m]; t_m = 0 is abar[0], not clean
   data). t_n, t_m: scalars or per-example (B,) int arrays; ``eps_fn(z, t)`` is then called with t of that same
   shape, so it must accept a scalar or a (B,) t. A sub-step with equal ends (t_n - t_m < h) is a no-op.
+  ``key`` is split into h step keys (required by the stochastic solvers).
   """
   if not isinstance(h, int) or h < 1:
     raise ValueError(f"h must be a Python int >= 1, got {h!r}")
-  grid = multistep_grid(t_n, t_m, h)
-  return _scan_steps(eps_fn, z_tn, grid[:-1], grid[1:], solver=solver, schedule=schedule, key=key,
-                     solver_kwargs=solver_kwargs)
+  return integrate(eps_fn, z_tn, multistep_grid(t_n, t_m, h), solver=solver, schedule=schedule, key=key,
+                   **solver_kwargs)
 
 
 def ddim_timesteps(num_steps: int, num_train: int = 1000, spacing: str = "leading",
