@@ -21,6 +21,7 @@ import transformers  # noqa: E402
 
 from scott_jax.metrics import clip_model, clip_score  # noqa: E402
 from scott_jax.metrics.clip_model import CLIPModel  # noqa: E402
+from scott_jax.models import loading  # noqa: E402
 
 TOL = 1e-4  # max |ours - torch| <= TOL * max(1, max |torch|)
 
@@ -171,9 +172,7 @@ def test_clip_score_is_mean_raw_cosine(saved):
 def test_vit_g14_builds_and_matches_transformers_size():
   cfg = clip_model.vit_g14_config()
   model = CLIPModel(cfg)
-  abstract = jax.eval_shape(
-    model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 77), jnp.int32)
-  )
+  abstract = clip_model.abstract_params(cfg)
   ours = clip_model.count_params(abstract)
   out = jax.eval_shape(
     lambda p: model.apply(p, jnp.zeros((2, 224, 224, 3)), jnp.zeros((2, 77), jnp.int32)), abstract
@@ -204,9 +203,19 @@ def test_vit_g14_builds_and_matches_transformers_size():
   assert 1.36e9 < ours < 1.38e9, ours  # "1.37B" (vision 1.01B + text 0.35B + projections)
 
 
-def test_config_and_folder_errors(tmp_path):
+def test_config_and_folder_errors(tmp_path, saved):
   with pytest.raises(FileNotFoundError, match="config.json"):
     clip_model.load_clip_model(str(tmp_path))
+  # Older checkpoints carry position_ids buffers; they are dropped. A missing tensor is an error, not a random init.
+  folder, _ = saved
+  state = loading.read_safetensors_folder(folder)
+  legacy = {**state, "vision_model.embeddings.position_ids": np.arange(50)[None]}
+  assert clip_model.prepare_clip_state_dict(legacy).keys() == state.keys()
+  del state["visual_projection.weight"]
+  with pytest.raises(loading.WeightLoadError, match="visual_projection"):
+    loading.convert_state_dict(
+      state, clip_model.abstract_params(clip_model.load_clip_model(folder)[0].config)
+    )
   with pytest.raises(ValueError, match="clip"):
     clip_model.CLIPConfig.from_dict({"model_type": "clip_text_model"})
   with pytest.raises(ValueError, match="patch_size"):

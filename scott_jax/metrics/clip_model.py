@@ -5,9 +5,8 @@ The text tower is `scott_jax.models.clip_text.CLIPTextModel`; the vision tower (
 torch `CLIPVisionModel`'s `vision_model`) is defined here. Submodules are named like the torch modules, list
 items as `<name>_<index>`: torch `vision_model.encoder.layers.3.self_attn.q_proj.weight` is Flax
 `vision_model/encoder/layers_3/self_attn/q_proj/kernel`, so a transformers CLIPModel folder (config.json +
-model.safetensors, or sharded with model.safetensors.index.json) converts mechanically (`load_clip_model`):
-Linear weights are transposed, the patch Conv goes OIHW -> HWIO, Embedding `weight` -> `embedding`, LayerNorm
-`weight` -> `scale`; every tensor is checked against the Flax shapes.
+model.safetensors, or sharded with model.safetensors.index.json) converts with scott_jax.models.loading's
+generic `read_safetensors_folder` + `convert_state_dict` (`load_clip_model`).
 
 Images are NHWC float32, preprocessed on the host as transformers' `CLIPImageProcessor` (`preprocess_images`:
 PIL bicubic resize of the shortest side to 224 on uint8, centre crop 224, /255, CLIP mean/std).
@@ -18,9 +17,7 @@ Parameters are float32; `dtype` is the compute dtype (layer norms and softmax re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from scott_jax.models import clip_text
+from scott_jax.models import clip_text, loading
 from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 
 Array = jax.Array
@@ -298,95 +295,26 @@ def preprocess_images(
 # Loading a transformers CLIPModel folder.
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out: dict[tuple[str, ...], Any] = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, (*prefix, k)) if isinstance(v, Mapping) else {(*prefix, k): v})
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
-def read_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
-  """All tensors of `folder`/model.safetensors, or of the shards listed in model.safetensors.index.json."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
-
-  single, index = (
-    os.path.join(folder, "model.safetensors"),
-    os.path.join(folder, "model.safetensors.index.json"),
-  )
-  if os.path.isfile(single):
-    return load_file(single)
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    out: dict[str, np.ndarray] = {}
-    for shard in shards:
-      out.update(load_file(os.path.join(folder, shard)))
-    return out
-  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-
-
-def clip_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], config: CLIPConfig) -> dict[str, Any]:
-  """transformers CLIPModel state dict (numpy) -> {"params": ...} float32, checked against the Flax shapes.
-
-  `a.b.3.c.weight` -> a/b_3/c/{kernel (Linear transposed, Conv OIHW -> HWIO), embedding, scale}; `bias`,
-  `class_embedding` and `logit_scale` keep their names; `position_ids` buffers are dropped.
-  """
-  model = CLIPModel(config)
+def abstract_params(config: CLIPConfig) -> Any:
+  """{"params": ...} of `jax.ShapeDtypeStruct` for `config` (no memory; builds ViT-g/14 in milliseconds)."""
   s = config.vision.image_size
-  abstract = jax.eval_shape(
-    model.init, jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, 2), jnp.int32)
-  )["params"]
-  expected = {path: tuple(v.shape) for path, v in _flatten(abstract).items()}
-  out: dict[tuple[str, ...], np.ndarray] = {}
-  for key, value in state_dict.items():
-    parts = key.split(".")
-    if parts[-1] == "position_ids":
-      continue
-    module: list[str] = []
-    for p in parts[:-1]:
-      if p.isdigit() and module:
-        module[-1] = f"{module[-1]}_{p}"
-      else:
-        module.append(p)
-    leaf, value = parts[-1], np.asarray(value, np.float32)
-    if leaf == "weight":
-      candidates = [n for n in ("kernel", "embedding", "scale") if (*module, n) in expected]
-      if len(candidates) != 1:
-        raise ValueError(f"parameter {key!r} has no Flax counterpart under {'/'.join(module)}")
-      leaf = candidates[0]
-      if leaf == "kernel":
-        value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    path = (*module, leaf)
-    if path not in expected:
-      raise ValueError(f"parameter {key!r} -> {'/'.join(path)} has no Flax counterpart")
-    if value.shape != expected[path]:
-      raise ValueError(f"{key}: shape {value.shape} != Flax {expected[path]} ({'/'.join(path)})")
-    out[path] = value
-  missing = sorted("/".join(p) for p in set(expected) - set(out))
-  if missing:
-    raise ValueError(f"{len(missing)} parameters missing from the state dict, e.g. {missing[:3]}")
-  return {"params": _unflatten(out)}
+  images = jnp.zeros((1, s, s, config.vision.num_channels), jnp.float32)
+  return jax.eval_shape(CLIPModel(config).init, jax.random.PRNGKey(0), images, jnp.zeros((1, 2), jnp.int32))
 
 
-def load_clip_model(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPModel, dict[str, Any]]:
-  """A transformers CLIPModel folder (config.json + safetensors) -> (CLIPModel, params {"params": ...})."""
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"CLIP model config not found: {config_path}")
-  with open(config_path) as f:
-    config = CLIPConfig.from_dict(json.load(f))
-  params = clip_state_dict_to_flax(read_safetensors_folder(folder), config)
-  return CLIPModel(config, dtype), jax.tree.map(jnp.asarray, params)
+def prepare_clip_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops the non-parameter `position_ids` buffers that checkpoints saved by older transformers contain."""
+  return {k: v for k, v in state_dict.items() if not k.endswith(".position_ids")}
+
+
+def load_clip_model(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPModel, Any]:
+  """A transformers CLIPModel folder (config.json + model.safetensors, or sharded) -> (CLIPModel, float32
+  params {"params": ...}), through scott_jax.models.loading's generic reader and converter (every tensor
+  checked against the Flax shapes; `loading.WeightLoadError` lists mismatches). FileNotFoundError names a
+  missing config or weights file."""
+  config = CLIPConfig.from_dict(loading.read_config(folder))
+  state = prepare_clip_state_dict(loading.read_safetensors_folder(folder))
+  return CLIPModel(config, dtype), loading.convert_state_dict(state, abstract_params(config))
 
 
 def count_params(params: Any) -> int:

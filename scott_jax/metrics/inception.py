@@ -27,6 +27,7 @@ uint8), clipped to [0, 255], then normalised as above. Images already 299x299 ar
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -424,8 +425,9 @@ def load_inception_params(path: str) -> dict[str, Any]:
   return params
 
 
+@functools.cache
 def make_apply_fn(precision: Any = jax.lax.Precision.HIGHEST) -> Callable[[Any, Array], Array]:
-  """Jitted (params, normalised images (N, 299, 299, 3)) -> (N, 2048) float32."""
+  """Jitted (params, normalised images (N, 299, 299, 3)) -> (N, 2048) float32 (one per precision, cached)."""
   model = FIDInceptionV3(precision=precision)
   return jax.jit(model.apply)
 
