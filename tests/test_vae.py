@@ -210,3 +210,34 @@ def test_missing_folder_names_it(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "vae")):
     loading.load_vae(tmp_path)
+
+
+def test_variant_options_match_diffusers(tmp_path, photo):
+  """No quant convs, no mid-block attention, three blocks of two resnets, 8 groups, 3 latent channels."""
+  torch.manual_seed(1)
+  model = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    norm_num_groups=8,
+    latent_channels=3,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=False,
+  ).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / "vae")
+  vae, params = loading.load_vae(tmp_path)
+  assert vae.config.downsample_factor == 4
+  x = photo[:1, ::2, ::2]  # (1, 16, 16, 3)
+  mean, logvar = jax.jit(lambda p, x: vae.apply(p, x, method=AutoencoderKL.encode))(params, x)
+  with torch.no_grad():
+    dist = model.encode(_nchw(x)).latent_dist
+    ref = _nhwc(model.decode(dist.mean).sample)
+  _close(mean, _nhwc(dist.mean))
+  _close(logvar, _nhwc(dist.logvar))
+  decode = jax.jit(lambda p, z: vae.apply(p, z, method=AutoencoderKL.decode))
+  _close(decode(params, _nhwc(dist.mean)), ref)
