@@ -389,14 +389,15 @@ def make_guided_eps_fn(eps_fn: Callable[[Array, Array, PyTree], Array], cond: Py
                        w: float | Array) -> EpsFn:
   """Wraps a conditional ``eps_fn(z, t, c)`` into a guided ``eps(z, t)`` (LCM form, w = g - 1).
 
-  cond, uncond: pytrees whose leaves have a leading batch axis B (same as z). The model is called once on
-  the batch [uncond; cond] (2B examples; t () stays scalar, t (B,) is tiled), then
-  eps = eps_c + w (eps_c - eps_u). w scalar or (B,).
+  cond, uncond: pytrees of the same structure whose leaves have a leading batch axis B (same as z); uncond
+  leaves may have batch 1 (broadcast). The model is called once on the batch [uncond; cond] (2B examples;
+  t () stays scalar, t (B,) is tiled), then eps = eps_c + w (eps_c - eps_u). w scalar or (B,).
   """
 
   def guided(z: Array, t: Array) -> Array:
     t = jnp.asarray(t)
-    c2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+    c2 = jax.tree_util.tree_map(
+        lambda u, c: jnp.concatenate([jnp.broadcast_to(u, c.shape).astype(c.dtype), c], axis=0), uncond, cond)
     t2 = t if t.ndim == 0 else jnp.concatenate([t, t], axis=0)
     out = eps_fn(jnp.concatenate([z, z], axis=0), t2, c2)
     eps_u, eps_c = jnp.split(out, 2, axis=0)

@@ -522,5 +522,8 @@ def test_cfg_forms_agree_and_guided_fn_is_one_batched_call():
   np.testing.assert_allclose(guided, e_c + w[:, None] * (e_c - e_u), rtol=1e-6)
   np.testing.assert_allclose(solvers.cfg(e_u, e_c, 1.0 + w), solvers.cfg_lcm(e_u, e_c, w), atol=1e-5)
   np.testing.assert_allclose(solvers.cfg(e_u, e_c, 7.5), e_u + 7.5 * (e_c - e_u), rtol=1e-6)
+  # an unconditional embedding with batch 1 is broadcast
+  one = solvers.make_guided_eps_fn(model, cond, {"emb": jnp.zeros((1, 5), jnp.float32)}, w)(z, t)
+  np.testing.assert_allclose(one, guided, rtol=1e-6)
   # scalar t stays scalar in the batched call
   solvers.make_guided_eps_fn(lambda z, t, c: z * t, cond, uncond, 2.0)(z, jnp.array(3))
