@@ -103,20 +103,24 @@ def init(key: Array, params: PyTree, targets: Sequence[str] | str, rank: int, *,
     raise ValueError(f"unknown init_a '{init_a}'; allowed: {', '.join(INIT_KINDS)}")
   flat = {_path_str(k): v for k, v in traverse_util.flatten_dict(params).items()}
   names = select_targets(params, targets, scope)
-  keys = jax.random.split(key, len(names))
+  a_shapes, b_shapes, scales = [], [], []
+  for name in names:
+    *window, d_in, d_out = np.shape(flat[name])
+    a_shapes.append((*window, d_in, rank))
+    b_shapes.append((1,) * len(window) + (rank, d_out))
+    scales.append(1.0 / math.sqrt(d_in * math.prod(window)) if init_a == "kaiming" else 1.0 / rank)
+  # One draw for all targets, cut up on the host: per-target draws would compile a kernel per shape.
+  sizes = [math.prod(s) for s in a_shapes]
+  if init_a == "kaiming":
+    draw = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))
+  else:
+    draw = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))
+  chunks = np.split(draw, np.cumsum(sizes)[:-1])
   out = {}
-  for k, name in zip(keys, names, strict=True):
-    shape = np.shape(flat[name])
-    *window, d_in, d_out = shape
-    a_shape, b_shape = (*window, d_in, rank), ((1,) * len(window) + (rank, d_out))
-    if init_a == "kaiming":
-      bound = 1.0 / math.sqrt(d_in * math.prod(window))
-      a = jax.random.uniform(k, a_shape, jnp.float32, -bound, bound)
-    else:
-      a = jax.random.normal(k, a_shape, jnp.float32) / rank
+  for name, chunk, a_shape, b_shape, scale in zip(names, chunks, a_shapes, b_shapes, scales, strict=True):
     path = tuple(name.split("/"))
-    out[path + (LORA_A,)] = a
-    out[path + (LORA_B,)] = jnp.zeros(b_shape, jnp.float32)
+    out[path + (LORA_A,)] = jnp.asarray((chunk * np.float32(scale)).reshape(a_shape))
+    out[path + (LORA_B,)] = jnp.asarray(np.zeros(b_shape, np.float32))
   return traverse_util.unflatten_dict(out)
 
 
