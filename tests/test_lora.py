@@ -242,6 +242,14 @@ def test_export_import_round_trip_bit_exact(tmp_path):
   assert "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in keys
   assert "unet.down_blocks.0.resnets.0.conv1.lora_B.weight" in keys
 
+  # The pipeline loader (`load_lora_weights` -> `lora_state_dict`) reads the same keys, no kohya alphas, and
+  # our LoraConfig from the metadata.
+  from diffusers import StableDiffusionPipeline
+
+  sd, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(path, return_lora_metadata=True)
+  assert set(sd) == keys and network_alphas is None
+  assert metadata["unet.lora_alpha"] == 3.5 and metadata["unet.r"] == 4
+
 
 def _merge_dicts(a: dict, b: dict) -> dict:
   out = dict(a)
