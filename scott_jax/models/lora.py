@@ -70,8 +70,9 @@ def select_targets(params: PyTree, targets: Sequence[str] | str, scope: str | No
   """Sorted '/'-joined paths of the kernels selected by ``targets`` (preset names or regexes).
 
   A kernel is selected when its path matches any target and, if given, the ``scope`` regex (e.g.
-  ``r"^up_blocks_"``). Only 2-D (Dense) and 4-D (Conv HWIO) leaves can be targets; a selected leaf of any
-  other rank raises, and so does a selection that matches nothing.
+  ``r"^up_blocks_"``, or ``r"^params/up_blocks_"`` on a tree with the Flax ``params`` wrapper: both are
+  matched against the full path of ``params`` as given). Only 2-D (Dense) and 4-D (Conv HWIO) leaves can be
+  targets; a selected leaf of any other rank raises, and so does a selection that matches nothing.
   """
   patterns = _compile_targets(targets)
   scope_re = re.compile(scope) if scope is not None else None
