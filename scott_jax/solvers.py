@@ -330,9 +330,15 @@ def sample(eps_fn: EpsFn, z_T: Array, timesteps: Array | np.ndarray | list[int],
 
 
 def multistep_grid(t_n: Array | int, t_m: Array | int, h: int) -> Array:
-  """round(linspace(t_n, t_m, h + 1)) as int32, shape (h + 1, *t_n.shape): the sub-step timesteps."""
-  t_n, t_m = jnp.broadcast_arrays(jnp.asarray(t_n), jnp.asarray(t_m))
-  return jnp.round(jnp.linspace(t_n.astype(jnp.float32), t_m.astype(jnp.float32), h + 1)).astype(jnp.int32)
+  """round(linspace(t_n, t_m, h + 1)) as int32, shape (h + 1, *t_n.shape): the sub-step timesteps.
+
+  Exact integer arithmetic with numpy's rounding (half to even), so no float round-off decides a timestep.
+  """
+  t_n, t_m = jnp.broadcast_arrays(jnp.asarray(t_n, jnp.int32), jnp.asarray(t_m, jnp.int32))
+  i = jnp.arange(h + 1, dtype=jnp.int32).reshape((h + 1,) + (1,) * t_n.ndim)
+  v = t_n[None] * h - (t_n - t_m)[None] * i  # h * linspace value, an integer >= 0
+  q, r = v // h, v % h
+  return q + ((2 * r > h) | ((2 * r == h) & (q % 2 == 1))).astype(jnp.int32)
 
 
 def sde_multistep(eps_fn: EpsFn, z_tn: Array, t_n: Array | int, t_m: Array | int, h: int, *, solver: str,

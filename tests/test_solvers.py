@@ -463,8 +463,11 @@ def test_sde_multistep_per_example_equals_loop(name, kw):
 
 
 def test_multistep_grid_values():
-  g = solvers.multistep_grid(jnp.array([999, 19]), jnp.array([975, 0]), 3)
-  np.testing.assert_array_equal(g, np.round(np.linspace([999, 19], [975, 0], 4)))
+  t_n = np.concatenate([np.arange(0, 1000), [25, 25, 7]])
+  t_m = np.concatenate([np.maximum(np.arange(0, 1000) - 24, 0), [0, 20, 0]])
+  for h in (1, 2, 3, 4, 8):
+    g = solvers.multistep_grid(jnp.asarray(t_n), jnp.asarray(t_m), h)
+    np.testing.assert_array_equal(g, np.round(np.linspace(t_n, t_m, h + 1)), err_msg=str(h))
 
 
 # ---------------------------------------------------------------------------------------------------------
