@@ -56,7 +56,8 @@ def defaults() -> ConfigDict:
   # Consistency distillation (paper Eq. 1; notes sections 2, 4, 5).
   c.consistency = ConfigDict(
       dict(
-          num_ddim_timesteps=50,  # LCM training grid [19, 39, ..., 999]
+          grid="skip",  # DECISION: t_n grid spaced by solver.skip ("skip") or LCM's ddim grid ("ddim")
+          num_ddim_timesteps=50,  # size of the "ddim" grid [19, 39, ..., 999]
           timestep_scaling=10.0,  # boundary conditions use s = timestep_scaling * t
           distance="l2",  # l2 (paper Eq. 1) or pseudo_huber (LCM script)
           huber_c=0.001,
@@ -202,6 +203,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample_teacher.order": (1, 2, 3),
     "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
     "consistency.distance": ("l2", "pseudo_huber"),
+    "consistency.grid": ("skip", "ddim"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),

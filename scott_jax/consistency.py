@@ -102,6 +102,33 @@ def ddim_grid(num_ddim_timesteps: int = 50, num_train: int = 1000) -> Array:
   return jnp.asarray(np.round(np.arange(1, num_ddim_timesteps + 1) * step) - 1, jnp.int32)
 
 
+GRIDS = ("skip", "ddim")
+
+
+def skip_grid(skip: int, num_train: int = 1000) -> Array:
+  """Training timesteps spaced by the teacher's skip, ascending: {num_train - 1 - k * skip >= 0}.
+
+  Every target time t_m = t_n - skip is then itself a training time (or is clamped to 0), so the chain of
+  consistency constraints closes. For skip 20 this is exactly `ddim_grid(50)`; for the paper's skip 24 it is
+  [15, 39, ..., 975, 999] (42 points).
+  """
+  if not 1 <= skip < num_train:
+    raise ValueError(f"skip must be in [1, {num_train - 1}], got {skip}")
+  return jnp.asarray(np.arange(num_train - 1, -1, -skip)[::-1].copy(), jnp.int32)
+
+
+def training_grid(kind: str, *, skip: int, num_ddim_timesteps: int = 50, num_train: int = 1000) -> Array:
+  """The t_n grid of CD training (ascending int32). DECISION (config ``consistency.grid``): "skip" spaces it by
+  the teacher's skip (`skip_grid`); "ddim" is LCM's `ddim_grid(num_ddim_timesteps)` whatever the skip (with
+  skip 24 on a 20-spaced grid the targets then fall between training times; the toy2d experiment shows the
+  chain then drifts)."""
+  if kind == "skip":
+    return skip_grid(skip, num_train)
+  if kind == "ddim":
+    return ddim_grid(num_ddim_timesteps, num_train)
+  raise ValueError(f"unknown training grid '{kind}'; allowed: {', '.join(GRIDS)}")
+
+
 def sample_grid_index(key: Array, batch: int, num_ddim_timesteps: int = 50) -> Array:
   """Uniform indices (batch,) int32 into `ddim_grid` (t_n = ddim_grid(...)[index])."""
   return jax.random.randint(key, (batch,), 0, num_ddim_timesteps, dtype=jnp.int32)

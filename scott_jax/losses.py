@@ -56,17 +56,19 @@ def make_consistency_fn(student_fn: Callable, schedule: NoiseSchedule, *,
 
 def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: NoiseSchedule, *,
                  solver: str, solver_kwargs: dict[str, Any] | None = None, skip: int, h: int,
-                 num_ddim_timesteps: int = 50, distance_kind: str = "l2", huber_c: float = 0.001,
-                 timestep_scaling: float = 10.0) -> Callable:
+                 grid: str = "skip", num_ddim_timesteps: int = 50, distance_kind: str = "l2",
+                 huber_c: float = 0.001, timestep_scaling: float = 10.0) -> Callable:
   """Consistency-distillation loss with the multi-step SDE teacher (paper Eq. 1 with Phi_SDE).
 
   Returns ``loss_fn(params, target_params, z0, cond, key) -> (loss, aux)`` where z0 (B, ...) is clean data
   (latents), ``target_params`` the EMA parameters theta^- (no gradient flows into them) and aux a dict with
   the per-batch diagnostics and the student's prediction ``x_fake`` = f_theta(z_tn, t_n) for the GAN loss.
+  t_n is drawn uniformly from ``consistency.training_grid(grid, ...)``.
   """
   if distance_kind not in DISTANCES:
     raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
-  grid = consistency.ddim_grid(num_ddim_timesteps, schedule.num_train_timesteps)
+  grid = consistency.training_grid(grid, skip=skip, num_ddim_timesteps=num_ddim_timesteps,
+                                   num_train=schedule.num_train_timesteps)
   f = make_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
   solver_kwargs = dict(solver_kwargs or {})
 

@@ -176,7 +176,7 @@ def distill(model: MLPDenoiser, init_params: PyTree, teacher_eps: Callable, data
   loss_fn = losses.make_cd_loss(
       lambda p, z, t, c: model.apply(p, z, t), lambda z, t, c: teacher_eps(z, t), schedule,
       solver=method["solver"], solver_kwargs=method["solver_kwargs"], skip=method["skip"], h=method["h"],
-      num_ddim_timesteps=ccfg.num_ddim_timesteps, distance_kind=ccfg.distance, huber_c=ccfg.huber_c,
+      grid=ccfg.grid, num_ddim_timesteps=ccfg.num_ddim_timesteps, distance_kind=ccfg.distance, huber_c=ccfg.huber_c,
       timestep_scaling=ccfg.timestep_scaling)
   tx = optax.adam(cfg.learning_rate)
   mu = ccfg.ema_decay

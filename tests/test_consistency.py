@@ -235,3 +235,14 @@ def test_multistep_sample_matches_lcm_scheduler(num_steps, monkeypatch):
   for t in sched.timesteps:
     z, denoised = sched.step(eps_model(z, float(t)), t, z, return_dict=False)
   np.testing.assert_allclose(np.asarray(ours), denoised.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_skip_grid_closes_the_chain_and_matches_lcm_for_skip_20():
+  np.testing.assert_array_equal(consistency.skip_grid(20), consistency.ddim_grid(50))
+  grid = np.asarray(consistency.skip_grid(24))
+  assert grid[-1] == 999 and grid[0] == 15 and len(grid) == 42
+  targets = grid - 24
+  assert all(t in set(grid.tolist()) or t < 0 for t in targets)
+  np.testing.assert_array_equal(consistency.training_grid("ddim", skip=24), consistency.ddim_grid(50))
+  with pytest.raises(ValueError, match="skip, ddim"):
+    consistency.training_grid("uniform", skip=24)
