@@ -1,0 +1,233 @@
+"""Parity of the Flax U-Net with diffusers' UNet2DConditionModel (float32, tiny random models), and its
+encode/decode split, attention implementations, remat, bf16 compute and the diffusers round trip."""
+
+import dataclasses
+import functools
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from scott_jax.models import loading, unet
+
+BATCH, CONTEXT_LEN = 2, 7
+
+# Tiny stand-ins for the SD1.5, SD2.x and LCM U-Nets (diffusers constructor kwargs) and their latent size.
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+CASES = {
+  "sd15": (TINY, 16),
+  # SD2.x: linear projections, per-block head counts, 1024-d text states, upcast attention; three levels with
+  # per-block layer counts, and an 18x18 latent so the up path resizes to the skips' odd sizes (9 -> 5 -> 9).
+  "sd2": (dict(block_out_channels=(32, 64, 64), layers_per_block=(1, 2, 1),
+               transformer_layers_per_block=(1, 2, 1), norm_num_groups=8, sample_size=18,
+               cross_attention_dim=1024, attention_head_dim=(2, 4, 4),
+               use_linear_projection=True, upcast_attention=True,
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")), 18),
+  # LCM: the guidance embedding `time_cond_proj_dim`.
+  "lcm": (dict(TINY, time_cond_proj_dim=256), 16),
+}
+
+
+def _close(ours, ref, tol: float = 1e-4) -> None:
+  """Max abs error <= tol * max(1, max |ref|)."""
+  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  err, scale = np.abs(ours - ref).max(), max(1.0, np.abs(ref).max())
+  assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+  return x.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _torch_unet(kwargs: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
+  """diffusers U-Net with every parameter perturbed (so no layer is zero or identity at init)."""
+  torch.manual_seed(seed)
+  model = diffusers.UNet2DConditionModel(**kwargs).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _torch_forward(model, sample, t, context, cond=None) -> np.ndarray:
+  with torch.no_grad():
+    out = model(_nchw(sample), torch.as_tensor(t), torch.from_numpy(context),
+                timestep_cond=None if cond is None else torch.from_numpy(cond)).sample
+  return _nhwc(out)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+  """(name, torch model, folder, Flax module, params, inputs, torch output, jitted apply)."""
+  kwargs, size = CASES[request.param]
+  model = _torch_unet(kwargs)
+  folder = tmp_path_factory.mktemp(request.param)
+  model.save_pretrained(folder)
+  module, params = loading.load_unet(folder)
+  rng = np.random.default_rng(1)
+  inputs = dict(sample=rng.standard_normal((BATCH, size, size, 4), np.float32),
+                t=np.array([10, 900], np.int64),
+                context=rng.standard_normal((BATCH, CONTEXT_LEN, kwargs["cross_attention_dim"]), np.float32),
+                cond=None)
+  if "time_cond_proj_dim" in kwargs:
+    inputs["cond"] = rng.standard_normal((BATCH, kwargs["time_cond_proj_dim"]), np.float32)
+  ref = _torch_forward(model, **inputs)
+  return dict(name=request.param, model=model, folder=folder, module=module, params=params, inputs=inputs,
+              ref=ref, apply=jax.jit(module.apply))
+
+
+def _run(c, module=None, params=None, apply=None):
+  x = c["inputs"]
+  apply = apply or (c["apply"] if module is None else jax.jit(module.apply))
+  return apply(params or c["params"], x["sample"], x["t"], x["context"], x["cond"])
+
+
+def test_parity_with_diffusers(case):
+  _close(_run(case), case["ref"], 1e-4)
+
+
+def test_scalar_timestep(case):
+  if case["name"] != "sd15":
+    pytest.skip("one configuration is enough")
+  x = case["inputs"]
+  ours = case["apply"](case["params"], x["sample"], 437.0, x["context"], x["cond"])
+  _close(ours, _torch_forward(case["model"], x["sample"], torch.tensor(437.0), x["context"], x["cond"]), 1e-4)
+
+
+def test_encode_decode_equals_call(case):
+  if case["name"] != "sd15":
+    pytest.skip("one configuration is enough")
+  module, params, x = case["module"], case["params"], case["inputs"]
+
+  @jax.jit
+  def split(params):
+    h, skips, temb = module.apply(params, x["sample"], x["t"], x["context"], method=module.encode)
+    out = module.apply(params, h, skips, temb, x["context"], method=module.decode)
+    feats = module.apply(params, h, skips, temb, x["context"], return_features=True, method=module.decode)
+    return out, feats, len(skips)
+
+  out, feats, n_skips = split(params)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_run(case)), rtol=0, atol=1e-6)
+  assert feats.shape == x["sample"].shape[:3] + (module.config.block_out_channels[0],)
+  # diffusers' skip count: conv_in + layers per down block + one per downsampler.
+  cfg = module.config
+  assert n_skips == 1 + sum(cfg.layers_per_block) + len(cfg.block_out_channels) - 1
+
+
+def test_attention_implementations_agree(case):
+  """Query-chunked attention (ragged last block) equals plain XLA attention."""
+  if case["name"] != "sd15":
+    pytest.skip("one configuration is enough")
+  chunked = dataclasses.replace(case["module"], attention="chunked", attention_chunk_size=48)
+  _close(_run(case, module=chunked), _run(case), 1e-5)
+
+
+def test_bf16_compute_close_to_f32(case):
+  if case["name"] != "sd15":
+    pytest.skip("one configuration is enough")
+  bf16 = dataclasses.replace(case["module"], dtype=jnp.bfloat16)
+  ours, ref = np.asarray(_run(case, module=bf16)), np.asarray(_run(case))
+  assert ours.dtype == np.float32
+  assert np.abs(ours - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+def test_remat_same_output(case):
+  if case["name"] != "sd15":
+    pytest.skip("one configuration is enough")
+  _close(_run(case, module=dataclasses.replace(case["module"], remat=True)), _run(case), 1e-6)
+
+
+@pytest.mark.slow
+def test_remat_same_values_and_gradients():
+  """nn.remat per block changes neither the parameter tree, the loss nor its gradients (a one-level U-Net with
+  every block kind: cross-attention down block, mid block, cross-attention up block)."""
+  config = unet.UNetConfig(sample_size=8, block_out_channels=(16,), layers_per_block=(1,),
+                           transformer_layers_per_block=(1,), attention_head_dim=(2,), cross_attention_dim=8,
+                           norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D",),
+                           up_block_types=("CrossAttnUpBlock2D",), time_cond_proj_dim=4)
+  params = unet.init_params(jax.random.key(0), config)
+  rng = np.random.default_rng(0)
+  sample, context = rng.standard_normal((2, 8, 8, 4), np.float32), rng.standard_normal((2, 3, 8), np.float32)
+  cond = rng.standard_normal((2, 4), np.float32)
+
+  def loss(module, params):
+    return jnp.mean(module.apply(params, sample, jnp.array([3, 700]), context, cond) ** 2)
+
+  plain, remat = unet.UNet2DConditionModel(config), unet.UNet2DConditionModel(config, remat=True)
+  assert jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0), sample, 1.0, context, cond)) == \
+      jax.tree.structure(params)
+  (l0, g0), (l1, g1) = [jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                        for m in (plain, remat)]
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  assert jax.tree.structure(g1) == jax.tree.structure(g0)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    _close(a, b, 1e-5)
+
+
+def test_save_unet_loads_in_diffusers(case, tmp_path):
+  """save_unet -> diffusers.from_pretrained gives the original torch model's output and config."""
+  if case["name"] == "sd15":
+    pytest.skip("sd2 and lcm cover the options")
+  loading.save_unet(tmp_path, case["module"].config, case["params"])
+  back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
+  orig = dict(case["model"].config)
+  for key, value in back.config.items():
+    if not key.startswith("_"):
+      assert _norm(value) == _norm(orig[key]), key
+  np.testing.assert_array_equal(_torch_forward(back, **case["inputs"]), case["ref"])
+
+
+def _norm(v):
+  """Config values as diffusers may store them: int or per-block list, tuple or list."""
+  if isinstance(v, list | tuple):
+    return tuple(v) if len(set(v)) > 1 else _norm(v[0])
+  return v
+
+
+def test_timestep_embedding_matches_diffusers():
+  from diffusers.models.embeddings import get_timestep_embedding
+
+  t = np.array([0.0, 3.0, 999.0, 17.5], np.float32)
+  for dim, flip, shift in [(32, True, 0), (33, False, 1), (320, True, 0)]:
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+    # float32 arguments up to ~1000 rad: one ulp of the frequency moves sin/cos by ~1e-4.
+    _close(unet.timestep_embedding(jnp.asarray(t), dim, flip, shift), ref.numpy(), 2e-4)
+
+
+def test_config_round_trip_and_rejections():
+  cfg = unet.UNetConfig.from_diffusers(dict(diffusers.UNet2DConditionModel(**CASES["sd2"][0]).config))
+  assert cfg.attention_head_dim == (2, 4, 4) and cfg.cross_attention_dim == 1024 and cfg.use_linear_projection
+  assert unet.UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+  base = cfg.to_diffusers()
+  for key, value in [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+                     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("only_cross_attention", True),
+                     ("resnet_time_scale_shift", "scale_shift"), ("not_an_option", 1)]:
+    with pytest.raises(ValueError, match=key if key != "mid_block_type" else "UNetMidBlock2DSimpleCrossAttn"):
+      unet.UNetConfig.from_diffusers({**base, key: value})
+
+
+@pytest.mark.slow
+def test_full_size_sd15_parity():
+  """The SD1.5 U-Net architecture (860M parameters, random weights) at 64x64 latents."""
+  model = _torch_unet(dict(sample_size=64, cross_attention_dim=768))
+  config = unet.UNetConfig.from_diffusers(dict(model.config))
+  params = loading.convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
+                                      unet.abstract_params(config))
+  rng = np.random.default_rng(0)
+  x = dict(sample=rng.standard_normal((1, 64, 64, 4), np.float32), t=np.array([500]),
+           context=rng.standard_normal((1, 77, 768), np.float32))
+  ref = _torch_forward(model, **x)
+  del model
+  module = unet.UNet2DConditionModel(config)
+  _close(jax.jit(module.apply)(params, x["sample"], x["t"], x["context"]), ref, 1e-4)
