@@ -56,7 +56,8 @@ class Skipped:
 
 
 class ImageTextTransform:
-  """(stream position, source index) -> {"image": uint8 (R, R, 3), "caption": str, "index": int} or `Skipped`.
+  """(stream position, source index) -> {"image": float32 (R, R, 3) in [-1, 1], "caption": str, "index": int}
+  or `Skipped` (the scaling runs here, in grain's read threads, so the batch step only stacks).
 
   Read errors are "unreadable", undecodable images "corrupt_image", empty captions "empty_caption". The
   crop offsets and the caption choice use ``np.random.default_rng([seed, index, position // epoch_size])``.
@@ -81,7 +82,7 @@ class ImageTextTransform:
       image = transforms.preprocess_image(record["image"], self.resolution, self.crop, rng)
     except transforms.SkipExample as e:
       return Skipped(e.reason, key, e.detail)
-    return {"image": image, "caption": caption, "index": index}
+    return {"image": transforms.to_unit_range(image), "caption": caption, "index": index}
 
 
 class ArrayTransform:
@@ -264,7 +265,7 @@ def image_collate(tokenizer: Any = None, max_length: int | None = None,
 
   def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     captions = [e["caption"] for e in examples]
-    batch: dict[str, Any] = {"images": transforms.to_unit_range(np.stack([e["image"] for e in examples]))}
+    batch: dict[str, Any] = {"images": np.stack([e["image"] for e in examples])}
     if tokenizer is not None:
       batch["input_ids"] = transforms.tokenize_captions(tokenizer, captions, max_length)
     if tokenizer is None or with_metadata:
