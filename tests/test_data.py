@@ -452,3 +452,23 @@ def test_unfinished_cache_is_not_read(tmp_path):
   (tmp_path / "shard_00000.latents.npy").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="index.json"):
     cache.LatentCacheSource(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_thread_batches_and_resume(folder):
+  """grain mp_prefetch workers (spawned processes): same stream as threads; the state round-trips JSON."""
+  root, _ = folder
+  kw = dict(batch_size=3, seed=2, shard_index=0, shard_count=1, with_metadata=True)
+  threads = pipeline.make_pipeline(_data_config(source="folder", path=str(root), captions_file="captions.jsonl",
+                                                crop="random"), **kw)
+  ref = _take(threads, 6)
+  threads.close()
+  c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl", crop="random", num_workers=2)
+  p = pipeline.make_pipeline(c, **kw)
+  _assert_batches_equal(_take(p, 3), ref[:3])
+  state = json.loads(json.dumps(p.get_state()))
+  p.close()
+  resumed = pipeline.make_pipeline(c, **kw)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), ref[3:])
+  resumed.close()

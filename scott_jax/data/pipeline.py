@@ -157,6 +157,10 @@ def example_dataset(num_records: int, transform: Callable[[int, int], Any], *, s
   ds = ds.repeat(None).map_with_index(transform)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it_ds, end - start
 
@@ -345,7 +349,8 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
       num_records, transform, seed=seed, shuffle=data.shuffle, shard_index=shard_index, shard_count=shard_count,
       num_threads=data.num_threads, prefetch_buffer=data.prefetch_buffer, num_workers=data.num_workers)
   identity = {"source": data.source, "seed": int(seed), "shard_index": shard_index, "shard_count": shard_count,
-              "num_records": num_records, "batch_size": int(batch_size), "shuffle": bool(data.shuffle)}
+              "num_records": num_records, "batch_size": int(batch_size), "shuffle": bool(data.shuffle),
+              "num_workers": int(data.num_workers)}  # thread and worker-process stream states differ
   logging.info("Data pipeline %s: %d examples, shard %d/%d holds %d, batch %d, seed %d.", data.source,
                num_records, shard_index, shard_count, shard_size, batch_size, seed)
   return Pipeline(dataset, collate, batch_size, identity, max_consecutive_skips=shard_size,
