@@ -359,16 +359,23 @@ def test_tar_index_and_skips(shards, tmp_path):
   assert counts["unreadable_shard"] == 1 and counts["missing_image"] == 1
 
 
-def test_tar_resume_across_skips(shards):
+def test_tar_resume_across_skips_through_a_checkpoint(shards, tmp_path):
+  from scott_jax import checkpoint
+
   pattern, _ = shards
   src = sources.TarShardSource(pattern)
   c = _data_config(source="tar", path=pattern, crop="random")
   kw = dict(batch_size=4, seed=0, shard_index=1, shard_count=2, with_metadata=True, source=src)
   straight = pipeline.make_pipeline(c, **kw)
   _take(straight, 3)
-  state = json.loads(json.dumps(straight.get_state()))
+  train_state = {"w": np.arange(3, dtype=np.float32)}
+  with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:  # the data state is saved with the train state
+    ckpt.save(3, train_state, data_state=straight.get_state(), force=True)
   rest = _take(straight, 4)
   straight.close()
+  with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    step, _, state = ckpt.restore_latest(train_state)
+  assert step == 3 and state["batches"] == 3
   resumed = pipeline.make_pipeline(c, **kw)
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 4), rest)
