@@ -455,6 +455,39 @@ def test_latent_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(b["text_embeds"][row], kept[i]["text_embeds"])
 
 
+def test_build_latent_cache_one_pass_counts_skips(shards, tmp_path):
+  """A raw tar pass through a stand-in encoder (8x8 average pooling): every good example once, skips counted."""
+  pattern, good = shards
+  r = RES // 8
+
+  def encode(batch):
+    x = batch["images"]
+    latents = x.reshape(x.shape[0], r, 8, r, 8, 3).mean(axis=(2, 4))
+    bad = np.array(["horse" in c for c in batch["captions"]])
+    latents[bad] = np.nan
+    ids = batch["example_ids"].astype(np.float32)
+    return {"latents": latents, "text_embeds": np.tile(ids[:, None, None], (1, 4, 2)), "pooled_text_embeds":
+            np.stack([ids, -ids], 1)}
+
+  c = _data_config(source="tar", path=pattern)  # centre crops, so the oracle below is exact
+  index = pipeline.build_latent_cache(c, encode, str(tmp_path / "c"), batch_size=4, shard_size=3)
+  horse = sum("horse" in cap for _, cap in good.values())
+  assert horse == 1 and index["num_examples"] == len(good) - horse
+  assert index["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1, "non_finite": 1,
+                              "unreadable_shard": 1}
+  src = cache.LatentCacheSource(str(tmp_path / "c"))
+  by_caption = {cap: img for img, cap in good.values()}
+  seen = set()
+  for i in range(len(src)):
+    cap = src.caption(i)
+    seen.add(cap)
+    assert src[i]["latents"].shape == (r, r, 3)
+    assert np.isfinite(src[i]["latents"]).all()
+    ref = transforms.to_unit_range(transforms.preprocess_image(by_caption[cap], RES))
+    np.testing.assert_allclose(src[i]["latents"], ref.reshape(r, 8, r, 8, 3).mean(axis=(1, 3)), atol=1e-5)
+  assert seen == {cap for _, cap in good.values() if "horse" not in cap}
+
+
 def test_unfinished_cache_is_not_read(tmp_path):
   (tmp_path / "shard_00000.latents.npy").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="index.json"):

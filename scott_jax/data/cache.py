@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ def _shard_name(k: int) -> str:
 
 
 def write_cache(directory: str, batches: Iterable[Mapping[str, Any]], *, shard_size: int = 1024,
-                float_dtype: str = "float32", skipped: Mapping[str, int] | None = None,
+                float_dtype: str = "float32",
+                skipped: Mapping[str, int] | Callable[[], Mapping[str, int]] | None = None,
                 metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes batches of precomputed arrays as a cache; returns the index dict (also written as index.json).
 
@@ -46,7 +47,8 @@ def write_cache(directory: str, batches: Iterable[Mapping[str, Any]], *, shard_s
       consistent: give them as batches of one).
     shard_size: examples per shard file.
     float_dtype: storage dtype of floating arrays ("float32" or "float16"); read back as float32.
-    skipped: skip counts of the producer (e.g. the raw pipeline's), added to the index's counts.
+    skipped: skip counts of the producer (e.g. the raw pipeline's), added to the index's counts; a callable
+      is called after the last batch (e.g. ``pipeline.skip_counts``).
     metadata: JSON-able description stored in the index (model, resolution, ...).
 
   An example with a non-finite value in any floating array is skipped and counted as "non_finite".
@@ -58,7 +60,7 @@ def write_cache(directory: str, batches: Iterable[Mapping[str, Any]], *, shard_s
   if os.path.exists(os.path.join(directory, INDEX_FILE)):
     raise FileExistsError(f"'{directory}' already holds a cache ({INDEX_FILE})")
   os.makedirs(directory, exist_ok=True)
-  counts: collections.Counter[str] = collections.Counter({k: int(v) for k, v in (skipped or {}).items()})
+  counts: collections.Counter[str] = collections.Counter()
   specs: dict[str, dict[str, Any]] | None = None
   shards: list[dict[str, Any]] = []
   buffer: dict[str, list[np.ndarray]] = {}
@@ -118,6 +120,7 @@ def write_cache(directory: str, batches: Iterable[Mapping[str, Any]], *, shard_s
       if len(captions) == shard_size:
         flush()
   flush()
+  counts.update({k: int(v) for k, v in ((skipped() if callable(skipped) else skipped) or {}).items()})
   if specs is None or total == 0:
     raise ValueError(f"no example written to the cache '{directory}' (skipped: {dict(counts)})")
   index = {"version": VERSION, "keys": specs, "shards": shards, "num_examples": total,

@@ -22,6 +22,8 @@ Batches: raw sources give {"images": float32 (B, R, R, 3) in [-1, 1], "input_ids
 tokenizer) or {"images", "captions": list of B str} (without); ``with_metadata`` adds "captions" and
 "example_ids" (int64 (B,), the source index). The latent cache gives {"latents", "text_embeds",
 "pooled_text_embeds"} float32, the keys `scott_jax.train` consumes instead of images and token ids.
+`build_latent_cache` makes such a cache: one unshuffled pass (``num_epochs=1``) of a raw source through an
+encoder, skips counted in the cache index.
 """
 
 from __future__ import annotations
@@ -146,15 +148,15 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
 
 def example_dataset(num_records: int, transform: Callable[[int, int], Any], *, seed: int, shuffle: bool,
                     shard_index: int, shard_count: int, num_threads: int = 16, prefetch_buffer: int = 128,
-                    num_workers: int = 0) -> tuple[grain.IterDataset, int]:
-  """The infinite grain example stream of one shard, and the shard's size (module docstring)."""
+                    num_workers: int = 0, num_epochs: int | None = None) -> tuple[grain.IterDataset, int]:
+  """The grain example stream of one shard (infinite when num_epochs is None), and the shard's size."""
   start, end = even_split(num_records, grain.sharding.ShardOptions(shard_index, shard_count))
   if end <= start:
     raise ValueError(f"shard {shard_index} of {shard_count} is empty: the source has only {num_records} examples")
   ds = grain.MapDataset.range(num_records)[start:end]
   if shuffle:
     ds = ds.shuffle(seed=_shard_seed(seed, shard_index))
-  ds = ds.repeat(None).map_with_index(transform)
+  ds = ds.repeat(num_epochs).map_with_index(transform)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer))
   if num_workers > 0:
     from absl import flags
@@ -199,7 +201,12 @@ class Pipeline(Iterator[dict[str, Any]]):
     examples: list[dict[str, Any]] = []
     run = 0
     while len(examples) < self.batch_size:
-      element = next(self._iter)
+      try:
+        element = next(self._iter)
+      except StopIteration:  # a finite stream (num_epochs): a last partial batch, then the end
+        if not examples:
+          raise
+        break
       if isinstance(element, Skipped):
         self.skipped[element.reason] += 1
         run += 1
@@ -315,7 +322,7 @@ def make_source(data: Any, seed: int = 0) -> Any:
 
 def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None, max_length: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None, source: Any = None,
-                  with_metadata: bool = False) -> Pipeline:
+                  with_metadata: bool = False, num_epochs: int | None = None) -> Pipeline:
   """The input pipeline of ``data`` (the config's ``data`` section) for this process.
 
   Args:
@@ -329,6 +336,8 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
     shard_index, shard_count: this process's shard; default jax.process_index() / jax.process_count().
     source: a prebuilt source for ``data.source`` (skips `make_source`, e.g. to share a tar index).
     with_metadata: add "captions" and "example_ids" (source indices, int64 (B,)) to each batch.
+    num_epochs: None (training) repeats forever; k stops after k passes over the shard, the last batch
+      possibly smaller (e.g. one unshuffled pass to precompute a latent cache).
 
   Returns:
     a `Pipeline` (iterator of batch dicts, get_state/set_state/close).
@@ -347,11 +356,44 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
     collate = image_collate(tokenizer, max_length, with_metadata)
   dataset, shard_size = example_dataset(
       num_records, transform, seed=seed, shuffle=data.shuffle, shard_index=shard_index, shard_count=shard_count,
-      num_threads=data.num_threads, prefetch_buffer=data.prefetch_buffer, num_workers=data.num_workers)
+      num_threads=data.num_threads, prefetch_buffer=data.prefetch_buffer, num_workers=data.num_workers,
+      num_epochs=num_epochs)
   identity = {"source": data.source, "seed": int(seed), "shard_index": shard_index, "shard_count": shard_count,
               "num_records": num_records, "batch_size": int(batch_size), "shuffle": bool(data.shuffle),
-              "num_workers": int(data.num_workers)}  # thread and worker-process stream states differ
+              "num_workers": int(data.num_workers),  # thread and worker-process stream states differ
+              "num_epochs": num_epochs}
   logging.info("Data pipeline %s: %d examples, shard %d/%d holds %d, batch %d, seed %d.", data.source,
                num_records, shard_index, shard_count, shard_size, batch_size, seed)
   return Pipeline(dataset, collate, batch_size, identity, max_consecutive_skips=shard_size,
                   index_skipped=getattr(src, "skipped", {}))
+
+
+def build_latent_cache(data: Any, encode_fn: Callable[[dict[str, Any]], Mapping[str, Any]], directory: str, *,
+                       batch_size: int, tokenizer: Any = None, max_length: int | None = None, shard_size: int = 1024,
+                       float_dtype: str = "float32", metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """One unshuffled pass over the raw source of ``data`` through ``encode_fn`` into a latent cache.
+
+  ``encode_fn(batch) -> {"latents": (B, h, w, C) (scaled by the VAE factor), "text_embeds": (B, L, D),
+  "pooled_text_embeds": (B, D)}`` gets the pipeline's batches ("images" in [-1, 1], "input_ids" with a
+  tokenizer, "captions"); captions are stored with the cache. Examples the pipeline skips (corrupt images,
+  empty captions, unreadable shards) are counted in the index's "skipped", next to the non-finite encodings.
+  Single process (shard 0 of 1). Returns the cache index (`scott_jax.data.cache.write_cache`).
+  """
+  if data.source == "latent_cache":
+    raise ValueError("build_latent_cache needs a raw image source, not data.source='latent_cache'")
+  data = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
+  data.shuffle = False
+  p = make_pipeline(data, batch_size=batch_size, seed=0, tokenizer=tokenizer, max_length=max_length,
+                    shard_index=0, shard_count=1, with_metadata=True, num_epochs=1)
+
+  def encoded() -> Iterator[dict[str, Any]]:
+    for batch in p:
+      out = dict(encode_fn(batch))
+      out.setdefault("captions", batch["captions"])
+      yield out
+
+  try:
+    return cache_lib.write_cache(directory, encoded(), shard_size=shard_size, float_dtype=float_dtype,
+                                 skipped=p.skip_counts, metadata=metadata)
+  finally:
+    p.close()
