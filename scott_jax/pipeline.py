@@ -1,0 +1,456 @@
+"""Text-to-image with the distilled student (multistep consistency sampling) or the teacher (any solver, CFG).
+
+A `Pipeline` holds the Flax modules (U-Net, VAE, CLIP text encoder), the host tokenizer and the noise schedule;
+parameters live apart in a dict ``{"unet", "vae", "text_encoder"}`` (each a ``{"params": ...}`` tree).
+`make_sampler` returns ONE jitted function per (sampler kind, timesteps, resolution, output) that runs the
+whole generation on device, text encoder -> sampling loop (a lax.scan) -> VAE decode:
+
+  sample(params, input_ids (B, L) int32, key, guidance_scale, latents=None, noises=None) -> images (B, H, W, 3)
+
+uint8 (``output="uint8"``) or float32 in [0, 1] (``output="float"``, diffusers' ``output_type="np"``); jax
+caches one executable per batch shape. ``guidance_scale`` is the CFG scale g (a traced scalar, so changing it
+does not recompile): the student gets w = g - 1 through its guidance embedding (notes section 2), the teacher
+uses eps_u + g (eps_c - eps_u) with the encoded empty prompt as the unconditional input.
+
+Student sampling (notes section 6, diffusers `LCMScheduler`): timesteps `lcm_timesteps(k)` ([999], [999, 499],
+[999, 759, 499, 259] for 1, 2, 4 steps) or any descending list; x0 = f_theta(z_t, t, c, w) (LCM boundary
+scalings); between steps z_t' = alpha_t' x0 + sigma_t' xi. The initial latents (B, h, w, C) and the noises xi
+(K - 1, B, h, w, C) are drawn from ``key`` unless given explicitly (tests feed the same draws to diffusers).
+
+Teacher sampling: `scott_jax.solvers.sample` with any registered solver (ddim eta, er_sde, dpmpp_2m, addim) on
+``solvers.ddim_timesteps`` (diffusers' spacings) ending with the jump to clean data.
+
+Loading: `load_diffusers(folder)` (a diffusers Stable Diffusion folder: the teacher, or a student exported by
+`scott_jax.export`), `load_exported(folder)` (the Flax export of `scott_jax.export`, no training code needed).
+``--mode sample`` (`run_sample`) writes PNGs and grids into WORKDIR/samples and prints seconds per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scott_jax import consistency, solvers
+from scott_jax.schedules import NoiseSchedule
+
+Array = jax.Array
+PyTree = Any
+
+EXPORT_FORMAT = "scott_jax.export/1"
+EXPORT_CONFIG = "scott_export.json"
+EXPORT_PARAMS = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
+SAMPLER_KINDS = ("student", "teacher")
+OUTPUTS = ("uint8", "float")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """Flax modules of a Stable Diffusion pipeline, the tokenizer and the schedule (no parameters).
+
+  unet: the student (with ``time_cond_proj_dim``, the guidance embedding) or a plain teacher U-Net;
+  timestep_scaling, original_steps: the LCM boundary scaling and the 50-step grid of `lcm_timesteps`.
+  """
+
+  unet: Any
+  vae: Any
+  text_encoder: Any
+  tokenizer: Any
+  schedule: NoiseSchedule
+  max_length: int
+  timestep_scaling: float = 10.0
+  original_steps: int = 50
+
+  @property
+  def guidance_embed_dim(self) -> int | None:
+    return self.unet.config.time_cond_proj_dim
+
+  @property
+  def vae_factor(self) -> int:
+    return self.vae.config.downsample_factor
+
+  def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
+    """Prompts -> token ids (B, max_length) int32 (padded, truncated), as diffusers' pipelines."""
+    from scott_jax.models.clip_text import tokenize
+
+    return tokenize(self.tokenizer, prompts, self.max_length)
+
+
+def _max_length(tokenizer: Any, text_encoder: Any) -> int:
+  return int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
+
+
+def from_components(parts: Any, *, timestep_scaling: float = 10.0, original_steps: int = 50,
+                    schedule: NoiseSchedule | None = None) -> tuple[Pipeline, dict[str, PyTree]]:
+  """(Pipeline, params) from `scott_jax.models.loading.StableDiffusionComponents`; the schedule defaults to the
+  folder's scheduler config (beta schedule, prediction type)."""
+  schedule = schedule or NoiseSchedule.from_config(parts.scheduler_config)
+  pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, schedule,
+                  _max_length(parts.tokenizer, parts.text_encoder), float(timestep_scaling), int(original_steps))
+  params = {"unet": parts.unet_params, "vae": parts.vae_params, "text_encoder": parts.text_encoder_params}
+  return pipe, params
+
+
+def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tuple[Pipeline, dict[str, PyTree]]:
+  """A diffusers-format folder (the teacher, or a student saved by `scott_jax.export`) -> (Pipeline, params).
+
+  An LCMScheduler config supplies ``timestep_scaling`` and ``original_inference_steps``."""
+  from scott_jax.models import loading
+
+  parts = loading.load_pipeline(path, dtype=_DTYPES[dtype], **unet_kwargs)
+  sc = parts.scheduler_config
+  return from_components(parts, timestep_scaling=float(sc.get("timestep_scaling", 10.0)),
+                         original_steps=int(sc.get("original_inference_steps", 50)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timesteps.
+
+def student_timesteps(steps: int | Sequence[int], original_steps: int = 50, num_train: int = 1000) -> np.ndarray:
+  """Student sampling timesteps (K,) int64, descending: an int k -> `consistency.lcm_timesteps(k)`; a list is
+  taken as given after checking it is strictly descending within [0, num_train)."""
+  if isinstance(steps, (int, np.integer)):
+    return consistency.lcm_timesteps(int(steps), original_steps, num_train)
+  ts = np.asarray(list(steps), np.int64)
+  if ts.ndim != 1 or ts.size == 0 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() >= num_train:
+    raise ValueError(f"timesteps must be a non-empty strictly descending list in [0, {num_train}), got "
+                     f"{list(steps)}")
+  return ts
+
+
+def teacher_timesteps(steps: int | Sequence[int], num_train: int = 1000, spacing: str = "leading",
+                      offset: int = 1) -> np.ndarray:
+  """Teacher timesteps (K,) int64: an int k -> `solvers.ddim_timesteps(k, spacing, offset)` (SD1.5: leading,
+  steps_offset 1); a list as given (strictly descending)."""
+  if isinstance(steps, (int, np.integer)):
+    return solvers.ddim_timesteps(int(steps), num_train, spacing=spacing, offset=offset)
+  return student_timesteps(steps, num_train, num_train)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure pieces (jit-able).
+
+def encode_prompts(pipe: Pipeline, text_params: PyTree, input_ids: Array) -> Array:
+  """Token ids (B, L) -> the U-Net's context (B, L, D) float32 (CLIP last hidden state, diffusers' default)."""
+  return pipe.text_encoder.apply(text_params, jnp.asarray(input_ids, jnp.int32)).last_hidden_state
+
+
+def decode(pipe: Pipeline, vae_params: PyTree, latents: Array) -> Array:
+  """Diffusion latents (B, h, w, C) -> images (B, H, W, 3) float32 in [0, 1] (diffusers' postprocess)."""
+  from scott_jax.models.vae import decode_latents
+
+  img = decode_latents(pipe.vae, vae_params, latents)
+  return jnp.clip(img / 2.0 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(images01: Array) -> Array:
+  """Float images in [0, 1] -> uint8, round half to even of x * 255 (diffusers' numpy_to_pil rounds x*255)."""
+  return jnp.round(images01 * 255.0).astype(jnp.uint8)
+
+
+def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array, z_T: Array, timesteps: np.ndarray,
+                    w: Array, noises: Array) -> Array:
+  """Multistep consistency sampling in latent space -> the last x0 (B, h, w, C).
+
+  text (B, L, D); z_T (B, h, w, C); timesteps (K,) descending ints; w (B,) the LCM guidance weight (CFG scale
+  minus 1); noises (K - 1, B, h, w, C) standard normal, used in order between steps (as LCMScheduler draws them).
+  One lax.scan over the K steps.
+  """
+  if pipe.guidance_embed_dim is None:
+    raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding); "
+                     "this one has none: use the teacher sampler")
+  ts = jnp.asarray(timesteps, jnp.int32)
+  k = ts.shape[0]
+  if noises.shape[0] != k - 1:
+    raise ValueError(f"noises must have {k - 1} entries for {k} timesteps, got {noises.shape[0]}")
+  w_emb = consistency.guidance_embedding(w.astype(jnp.float32), pipe.guidance_embed_dim)
+  nxt = jnp.concatenate([ts[1:], ts[-1:]])
+  xi = jnp.concatenate([noises, jnp.zeros((1,) + z_T.shape, z_T.dtype)], axis=0)
+
+  def body(z: Array, inp: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+    t, t_next, noise = inp
+    tb = jnp.full((z.shape[0],), t, jnp.int32)
+    out = pipe.unet.apply(unet_params, z, tb, text, timestep_cond=w_emb).astype(jnp.float32)
+    x0, _ = consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)
+    return pipe.schedule.add_noise(x0, noise, t_next), x0
+
+  _, x0s = jax.lax.scan(body, z_T.astype(jnp.float32), (ts, nxt, xi))
+  return x0s[-1]
+
+
+def teacher_latents(pipe: Pipeline, unet_params: PyTree, text: Array, uncond_text: Array, z_T: Array,
+                    timesteps: np.ndarray, guidance_scale: Array, key: Array, *, solver: str,
+                    solver_kwargs: dict[str, Any]) -> Array:
+  """Teacher sampling with CFG (scale g; eps_u + g (eps_c - eps_u)) and ``solver`` -> clean latents (B, h, w, C).
+
+  uncond_text (1 or B, L, D): the encoded empty prompt. The U-Net runs once per step on [uncond; cond].
+  """
+
+  def eps_fn(z: Array, t: Array, c: Array) -> Array:
+    out = pipe.unet.apply(unet_params, z, t, c).astype(jnp.float32)
+    return pipe.schedule.to_eps(out, z, t)
+
+  guided = solvers.make_guided_eps_fn(eps_fn, text, uncond_text, guidance_scale - 1.0)
+  return solvers.sample(guided, z_T.astype(jnp.float32), timesteps, solver=solver, schedule=pipe.schedule,
+                        key=key, **solver_kwargs)
+
+
+def latent_shape(pipe: Pipeline, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+  """(B, h, w, C) of the latents for images (height, width); both must be multiples of the VAE factor."""
+  f = pipe.vae_factor
+  if height % f or width % f:
+    raise ValueError(f"image size {height}x{width} must be a multiple of the VAE factor {f}")
+  return (batch, height // f, width // f, pipe.unet.config.in_channels)
+
+
+def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence[int] = 4, height: int = 512,
+                 width: int | None = None, output: str = "uint8", solver: str = "ddim",
+                 solver_kwargs: dict[str, Any] | None = None, spacing: str = "leading",
+                 offset: int = 1) -> Sampler:
+  """One jitted end-to-end sampler (see the module docstring) for fixed (kind, timesteps, size, output).
+
+  kind "student": multistep consistency sampling at `student_timesteps(steps)`; kind "teacher": ``solver``
+  (with ``solver_kwargs``, e.g. eta for ddim) at `teacher_timesteps(steps, spacing, offset)`. Returns a
+  `Sampler` (callable; ``.timesteps`` is the int array used).
+  """
+  if kind not in SAMPLER_KINDS:
+    raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join(SAMPLER_KINDS)}")
+  if output not in OUTPUTS:
+    raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
+  width = height if width is None else width
+  n_train = pipe.schedule.num_train_timesteps
+  if kind == "student":
+    timesteps = student_timesteps(steps, pipe.original_steps, n_train)
+    if pipe.guidance_embed_dim is None:
+      raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding)")
+  else:
+    timesteps = teacher_timesteps(steps, n_train, spacing, offset)
+    solvers.get_solver(solver)  # unknown names raise here, not at trace time
+    uncond_ids = jnp.asarray(pipe.tokenize([""]))
+  solver_kwargs = dict(solver_kwargs or {})
+  k = len(timesteps)
+
+  def sample(params: dict[str, PyTree], input_ids: Array, key: Array, guidance_scale: Array | float,
+             latents: Array | None = None, noises: Array | None = None) -> Array:
+    b = input_ids.shape[0]
+    shape = latent_shape(pipe, b, height, width)
+    k_lat, k_noise = jax.random.split(key)
+    z_T = jax.random.normal(k_lat, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
+    if z_T.shape != shape:
+      raise ValueError(f"latents must have shape {shape}, got {z_T.shape}")
+    text = encode_prompts(pipe, params["text_encoder"], input_ids)
+    g = jnp.asarray(guidance_scale, jnp.float32)
+    if kind == "student":
+      if noises is None:
+        noises = jax.random.normal(k_noise, (k - 1,) + shape, jnp.float32)
+      w = jnp.broadcast_to(g - 1.0, (b,))
+      x0 = student_latents(pipe, params["unet"], text, z_T, timesteps, w, jnp.asarray(noises, jnp.float32))
+    else:
+      uncond = encode_prompts(pipe, params["text_encoder"], uncond_ids)
+      x0 = teacher_latents(pipe, params["unet"], text, uncond, z_T, timesteps, g, k_noise, solver=solver,
+                           solver_kwargs=solver_kwargs)
+    images = decode(pipe, params["vae"], x0)
+    return to_uint8(images) if output == "uint8" else images
+
+  return Sampler(jax.jit(sample), np.asarray(timesteps), kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A jitted end-to-end sampler (`make_sampler`): call it as ``sampler(params, input_ids, key, guidance_scale,
+  latents=None, noises=None)``; ``timesteps`` are the timesteps it uses, ``kind`` student or teacher."""
+
+  fn: Callable[..., Array]
+  timesteps: np.ndarray
+  kind: str
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Array:
+    return self.fn(*args, **kwargs)
+
+
+def generate(sampler: Callable[..., Array], params: dict[str, PyTree], input_ids: np.ndarray, key: Array,
+             guidance_scale: float, batch_size: int) -> np.ndarray:
+  """Runs ``sampler`` over N prompts in fixed batches of ``batch_size`` (the last one padded with repeats, so
+  one compiled shape serves all); batch i uses ``fold_in(key, i)``. Returns (N, H, W, 3) host images."""
+  n = input_ids.shape[0]
+  if n == 0:
+    raise ValueError("no prompts")
+  out = []
+  for i, start in enumerate(range(0, n, batch_size)):
+    ids = input_ids[start:start + batch_size]
+    valid = ids.shape[0]
+    if valid < batch_size:
+      ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - valid, axis=0)])
+    out.append(np.asarray(sampler(params, ids, jax.random.fold_in(key, i), guidance_scale))[:valid])
+  return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Flax export (format (a) of scott_jax.export): reading it needs no training code.
+
+def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[str, PyTree]]:
+  """A folder written by `scott_jax.export.export_flax` -> (Pipeline, params), bit-identical parameters.
+
+  Layout: ``scott_export.json`` (architectures, schedule, LCM settings, provenance), ``unet.safetensors``,
+  ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths, float32) and ``tokenizer/``.
+  """
+  import flax.traverse_util as traverse_util
+  from safetensors.numpy import load_file
+
+  from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+  from scott_jax.models.loading import load_tokenizer
+  from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
+  from scott_jax.models.vae import AutoencoderKL, VAEConfig
+
+  path = os.path.join(folder, EXPORT_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder} is not a scott_jax Flax export: no {EXPORT_CONFIG}")
+  with open(path) as fh:
+    meta = json.load(fh)
+  if meta.get("format") != EXPORT_FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+  cdtype = _DTYPES[dtype]
+  unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
+  vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]), dtype=cdtype)
+  text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
+  params = {}
+  for name, file in EXPORT_PARAMS.items():
+    flat = load_file(os.path.join(folder, file))
+    params[name] = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
+  tokenizer = load_tokenizer(folder, "tokenizer")
+  schedule = NoiseSchedule.from_config(meta["schedule"])
+  pipe = Pipeline(unet, vae, text_encoder, tokenizer, schedule, _max_length(tokenizer, text_encoder),
+                  float(meta["timestep_scaling"]), int(meta["original_steps"]))
+  return pipe, params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and images on disk.
+
+PROMPT_KEYS = ("caption", "prompt", "text")
+
+
+def read_prompts(path: str) -> list[str]:
+  """Prompts from a .jsonl file (one object per line with "caption", "prompt" or "text"; COCO / MJHQ caption
+  files) or a text file (one prompt per line). Blank lines are skipped; a missing file, a line without a
+  caption or an empty file raises with the path."""
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f"prompt file not found: '{path}'")
+  prompts = []
+  with open(path, encoding="utf-8") as fh:
+    for i, line in enumerate(fh, 1):
+      line = line.strip()
+      if not line:
+        continue
+      if path.endswith(".jsonl"):
+        obj = json.loads(line)
+        key = next((k for k in PROMPT_KEYS if k in obj), None)
+        if key is None:
+          raise ValueError(f"{path}:{i}: no caption (expected one of {PROMPT_KEYS}), got keys {sorted(obj)}")
+        prompts.append(str(obj[key]))
+      else:
+        prompts.append(line)
+  if not prompts:
+    raise ValueError(f"prompt file {path} holds no prompts")
+  return prompts
+
+
+def write_images(folder: str, images: np.ndarray, prefix: str = "") -> list[str]:
+  """Writes uint8 images (N, H, W, 3) as ``{prefix}{i:05d}.png``; returns the paths."""
+  from PIL import Image
+
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for i, img in enumerate(images):
+    p = os.path.join(folder, f"{prefix}{i:05d}.png")
+    Image.fromarray(np.asarray(img, np.uint8)).save(p)
+    paths.append(p)
+  return paths
+
+
+def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+  """uint8 images (N, H, W, 3) -> one (rows * H, cols * W, 3) grid (default: near-square)."""
+  n, h, w, c = images.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, cols)
+    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+  return grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --mode sample.
+
+def sampler_options(sc: Any) -> dict[str, Any]:
+  """make_sampler keyword arguments for the teacher from a ``config.sample`` section."""
+  kwargs = solvers.solver_kwargs(sc.solver, dict(eta=sc.eta, order=sc.order, noise_fn=sc.noise_fn))
+  return dict(solver=sc.solver, solver_kwargs=kwargs, spacing=sc.spacing, offset=sc.steps_offset)
+
+
+def load_for_config(config: Any, workdir: str, path: str = "", which: str = "ema",
+                    step: int = -1) -> tuple[Pipeline, dict[str, PyTree], str]:
+  """The pipeline the sample/eval modes run: ``path`` a Flax export (scott_export.json) or a diffusers folder
+  (model_index.json); "" = the training run in ``workdir`` at checkpoint ``step`` (-1: latest) with ``which``
+  params ("ema" or "student") on the teacher named by ``config.model``. Returns (pipe, params, description)."""
+  if path:
+    if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+      return (*load_exported(path, config.model.dtype), f"export {path}")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+      return (*load_diffusers(path, config.model.dtype), f"diffusers {path}")
+    raise FileNotFoundError(f"{path} is neither a scott_jax Flax export ({EXPORT_CONFIG}) nor a diffusers "
+                            "folder (model_index.json)")
+  from scott_jax import export
+
+  run = export.TrainedRun(config, workdir)
+  step = run.latest_step() if step < 0 else step
+  pipe, params = run.pipeline(step, which)
+  return pipe, params, f"{workdir} step {step} ({which})"
+
+
+def run_sample(config: Any, workdir: str) -> dict[str, float]:
+  """Mode ``sample``: for each entry of ``config.sample.steps`` (or the explicit ``sample.timesteps``) generates
+  the prompts with the student (``sample.model = "student"``) or the teacher, writes PNGs and a grid to
+  WORKDIR/samples/<label>/ and prints seconds per image after compilation. Returns {label: seconds/image}."""
+  sc = config.sample
+  pipe, params, what = load_for_config(config, workdir, sc.path, sc.params, sc.step)
+  prompts = read_prompts(sc.prompt_file) if sc.prompt_file else list(sc.prompts)
+  prompts = [p for p in prompts for _ in range(sc.num_per_prompt)]
+  ids = pipe.tokenize(prompts)
+  res = sc.resolution or config.data.resolution
+  kind = sc.model
+  runs: list[int | tuple[int, ...]] = [tuple(sc.timesteps)] if sc.timesteps else list(sc.steps)
+  teacher_opts = sampler_options(sc) if kind == "teacher" else {}
+  timings = {}
+  batch = min(sc.batch_size, len(prompts))
+  for steps in runs:
+    sampler = make_sampler(pipe, kind=kind, steps=steps, height=res, **teacher_opts)
+    label = f"{kind}_{len(sampler.timesteps)}step" if not sc.timesteps else f"{kind}_t{'-'.join(map(str, steps))}"
+    key = jax.random.PRNGKey(sc.seed)
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampler(params, ids[:batch], key, sc.guidance_scale))  # compile + warm up
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images = generate(sampler, params, ids, key, sc.guidance_scale, batch)
+    per_image = (time.perf_counter() - t0) / len(prompts)
+    out = os.path.join(workdir, "samples", label)
+    write_images(out, images)
+    from PIL import Image
+
+    Image.fromarray(make_grid(images)).save(os.path.join(workdir, "samples", f"{label}_grid.png"))
+    with open(os.path.join(out, "prompts.json"), "w") as fh:
+      json.dump({"model": what, "timesteps": sampler.timesteps.tolist(), "guidance_scale": sc.guidance_scale,
+                 "seed": sc.seed, "prompts": prompts}, fh, indent=1)
+    timings[label] = per_image
+    print(f"{label}: timesteps {sampler.timesteps.tolist()} | {per_image:.4f} s/image after compilation "
+          f"({compile_s:.1f} s compile + first batch) | {len(prompts)} images at {res}x{res} -> {out}")
+  return timings
