@@ -185,6 +185,68 @@ def defaults() -> ConfigDict:
           dim=4,
       )
   )
+
+  # Text-to-image with the student or the teacher (mode sample; scott_jax.pipeline). Also what the export and
+  # eval modes load: path "" = the run in --workdir (its checkpoint `step`, -1 latest, with `params`).
+  c.sample = ConfigDict(
+      dict(
+          path="",  # "" = WORKDIR checkpoints | a Flax export (scott_export.json) | a diffusers folder
+          step=-1,  # checkpoint step (-1: the latest)
+          params="ema",  # ema | student: which parameters of the checkpoint
+          model="student",  # student (multistep consistency sampling) | teacher (solver + CFG)
+          steps=(1, 2, 4),  # one run per entry: student 1/2/4 -> LCM timesteps; teacher: solver steps
+          timesteps=(),  # explicit descending timesteps instead of `steps` (one run)
+          guidance_scale=8.0,  # CFG scale g; the student gets w = g - 1
+          prompts=("a photo of an astronaut riding a horse on the moon",
+                   "a close-up portrait of a fluffy orange cat, studio lighting"),
+          prompt_file="",  # .jsonl (caption/prompt/text) or .txt; overrides `prompts`
+          num_per_prompt=1,
+          resolution=0,  # image size; 0 = data.resolution
+          batch_size=8,  # images per jitted call
+          seed=0,
+          solver="ddim",  # teacher: a scott_jax.solvers name
+          eta=0.0,
+          order=2,
+          noise_fn=7,
+          spacing="leading",  # teacher timesteps: diffusers' DDIM spacing
+          steps_offset=1,  # SD1.5's steps_offset
+      )
+  )
+
+  # Export of a trained student (mode export; scott_jax.export): from checkpoint sample.step / sample.params.
+  c.export = ConfigDict(
+      dict(
+          formats=("flax", "diffusers", "lora"),  # lora only when the student is a LoRA overlay
+          out_dir="",  # "" = WORKDIR/export/step_<step>_<params>
+      )
+  )
+
+  # The separate evaluation job (mode eval; scott_jax.evaluate) and reference statistics (mode fid_stats).
+  c.eval = ConfigDict(
+      dict(
+          prompt_file="",  # COCO-2017 5K / COCO-2014 30K / MJHQ captions, .jsonl
+          num_prompts=0,  # first N prompts (0: all)
+          reference_stats="",  # .npz with mu, sigma (and features for coverage) from mode fid_stats
+          sample_steps=(1, 2, 4),
+          params=("ema",),  # ema and/or student
+          checkpoint_steps=(),  # evaluate exactly these steps; () = every finalised checkpoint
+          guidance_scale=8.0,
+          resolution=0,  # 0 = data.resolution
+          batch_size=8,
+          seed=0,
+          features="inception",  # registry name (inception, random_projection) or "module:factory"
+          feature_weights="",  # inception: the .npz of scott_jax.metrics.inception
+          feature_batch_size=50,
+          clip_model="",  # a transformers CLIPModel folder for the CLIP score; "" skips it
+          coverage_k=5,
+          watch=False,  # keep polling WORKDIR/checkpoints for new steps
+          poll_seconds=60.0,
+          max_idle_seconds=3600.0,  # watch: stop after this long without a new step (or after train_done.json)
+          image_folder="",  # fid_stats: the reference images (jpg/png, recursive)
+          max_reference_features=10000,  # fid_stats: feature rows kept in the npz for coverage (0: none)
+          save_images=0,  # eval: PNGs kept per (step, steps, params) under WORKDIR/eval/images
+      )
+  )
   return c
 
 
@@ -209,6 +271,12 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "gan.variant": ("lora", "full", "no_cond"),
     "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
     "data.crop": ("center", "random"),
+    "sample.params": ("ema", "student"),
+    "sample.model": ("student", "teacher"),
+    "sample.solver": SOLVER_NAMES,
+    "sample.order": (1, 2, 3),
+    "sample.noise_fn": (1, 2, 3, 4, 5, 6, 7),
+    "sample.spacing": ("leading", "trailing", "linspace"),
 }
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -244,6 +312,28 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "data.num_threads": lambda v: v >= 0,
     "data.prefetch_buffer": lambda v: v >= 1,
     "data.num_workers": lambda v: v >= 0,
+    "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
+    "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
+    "sample.guidance_scale": lambda v: v >= 1.0,
+    "sample.num_per_prompt": lambda v: v >= 1,
+    "sample.resolution": lambda v: v >= 0 and v % 8 == 0,
+    "sample.batch_size": lambda v: v >= 1,
+    "sample.eta": lambda v: 0.0 <= v <= 1.0,
+    "sample.steps_offset": lambda v: v >= 0,
+    "export.formats": lambda v: len(v) >= 1 and all(f in ("flax", "diffusers", "lora") for f in v),
+    "eval.num_prompts": lambda v: v >= 0,
+    "eval.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
+    "eval.params": lambda v: len(v) >= 1 and all(p in ("ema", "student") for p in v),
+    "eval.checkpoint_steps": lambda v: all(isinstance(k, int) and k >= 0 for k in v),
+    "eval.guidance_scale": lambda v: v >= 1.0,
+    "eval.resolution": lambda v: v >= 0 and v % 8 == 0,
+    "eval.batch_size": lambda v: v >= 1,
+    "eval.feature_batch_size": lambda v: v >= 1,
+    "eval.coverage_k": lambda v: v >= 1,
+    "eval.poll_seconds": lambda v: v > 0,
+    "eval.max_idle_seconds": lambda v: v >= 0,
+    "eval.max_reference_features": lambda v: v >= 0,
+    "eval.save_images": lambda v: v >= 0,
 }
 
 _RANGE_TEXT: dict[str, str] = {
@@ -279,6 +369,28 @@ _RANGE_TEXT: dict[str, str] = {
     "data.num_threads": "an integer >= 0",
     "data.prefetch_buffer": "an integer >= 1",
     "data.num_workers": "an integer >= 0",
+    "sample.steps": "a non-empty tuple of integers >= 1",
+    "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
+    "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
+    "sample.num_per_prompt": "an integer >= 1",
+    "sample.resolution": "0 or a multiple of 8",
+    "sample.batch_size": "an integer >= 1",
+    "sample.eta": "a number in [0, 1]",
+    "sample.steps_offset": "an integer >= 0",
+    "export.formats": "a non-empty tuple of 'flax', 'diffusers', 'lora'",
+    "eval.num_prompts": "an integer >= 0 (0: all)",
+    "eval.sample_steps": "a non-empty tuple of integers >= 1",
+    "eval.params": "a non-empty tuple of 'ema', 'student'",
+    "eval.checkpoint_steps": "a tuple of integers >= 0",
+    "eval.guidance_scale": "a number >= 1",
+    "eval.resolution": "0 or a multiple of 8",
+    "eval.batch_size": "an integer >= 1",
+    "eval.feature_batch_size": "an integer >= 1",
+    "eval.coverage_k": "an integer >= 1",
+    "eval.poll_seconds": "a number > 0",
+    "eval.max_idle_seconds": "a number >= 0",
+    "eval.max_reference_features": "an integer >= 0",
+    "eval.save_images": "an integer >= 0",
 }
 
 

@@ -46,6 +46,7 @@ PyTree = Any
 
 EXPORT_FORMAT = "scott_jax.export/1"
 EXPORT_CONFIG = "scott_export.json"
+EXPORT_ABAR = "abar.npy"
 EXPORT_PARAMS = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
 SAMPLER_KINDS = ("student", "teacher")
 OUTPUTS = ("uint8", "float")
@@ -299,8 +300,9 @@ def generate(sampler: Callable[..., Array], params: dict[str, PyTree], input_ids
 def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[str, PyTree]]:
   """A folder written by `scott_jax.export.export_flax` -> (Pipeline, params), bit-identical parameters.
 
-  Layout: ``scott_export.json`` (architectures, schedule, LCM settings, provenance), ``unet.safetensors``,
-  ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths, float32) and ``tokenizer/``.
+  Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, provenance), ``abar.npy`` (the
+  schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
+  float32) and ``tokenizer/``.
   """
   import flax.traverse_util as traverse_util
   from safetensors.numpy import load_file
@@ -326,7 +328,8 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[s
     flat = load_file(os.path.join(folder, file))
     params[name] = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
   tokenizer = load_tokenizer(folder, "tokenizer")
-  schedule = NoiseSchedule.from_config(meta["schedule"])
+  schedule = NoiseSchedule(abar=jnp.asarray(np.load(os.path.join(folder, EXPORT_ABAR))),
+                           prediction_type=meta["prediction_type"])
   pipe = Pipeline(unet, vae, text_encoder, tokenizer, schedule, _max_length(tokenizer, text_encoder),
                   float(meta["timestep_scaling"]), int(meta["original_steps"]))
   return pipe, params

@@ -1,0 +1,356 @@
+"""The separate evaluation job (mode ``eval``) and reference statistics (mode ``fid_stats``); notes section 7.
+
+``--mode eval`` runs beside (never inside) training: it reads WORKDIR/checkpoints, and for every finalised step
+(or the steps listed in ``eval.checkpoint_steps``), every parameter set of ``eval.params`` (ema / student) and
+every step count of ``eval.sample_steps`` it generates one image per prompt of ``eval.prompt_file`` with the
+jitted student sampler (`scott_jax.pipeline`, CFG scale ``eval.guidance_scale``, the same seed for every
+checkpoint) and computes
+
+  FID       against the reference statistics ``eval.reference_stats`` (mu, sigma of the feature extractor),
+  Coverage  (Naeem et al. 2020, k = ``eval.coverage_k``) against the reference features stored in that file,
+  CLIP score (mean raw cosine, `scott_jax.metrics.clip_score`) with ``eval.clip_model`` ("" skips it).
+
+Each result is one JSON row appended to WORKDIR/eval/results.jsonl, keyed by (step, steps, params); a restart
+skips the keys already there (resume without redoing work), and WORKDIR/eval/results.md is rewritten as a
+table after every row. A step still being written (orbax tmp directory) is skipped until it is complete. With
+``eval.watch`` the job polls every ``eval.poll_seconds`` and stops once training wrote ``train_done.json`` and
+every step is done, or after ``eval.max_idle_seconds`` without a new step. Training never waits for it.
+
+Errors that stop the job at once, with the offending path: a missing reference file (or one without features
+when coverage needs them), a missing or empty prompt file, an unreadable finalised checkpoint.
+
+The feature extractor is pluggable (``eval.features``): "inception" (the FID Inception-v3 pool3, weights
+``eval.feature_weights``), "random_projection" (a fixed random projection of 16x16 thumbnails: a cheap stand-in
+for tests and smoke runs, not a metric), or "package.module:factory" where ``factory(eval_config)`` returns a
+function uint8 images (N, H, W, 3) -> features (N, D) (e.g. a small digit classifier). ``--mode fid_stats``
+writes the reference .npz (mu, sigma in float64, plus up to ``eval.max_reference_features`` feature rows) from
+``eval.image_folder`` with the same extractor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from scott_jax import export, pipeline
+from scott_jax.metrics import coverage as coverage_lib
+from scott_jax.metrics import fid
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]
+
+EVAL_SUBDIR = "eval"
+RESULTS_FILE = "results.jsonl"
+TABLE_FILE = "results.md"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RANDOM_PROJECTION_DIM = 16
+TRAIN_DONE = "train_done.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature extractors (pluggable).
+
+def inception_extractor(ec: Any) -> FeatureFn:
+  """FID Inception-v3 pool3 features (2048-d) with weights from ``ec.feature_weights``."""
+  from scott_jax.metrics import inception
+
+  if not ec.feature_weights:
+    raise FileNotFoundError("eval.features='inception' needs eval.feature_weights: the .npz written by "
+                            "`python -m scott_jax.metrics.inception --out PATH`")
+  params = inception.load_inception_params(ec.feature_weights)
+  apply_fn = inception.make_apply_fn()
+  return lambda images: fid.inception_features(params, images, ec.feature_batch_size, apply_fn)
+
+
+def random_projection_extractor(ec: Any) -> FeatureFn:
+  """A fixed random projection (seed 0) of 16x16 bilinear thumbnails in [0, 1] to 16 dims: a cheap,
+  deterministic stand-in for tests and smoke runs (not a perceptual metric)."""
+  from PIL import Image
+
+  del ec
+  proj = np.random.default_rng(0).standard_normal((16 * 16 * 3, RANDOM_PROJECTION_DIM)) / np.sqrt(16 * 16 * 3)
+
+  def features(images: np.ndarray) -> np.ndarray:
+    thumbs = [np.asarray(Image.fromarray(np.asarray(im, np.uint8)).resize((16, 16), Image.BILINEAR), np.float64)
+              for im in images]
+    return (np.stack(thumbs).reshape(len(thumbs), -1) / 255.0 @ proj).astype(np.float32)
+
+  return features
+
+
+EXTRACTORS: dict[str, Callable[[Any], FeatureFn]] = {
+  "inception": inception_extractor,
+  "random_projection": random_projection_extractor,
+}
+
+
+def make_feature_extractor(ec: Any) -> FeatureFn:
+  """The extractor named by ``ec.features``: a registry name or "package.module:factory"."""
+  name = ec.features
+  if name in EXTRACTORS:
+    return EXTRACTORS[name](ec)
+  if ":" in name:
+    module, fn = name.split(":", 1)
+    return getattr(importlib.import_module(module), fn)(ec)
+  raise ValueError(f"unknown feature extractor '{name}'; allowed: {', '.join(EXTRACTORS)} or 'module:factory'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference statistics.
+
+def read_reference(path: str, need_features: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(mu, sigma, features or None) of a reference .npz; FileNotFoundError naming a missing file, ValueError
+  when coverage needs feature rows the file lacks."""
+  if not path:
+    raise FileNotFoundError("eval.reference_stats is not set: pass the .npz written by --mode fid_stats")
+  mu, sigma = fid.read_stats(path)
+  features = None
+  with np.load(path, allow_pickle=False) as data:
+    if "features" in data.files:
+      features = data["features"].astype(np.float32)
+  if need_features and features is None:
+    raise ValueError(f"{path} holds no 'features' rows, which Coverage needs; rewrite it with --mode fid_stats "
+                     "and eval.max_reference_features > 0")
+  return mu, sigma, features
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files under ``folder`` (recursive, sorted)."""
+  if not folder or not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder not found: '{folder}'")
+  out = []
+  for root, _, files in os.walk(folder):
+    out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  if not out:
+    raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+  return sorted(out)
+
+
+def folder_features(folder: str, extractor: FeatureFn, chunk: int = 500) -> np.ndarray:
+  """Features (N, D) of every image under ``folder`` (RGB uint8), read ``chunk`` images at a time."""
+  from PIL import Image
+
+  paths = list_images(folder)
+  feats = []
+  for start in range(0, len(paths), chunk):
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start:start + chunk]]
+    feats.append(np.asarray(extractor(images), np.float32))
+  return np.concatenate(feats)
+
+
+def write_reference(path: str, features: np.ndarray, max_features: int, seed: int = 0) -> None:
+  """Writes mu, sigma (float64, all rows) and up to ``max_features`` rows (a seeded random subset) to ``path``."""
+  mu, sigma = fid.stats(features)
+  fid.write_stats(path, mu, sigma)
+  if max_features:
+    rows = features
+    if len(rows) > max_features:
+      rows = rows[np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_features])]
+    with open(path, "wb") as fh:
+      np.savez(fh, mu=mu, sigma=sigma, features=rows.astype(np.float32))
+
+
+def run_fid_stats(config: Any, workdir: str) -> str:
+  """Mode ``fid_stats``: reference statistics of ``eval.image_folder`` -> ``eval.reference_stats``
+  (default WORKDIR/eval/reference_stats.npz). Returns the path."""
+  ec = config.eval
+  path = ec.reference_stats or os.path.join(workdir, EVAL_SUBDIR, "reference_stats.npz")
+  features = folder_features(ec.image_folder, make_feature_extractor(ec))
+  write_reference(path, features, ec.max_reference_features, config.seed)
+  print(f"fid_stats: {len(features)} images from {ec.image_folder}, {features.shape[1]}-d features -> {path}")
+  return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results.
+
+def row_key(row: dict[str, Any]) -> tuple[int, int, str]:
+  return int(row["step"]), int(row["steps"]), str(row["params"])
+
+
+def read_results(path: str) -> list[dict[str, Any]]:
+  """Rows of a results.jsonl; a truncated last line (a crash mid-write) is dropped with a warning."""
+  if not os.path.isfile(path):
+    return []
+  rows = []
+  with open(path) as fh:
+    lines = fh.read().splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:
+        logging.warning("eval: dropping a truncated last line of %s", path)
+        continue
+      raise ValueError(f"{path}:{i + 1} is not JSON") from None
+  return rows
+
+
+def write_table(path: str, rows: list[dict[str, Any]]) -> None:
+  """A markdown table of the rows sorted by (step, params, steps)."""
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+  lines = ["| step | params | steps | FID | CLIP score | Coverage | images | timesteps |",
+           "|---:|---|---:|---:|---:|---:|---:|---|"]
+  for r in sorted(rows, key=lambda r: (r["step"], r["params"], r["steps"])):
+    lines.append(f"| {r['step']} | {r['params']} | {r['steps']} | {fmt(r.get('fid'), '.3f')} | "
+                 f"{fmt(r.get('clip_score'), '.4f')} | {fmt(r.get('coverage'), '.4f')} | {r['num_images']} | "
+                 f"{r['timesteps']} |")
+  with open(path, "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job.
+
+class Evaluator:
+  """State of one eval job: prompts, reference, extractor, CLIP and the pipeline (built once, reused for every
+  checkpoint so each sampler compiles once). Inputs are checked in the constructor, before any model loads."""
+
+  def __init__(self, config: Any, workdir: str, run: export.TrainedRun | None = None):
+    ec = config.eval
+    self.config, self.ec, self.workdir = config, ec, workdir
+    prompts = pipeline.read_prompts(ec.prompt_file)
+    self.prompts = prompts[:ec.num_prompts] if ec.num_prompts else prompts
+    self.ref_mu, self.ref_sigma, self.ref_features = read_reference(ec.reference_stats, need_features=True)
+    if len(self.prompts) <= ec.coverage_k:
+      raise ValueError(f"{len(self.prompts)} prompts: Coverage with k = {ec.coverage_k} needs more than k images")
+    self.out_dir = os.path.join(workdir, EVAL_SUBDIR)
+    os.makedirs(self.out_dir, exist_ok=True)
+    self.results_path = os.path.join(self.out_dir, RESULTS_FILE)
+    self.rows = read_results(self.results_path)
+    self.extractor = make_feature_extractor(ec)
+    self.run = run or export.TrainedRun(config, workdir)
+    self.resolution = ec.resolution or config.data.resolution
+    self._samplers: dict[int, pipeline.Sampler] = {}
+    self._clip: tuple[Any, Any, np.ndarray] | None = None
+    self._ids: np.ndarray | None = None
+
+  # -- pieces
+  def done(self) -> set[tuple[int, int, str]]:
+    return {row_key(r) for r in self.rows}
+
+  def _clip_text(self) -> tuple[Any, Any, np.ndarray] | None:
+    if not self.ec.clip_model:
+      return None
+    if self._clip is None:
+      from scott_jax.metrics import clip_model, clip_score
+      from scott_jax.models.clip_text import tokenize
+      from scott_jax.models.loading import load_tokenizer
+
+      model, params = clip_model.load_clip_model(self.ec.clip_model)
+      tok = load_tokenizer(self.ec.clip_model, None)
+      ids = tokenize(tok, self.prompts, min(tok.model_max_length, model.config.text.max_position_embeddings))
+      self._clip = (model, params, clip_score.text_embeddings(model, params, ids))
+    return self._clip
+
+  def images(self, pipe: pipeline.Pipeline, params: dict[str, Any], steps: int) -> tuple[np.ndarray, list[int]]:
+    """One image per prompt with the student at ``steps`` steps (uint8 (N, H, W, 3)) and the timesteps used."""
+    if steps not in self._samplers:
+      self._samplers[steps] = pipeline.make_sampler(pipe, kind="student", steps=steps, height=self.resolution)
+    sampler = self._samplers[steps]
+    if self._ids is None:
+      self._ids = pipe.tokenize(self.prompts)
+    batch = min(self.ec.batch_size, len(self.prompts))
+    images = pipeline.generate(sampler, params, self._ids, jax.random.PRNGKey(self.ec.seed),
+                               self.ec.guidance_scale, batch)
+    return images, sampler.timesteps.tolist()
+
+  def metrics(self, images: np.ndarray) -> dict[str, float | None]:
+    feats = np.asarray(self.extractor(images), np.float32)
+    mu, sigma = fid.stats(feats)
+    out: dict[str, float | None] = {"fid": fid.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
+    out["coverage"] = coverage_lib.coverage(self.ref_features, feats, self.ec.coverage_k)
+    clip = self._clip_text()
+    out["clip_score"] = None
+    if clip is not None:
+      from scott_jax.metrics import clip_score
+
+      model, params, text_emb = clip
+      out["clip_score"] = clip_score.clip_score(clip_score.image_embeddings(model, params, images), text_emb)
+    return out
+
+  def evaluate_step(self, step: int) -> list[dict[str, Any]]:
+    """Every missing (steps, params) row of checkpoint ``step``; appends each to results.jsonl at once."""
+    new = []
+    for which in self.ec.params:
+      todo = [k for k in self.ec.sample_steps if (step, k, which) not in self.done()]
+      if not todo:
+        continue
+      pipe, params = self.run.pipeline(step, which)
+      for k in todo:
+        t0 = time.time()
+        images, timesteps = self.images(pipe, params, k)
+        row = {"step": step, "steps": k, "params": which, "timesteps": timesteps, "num_images": len(images),
+               "guidance_scale": self.ec.guidance_scale, "seed": self.ec.seed, "resolution": self.resolution,
+               "features": self.ec.features, "prompt_file": self.ec.prompt_file, **self.metrics(images),
+               "seconds": round(time.time() - t0, 3)}
+        if self.ec.save_images:
+          pipeline.write_images(os.path.join(self.out_dir, "images", f"step{step}_{which}_{k}step"),
+                                images[:self.ec.save_images])
+        with open(self.results_path, "a") as fh:
+          fh.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        new.append(row)
+        write_table(os.path.join(self.out_dir, TABLE_FILE), self.rows)
+        logging.info("eval step %d %s %d-step: FID %.3f coverage %.4f clip %s", step, which, k, row["fid"],
+                     row["coverage"], row["clip_score"])
+    return new
+
+  def complete(self, step: int) -> bool:
+    done = self.done()
+    return all((step, k, w) in done for k in self.ec.sample_steps for w in self.ec.params)
+
+  def run_once(self) -> tuple[list[dict[str, Any]], bool]:
+    """Evaluates every available step not yet complete -> (new rows, whether every wanted step is done)."""
+    steps, pending = self.run.steps()
+    if pending:
+      logging.info("eval: skipping checkpoints still being written: %s", pending)
+    wanted = list(self.ec.checkpoint_steps) or steps
+    missing = [s for s in wanted if s not in steps]
+    if missing and not self.ec.watch:
+      raise FileNotFoundError(f"checkpoint steps {missing} not found in {self.run.directory} (finalised: {steps})")
+    new = []
+    for step in wanted:
+      if step not in steps or self.complete(step):
+        continue
+      try:
+        new += self.evaluate_step(step)
+      except export.CheckpointReadError:
+        if not os.path.isdir(os.path.join(self.run.directory, str(step))):
+          logging.warning("eval: checkpoint step %d was deleted before it was evaluated; skipped", step)
+          continue
+        raise
+    all_done = not missing and all(self.complete(s) for s in wanted if s in steps)
+    return new, all_done
+
+
+def run_eval(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """Mode ``eval`` (module docstring). Returns the rows added by this invocation."""
+  ec = config.eval
+  evaluator = Evaluator(config, workdir)
+  added: list[dict[str, Any]] = []
+  idle_since = time.time()
+  while True:
+    new, all_done = evaluator.run_once()
+    added += new
+    if new:
+      idle_since = time.time()
+    if not ec.watch:
+      break
+    if all_done and os.path.isfile(os.path.join(workdir, TRAIN_DONE)):
+      break
+    if time.time() - idle_since > ec.max_idle_seconds:
+      logging.info("eval: no new checkpoint for %.0f s; stopping", ec.max_idle_seconds)
+      break
+    time.sleep(ec.poll_seconds)
+  print(f"eval: {len(added)} new rows, {len(evaluator.rows)} in {evaluator.results_path}")
+  return added

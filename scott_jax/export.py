@@ -1,0 +1,345 @@
+"""Export a trained student (mode ``export``) and read the student out of a training run's checkpoints.
+
+`TrainedRun(config, workdir)` reads WORKDIR/checkpoints without the optimizer state: `restore_subtree` builds
+the target of one train-state field (``ema`` or ``student``) from the checkpoint's own manifest and restores
+only that subtree with orbax (partial restore), so an SD1.5 evaluation reads 3.4 GB, not the whole state.
+`finalised_steps` lists complete steps; a step still being written (an orbax ``*.orbax-checkpoint-tmp-*``
+directory) is reported as pending and never read.
+
+Formats written by `export` (config ``export.formats``):
+
+(a) ``flax``: `export_flax` -> ``scott_export.json`` (U-Net / VAE / text-encoder architectures, schedule, LCM
+    settings, provenance) + ``unet/vae/text_encoder.safetensors`` (float32, '/'-joined Flax parameter paths)
+    + ``tokenizer/``; `scott_jax.pipeline.load_exported` reads it bit for bit, without the training code.
+(b) ``diffusers``: `export_diffusers` -> a `LatentConsistencyModelPipeline` folder: ``unet/`` (the student with
+    ``time_cond_proj_dim``, `loading.save_unet`), ``scheduler/`` (an LCMScheduler config with the run's
+    schedule, timestep_scaling and original_inference_steps), and the teacher's ``vae/``, ``text_encoder/``,
+    ``tokenizer/`` copied file by file (the frozen networks are the teacher's, unchanged).
+    ``diffusers.DiffusionPipeline.from_pretrained`` loads it.
+(c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`), only
+    when the student state is a LoRA overlay (leaves ``lora_A``/``lora_B``); a full student is skipped with a
+    log line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import numpy as np
+from absl import logging
+
+from scott_jax import checkpoint as ckpt_lib
+from scott_jax import pipeline as pipeline_lib
+
+PyTree = Any
+
+PARAM_FIELDS = ("ema", "student")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_KEY_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
+
+
+class CheckpointReadError(RuntimeError):
+  """A finalised checkpoint step that cannot be read (missing manifest, unreadable arrays, missing field)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading checkpoints.
+
+def finalised_steps(directory: str | os.PathLike) -> tuple[list[int], list[str]]:
+  """(complete steps ascending, names of steps still being written) in a checkpoint directory.
+
+  orbax writes a step into ``<step>.orbax-checkpoint-tmp-<t>`` and renames it to ``<step>`` when complete, so
+  an integer-named directory is complete. A missing directory gives ([], []).
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return [], []
+  steps, pending = [], []
+  for name in os.listdir(directory):
+    if _TMP_MARK in name:
+      pending.append(name)
+    elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+      steps.append(int(name))
+  return sorted(steps), sorted(pending)
+
+
+def _parse_keystr(key: str) -> tuple[str, ...]:
+  """``.ema['params']['conv_in']['kernel']`` (jax.tree_util.keystr) -> ('ema', 'params', 'conv_in', 'kernel')."""
+  parts = [next(g for g in m.groups() if g is not None) for m in _KEY_PART.finditer(key)]
+  if "".join(m.group(0) for m in _KEY_PART.finditer(key)) != key:
+    raise ValueError(f"cannot parse state key {key!r}")
+  return tuple(parts)
+
+
+def read_manifest(directory: str | os.PathLike, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  """The manifest of checkpoint ``step`` (`scott_jax.checkpoint`): {leaf path: (shape, dtype)}."""
+  path = os.path.join(os.fspath(directory), str(step), "manifest", "metadata")
+  try:
+    with open(path) as fh:
+      manifest = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointReadError(f"checkpoint step {step} in {os.fspath(directory)} has no readable manifest "
+                              f"({path}): {e}") from e
+  if manifest.get("format") != ckpt_lib.MANIFEST_FORMAT:
+    raise CheckpointReadError(f"{path}: manifest format {manifest.get('format')!r}, expected "
+                              f"{ckpt_lib.MANIFEST_FORMAT!r}")
+  return {_parse_keystr(k): (tuple(v["shape"]), v["dtype"]) for k, v in manifest["leaves"].items()}
+
+
+def restore_subtree(directory: str | os.PathLike, step: int, field: str) -> PyTree:
+  """The train-state field ``field`` (e.g. "ema") of checkpoint ``step``, as a nested dict of device arrays.
+
+  Only that subtree is read (orbax partial restore), its target built from the manifest. Raises
+  CheckpointReadError naming the step when the step is missing, has no such field or cannot be read.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.fspath(directory)
+  step_dir = os.path.join(directory, str(step))
+  if not os.path.isdir(step_dir):
+    raise CheckpointReadError(f"checkpoint step {step} does not exist in {directory}")
+  leaves = {p[1:]: v for p, v in read_manifest(directory, step).items() if p[0] == field}
+  if not leaves:
+    raise CheckpointReadError(f"checkpoint step {step} in {directory} has no field '{field}'")
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = traverse_util.unflatten_dict(
+    {p: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding) for p, (shape, dtype) in leaves.items()})
+  item = {field: abstract}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      out = reader.restore(os.path.join(step_dir, "state"),
+                           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # noqa: BLE001 - any orbax failure means the step is unreadable
+    raise CheckpointReadError(f"checkpoint step {step} in {directory} cannot be read: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+  return out[field]
+
+
+def is_lora(tree: PyTree) -> bool:
+  """True when ``tree`` is a LoRA overlay (has ``lora_A`` leaves) rather than full parameters."""
+  from scott_jax.models import lora
+
+  return any(lora.LORA_A in p for p in traverse_util.flatten_dict(dict(tree)))
+
+
+class TrainedRun:
+  """A training run on disk (the config it was trained with and WORKDIR) for sampling, export and eval.
+
+  ``models()`` loads the teacher folder of ``config.model`` once (`scott_jax.train.load_models`): the student
+  architecture, VAE, text encoder and tokenizer; checkpoints hold only the trainable state.
+  """
+
+  def __init__(self, config: Any, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.directory = os.fspath(ckpt_lib.checkpoint_dir(workdir))
+    self._loaded: tuple[Any, PyTree] | None = None
+
+  def models(self) -> tuple[Any, PyTree]:
+    if self._loaded is None:
+      from scott_jax import train
+
+      self._loaded = train.load_models(self.config)
+    return self._loaded
+
+  def steps(self) -> tuple[list[int], list[str]]:
+    return finalised_steps(self.directory)
+
+  def latest_step(self) -> int:
+    steps, pending = self.steps()
+    if not steps:
+      raise FileNotFoundError(f"no finalised checkpoint in {self.directory}"
+                              + (f" (still being written: {pending})" if pending else ""))
+    return steps[-1]
+
+  def student_params(self, step: int, which: str = "ema") -> PyTree:
+    """The student's U-Net parameters {"params": ...} (``which``: "ema" or "student") at ``step``; a LoRA
+    overlay is merged into the teacher weights. Shapes are checked against the student architecture."""
+    from scott_jax.models import unet as unet_lib
+
+    if which not in PARAM_FIELDS:
+      raise ValueError(f"unknown params '{which}'; allowed: {', '.join(PARAM_FIELDS)}")
+    models, frozen = self.models()
+    tree = restore_subtree(self.directory, step, which)
+    if is_lora(tree):
+      raise NotImplementedError("merging a LoRA student needs its base and alpha; train.py trains full students")
+    expected = traverse_util.flatten_dict(unet_lib.abstract_params(models.student.config))
+    got = traverse_util.flatten_dict(tree)
+    bad = sorted("/".join(p) for p in set(expected) ^ set(got))
+    bad += sorted("/".join(p) for p in set(expected) & set(got) if tuple(expected[p].shape) != got[p].shape)
+    if bad:
+      raise CheckpointReadError(f"checkpoint step {step} field '{which}' does not match the student U-Net of "
+                                f"config.model ({len(bad)} parameters differ, e.g. {bad[:3]})")
+    return tree
+
+  def pipeline(self, step: int, which: str = "ema") -> tuple[pipeline_lib.Pipeline, dict[str, PyTree]]:
+    """(Pipeline with the student U-Net, params) for checkpoint ``step``."""
+    models, frozen = self.models()
+    c = self.config.consistency
+    pipe = pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer,
+                                 models.schedule, models.max_length, float(c.timestep_scaling),
+                                 int(c.num_ddim_timesteps))
+    params = {"unet": self.student_params(step, which), "vae": frozen["vae"],
+              "text_encoder": frozen["text_encoder"]}
+    return pipe, params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writers.
+
+def _save_flat(path: str, tree: PyTree) -> None:
+  from safetensors.numpy import save_file
+
+  flat = {"/".join(k): np.ascontiguousarray(np.asarray(jax.device_get(v)))
+          for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  save_file(flat, path, metadata={"format": pipeline_lib.EXPORT_FORMAT})
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+  import dataclasses
+
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTree],
+                provenance: dict[str, Any] | None = None) -> str:
+  """Format (a): see the module docstring; `pipeline.load_exported(folder)` reads it back bit for bit."""
+  os.makedirs(folder, exist_ok=True)
+  meta = {
+    "format": pipeline_lib.EXPORT_FORMAT,
+    "unet": pipe.unet.config.to_diffusers(),
+    "vae": _config_dict(pipe.vae.config),
+    "text_encoder": _config_dict(pipe.text_encoder.config),
+    "prediction_type": pipe.schedule.prediction_type,
+    "timestep_scaling": pipe.timestep_scaling,
+    "original_steps": pipe.original_steps,
+    "provenance": provenance or {},
+  }
+  # The schedule is stored as its abar values (any beta schedule round-trips exactly).
+  np.save(os.path.join(folder, pipeline_lib.EXPORT_ABAR), np.asarray(pipe.schedule.abar))
+  for name, file in pipeline_lib.EXPORT_PARAMS.items():
+    _save_flat(os.path.join(folder, file), params[name])
+  pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+  with open(os.path.join(folder, pipeline_lib.EXPORT_CONFIG), "w") as fh:
+    json.dump(meta, fh, indent=2, sort_keys=True)
+  return folder
+
+
+def lcm_scheduler_config(schedule_config: Any, timestep_scaling: float, original_steps: int) -> dict[str, Any]:
+  """diffusers `LCMScheduler` config dict for the run's schedule (``config.schedule`` fields)."""
+  return {
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": _diffusers_version(),
+    "num_train_timesteps": int(schedule_config["num_train_timesteps"]),
+    "beta_start": float(schedule_config["beta_start"]),
+    "beta_end": float(schedule_config["beta_end"]),
+    "beta_schedule": schedule_config["beta_schedule"],
+    "trained_betas": None,
+    "original_inference_steps": int(original_steps),
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": schedule_config["prediction_type"],
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "timestep_scaling": float(timestep_scaling),
+    "rescale_betas_zero_snr": False,
+  }
+
+
+def _diffusers_version() -> str:
+  try:
+    return importlib.metadata.version("diffusers")
+  except importlib.metadata.PackageNotFoundError:
+    return "0.42.1"
+
+
+def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTree, teacher_path: str,
+                     schedule_config: Any, vae_path: str = "") -> str:
+  """Format (b): a diffusers LatentConsistencyModelPipeline folder (module docstring). The VAE comes from
+  ``vae_path`` (a folder with vae/) when given, else from the teacher; text encoder and tokenizer from the
+  teacher."""
+  from scott_jax.models import loading
+
+  os.makedirs(folder, exist_ok=True)
+  loading.save_unet(os.path.join(folder, "unet"), pipe.unet.config, unet_params)
+  for part, src in (("vae", vae_path or teacher_path), ("text_encoder", teacher_path), ("tokenizer", teacher_path)):
+    dst = os.path.join(folder, part)
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    shutil.copytree(os.path.join(src, part), dst)
+  os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as fh:
+    json.dump(lcm_scheduler_config(schedule_config, pipe.timestep_scaling, pipe.original_steps), fh, indent=2)
+  with open(os.path.join(teacher_path, "model_index.json")) as fh:
+    teacher_index = json.load(fh)
+  index = {
+    "_class_name": "LatentConsistencyModelPipeline",
+    "_diffusers_version": _diffusers_version(),
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "LCMScheduler"],
+    "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+    "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+  }
+  with open(os.path.join(folder, "model_index.json"), "w") as fh:
+    json.dump(index, fh, indent=2, sort_keys=True)
+  return folder
+
+
+def export_lora(path: str, overlay: PyTree, alpha: float) -> str:
+  """Format (c): a PEFT-layout LoRA file (`scott_jax.models.lora.export_peft`, prefix "unet")."""
+  from scott_jax.models import lora
+
+  inner = overlay["params"] if set(overlay) == {"params"} else overlay
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  lora.export_peft(path, inner, alpha)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --mode export.
+
+def run_export(config: Any, workdir: str) -> dict[str, str]:
+  """Mode ``export``: checkpoint ``sample.step`` (-1: latest) with ``sample.params`` of the run in WORKDIR ->
+  the formats of ``export.formats`` under ``export.out_dir`` (default WORKDIR/export/step_<N>_<params>).
+  Returns {format: path}."""
+  run = TrainedRun(config, workdir)
+  step = run.latest_step() if config.sample.step < 0 else int(config.sample.step)
+  which = config.sample.params
+  out = config.export.out_dir or os.path.join(workdir, "export", f"step_{step}_{which}")
+  written: dict[str, str] = {}
+  tree = restore_subtree(run.directory, step, which)
+  provenance = {"workdir": os.path.abspath(workdir), "step": step, "params": which,
+                "teacher_path": config.model.teacher_path}
+  if is_lora(tree):
+    if "lora" in config.export.formats:
+      raise NotImplementedError("a LoRA student state: the LoRA alpha is not part of the run's config yet")
+  elif "lora" in config.export.formats:
+    logging.info("export: lora skipped (the student in step %d is a full U-Net, not a LoRA overlay)", step)
+  if {"flax", "diffusers"} & set(config.export.formats):
+    pipe, params = run.pipeline(step, which)
+    if "flax" in config.export.formats:
+      written["flax"] = export_flax(os.path.join(out, "flax"), pipe, params, provenance)
+    if "diffusers" in config.export.formats:
+      written["diffusers"] = export_diffusers(os.path.join(out, "diffusers"), pipe, params["unet"],
+                                              config.model.teacher_path, config.schedule, config.model.vae_path)
+  for fmt, path in written.items():
+    print(f"export {fmt}: {path}")
+  return written
