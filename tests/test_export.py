@@ -1,0 +1,158 @@
+"""Export of a trained student: (a) the Flax export round-trips bit for bit through `pipeline.load_exported`;
+(b) the diffusers folder loads with `DiffusionPipeline.from_pretrained` as a LatentConsistencyModelPipeline and
+gives our images for the same latents, prompts and noise; (c) the PEFT LoRA writer; checkpoint reading."""
+
+import os
+import runpy
+import shutil
+
+import diffusers
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from scott_jax import checkpoint as ckpt_lib
+from scott_jax import export, pipeline, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))
+PROMPTS = ["a red circle", "a dark blob on grass"]
+
+
+def tiny_config(teacher: str):
+  cfg = TINY["get_config"]()
+  cfg.model.teacher_path = teacher
+  cfg.gan.enabled = False
+  return cfg
+
+
+def perturb(tree, key, scale: float = 0.02):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype)
+                            for x, k in zip(leaves, keys, strict=True)])
+
+
+def write_checkpoints(cfg, workdir: str, steps=(3,), seed: int = 0) -> dict[int, dict]:
+  """Train states of the tiny config (train.init_state layout) with the student and EMA perturbed away from
+  the teacher (cond_proj included, so w matters), saved with scott_jax.checkpoint. Returns {step: state}."""
+  models, frozen = train.load_models(cfg)
+  spec = {"images": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+          "input_ids": jax.ShapeDtypeStruct((2, models.max_length), jnp.int32)}
+  base = train.init_state(cfg, models, frozen, spec)
+  out = {}
+  with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=None, save_every=1) as ck:
+    for i, step in enumerate(steps):
+      key = jax.random.PRNGKey(seed + i)
+      k1, k2 = jax.random.split(key)
+      state = base.replace(step=jnp.asarray(step, jnp.int32), student=perturb(base.student, k1),
+                           ema=perturb(base.ema, k2))
+      ck.save(step, state, data_state={"step": step}, force=True)
+      out[step] = state
+  return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  teacher = TINY["write_tiny_pipeline"](str(root / "teacher"))
+  cfg = tiny_config(teacher)
+  workdir = str(root / "run")
+  states = write_checkpoints(cfg, workdir)
+  cfg.export.out_dir = str(root / "out")
+  written = export.run_export(cfg, workdir)
+  return cfg, workdir, states, written
+
+
+def _leaves(tree):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def test_flax_export_round_trips_bit_for_bit(run):
+  cfg, workdir, states, written = run
+  pipe, params = pipeline.load_exported(written["flax"])
+  saved = _leaves(states[3].ema)  # cfg.sample.params = "ema", the latest step
+  got = _leaves(params["unet"])
+  assert set(got) == set(saved)
+  for k in saved:
+    assert got[k].dtype == saved[k].dtype and np.array_equal(got[k], saved[k]), k
+  models, frozen = train.load_models(cfg)
+  for name in ("vae", "text_encoder"):
+    ref, mine = _leaves(frozen[name]), _leaves(params[name])
+    assert set(ref) == set(mine) and all(np.array_equal(ref[k], mine[k]) for k in ref)
+  assert np.array_equal(np.asarray(pipe.schedule.abar), np.asarray(models.schedule.abar))
+  assert pipe.unet.config == models.student.config and pipe.guidance_embed_dim == 256
+  assert (pipe.timestep_scaling, pipe.original_steps) == (10.0, 50)
+  assert pipe.tokenize(PROMPTS).tolist() == models.tokenizer(PROMPTS, padding="max_length", max_length=16,
+                                                             truncation=True)["input_ids"]
+
+
+def test_diffusers_export_gives_our_images(run):
+  """The exported folder in diffusers (DiffusionPipeline -> LatentConsistencyModelPipeline, torch) against our
+  pipeline on the checkpoint: same latents and the LCMScheduler's between-step noise fed to ours. 1 step and 2
+  steps; float32 [0, 1] images agree to 2e-4."""
+  cfg, workdir, states, written = run
+  torch_pipe = diffusers.DiffusionPipeline.from_pretrained(written["diffusers"])
+  assert isinstance(torch_pipe, diffusers.LatentConsistencyModelPipeline)
+  assert isinstance(torch_pipe.scheduler, diffusers.LCMScheduler)
+  assert torch_pipe.unet.config.time_cond_proj_dim == 256
+  pipe, params = export.TrainedRun(cfg, workdir).pipeline(3, "ema")
+  shape = pipeline.latent_shape(pipe, 2, 32, 32)
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
+  for steps in (1, 2):
+    gen = torch.Generator().manual_seed(9)
+    noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()
+                       for _ in range(steps - 1)]) if steps > 1 else np.zeros((0, *shape), np.float32)
+    sampler = pipeline.make_sampler(pipe, kind="student", steps=steps, height=32, output="float")
+    ours = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
+    with torch.no_grad():
+      ref = torch_pipe(PROMPTS, height=32, width=32, num_inference_steps=steps, guidance_scale=6.0,
+                       latents=torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), output_type="np",
+                       generator=torch.Generator().manual_seed(9)).images
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
+  # The guidance embedding is live (non-zero cond_proj): another scale gives other images.
+  other = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 2.0, latents=z, noises=noises))
+  assert np.abs(other - ours).max() > 1e-3
+
+
+def test_lora_file_round_trip_and_skip(run, tmp_path):
+  from scott_jax.models import lora
+
+  cfg, workdir, states, written = run
+  assert "lora" not in written  # the student is a full U-Net: (c) is skipped
+  assert not export.is_lora(states[3].ema)
+  params = states[3].ema
+  overlay = lora.init(jax.random.PRNGKey(1), params["params"], ["attention"], 4)
+  overlay = jax.tree.map(lambda x: x + 0.01, overlay)  # non-zero B
+  assert export.is_lora(overlay)
+  path = export.export_lora(str(tmp_path / "lora.safetensors"), overlay, 8.0)
+  back, alpha = lora.import_peft(path)
+  assert alpha == 8.0
+  a, b = _leaves(overlay), _leaves(back)
+  assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_listing_and_errors(run, tmp_path):
+  cfg, workdir, states, written = run
+  directory = str(ckpt_lib.checkpoint_dir(workdir))
+  copy = tmp_path / "checkpoints"
+  shutil.copytree(directory, copy)
+  shutil.copytree(copy / "3", copy / "7.orbax-checkpoint-tmp-1234")
+  steps, pending = export.finalised_steps(copy)
+  assert steps == [3] and pending == ["7.orbax-checkpoint-tmp-1234"]
+  ema = export.restore_subtree(copy, 3, "ema")
+  assert all(np.array_equal(v, _leaves(states[3].ema)[k]) for k, v in _leaves(ema).items())
+  with pytest.raises(export.CheckpointReadError, match="step 5 does not exist"):
+    export.restore_subtree(copy, 5, "ema")
+  with pytest.raises(export.CheckpointReadError, match="no field 'nope'"):
+    export.restore_subtree(copy, 3, "nope")
+  # Truncate every array file of step 3: a clear error naming the step.
+  for root, _, files in os.walk(copy / "3" / "state"):
+    for f in files:
+      if "ocdbt" in root or f.startswith("d"):
+        open(os.path.join(root, f), "wb").close()
+  with pytest.raises(export.CheckpointReadError, match="step 3 .* cannot be read"):
+    export.restore_subtree(copy, 3, "ema")
