@@ -171,6 +171,54 @@ def defaults() -> ConfigDict:
       )
   )
 
+  # The embedded digits experiment (mode digits; scott_jax.digits): sklearn's 8x8 digits upsampled, pixel space
+  # (no VAE), a tiny BPE tokenizer and frozen random CLIP text encoder, a small teacher U-Net, a digit classifier
+  # whose features give FID / coverage and whose accuracy on the prompted digit plays the role of CLIP score.
+  c.digits = ConfigDict(
+      dict(
+          resolution=16,  # 8x8 digits -> resolution x resolution (PIL bilinear), grey replicated to RGB
+          test_fraction=0.2,  # stratified split, seeded by split_seed
+          split_seed=0,
+          # Text: BPE tokenizer built from the prompts; CLIPTextModel with random fixed (seeded) weights.
+          max_length=8,  # tokens per prompt (bos + 4 words + eos + padding)
+          text_hidden=32,
+          text_layers=2,
+          text_heads=4,
+          text_intermediate=64,
+          text_seed=0,
+          # Teacher U-Net (diffusers UNet2DConditionModel fields); in/out channels 3, sample_size = resolution.
+          unet_channels=(32, 64),
+          unet_layers_per_block=1,
+          unet_down_blocks=("DownBlock2D", "CrossAttnDownBlock2D"),
+          unet_up_blocks=("CrossAttnUpBlock2D", "UpBlock2D"),
+          unet_heads=(2, 4),  # attention heads per block (diffusers' attention_head_dim)
+          unet_norm_groups=8,
+          # Stage 1: eps-prediction MSE on the config.schedule, prompt dropout for CFG, AdamW, EMA.
+          teacher_steps=3000,
+          teacher_batch=128,
+          teacher_lr=2e-3,
+          teacher_warmup=100,  # linear warmup, then cosine decay to teacher_lr / 10
+          teacher_ema=0.999,
+          prompt_dropout=0.1,
+          teacher_seed=0,
+          checkpoint_every=500,
+          log_every=100,
+          # Digit classifier (features for FID / coverage; accuracy against the prompted digit).
+          classifier_steps=1500,
+          classifier_batch=128,
+          classifier_lr=2e-3,
+          classifier_features=64,
+          classifier_seed=0,
+          # Evaluation: teacher rows "solver:steps" (ddim = DDIM eta 0; er_sde uses config.solver's order/noise_fn).
+          teacher_rows=("ddim:50", "dpmpp_2m:25", "er_sde:50"),
+          guidance_scale=3.0,  # CFG scale g of every row (students get w = g - 1)
+          samples_per_digit=50,
+          eval_batch=250,
+          eval_seed=0,
+          coverage_k=5,
+      )
+  )
+
   # Solver demo / teacher sampling (mode sample_teacher).
   c.sample_teacher = ConfigDict(
       dict(
@@ -312,6 +360,19 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "data.num_threads": lambda v: v >= 0,
     "data.prefetch_buffer": lambda v: v >= 1,
     "data.num_workers": lambda v: v >= 0,
+    "digits.resolution": lambda v: v in (8, 16, 32),
+    "digits.test_fraction": lambda v: 0.05 <= v <= 0.5,
+    "digits.max_length": lambda v: 6 <= v <= 77,
+    "digits.prompt_dropout": lambda v: 0.0 < v < 1.0,
+    "digits.teacher_ema": lambda v: 0.0 <= v < 1.0,
+    "digits.teacher_steps": lambda v: v >= 1,
+    "digits.classifier_steps": lambda v: v >= 1,
+    "digits.teacher_rows": lambda v: len(v) >= 1 and all(
+        isinstance(r, str) and r.count(":") == 1 and r.split(":")[0] in SOLVER_NAMES
+        and r.split(":")[1].isdigit() and int(r.split(":")[1]) >= 1 for r in v),
+    "digits.guidance_scale": lambda v: v >= 1.0,
+    "digits.samples_per_digit": lambda v: v >= 2,
+    "digits.coverage_k": lambda v: v >= 1,
     "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
     "sample.guidance_scale": lambda v: v >= 1.0,
@@ -369,6 +430,17 @@ _RANGE_TEXT: dict[str, str] = {
     "data.num_threads": "an integer >= 0",
     "data.prefetch_buffer": "an integer >= 1",
     "data.num_workers": "an integer >= 0",
+    "digits.resolution": "8, 16 or 32",
+    "digits.test_fraction": "a number in [0.05, 0.5]",
+    "digits.max_length": "an integer in [6, 77]",
+    "digits.prompt_dropout": "a number in (0, 1)",
+    "digits.teacher_ema": "a number in [0, 1)",
+    "digits.teacher_steps": "an integer >= 1",
+    "digits.classifier_steps": "an integer >= 1",
+    "digits.teacher_rows": f"a non-empty tuple of 'solver:steps' strings, solver in {', '.join(SOLVER_NAMES)}",
+    "digits.guidance_scale": "a number >= 1 (CFG scale g)",
+    "digits.samples_per_digit": "an integer >= 2",
+    "digits.coverage_k": "an integer >= 1",
     "sample.steps": "a non-empty tuple of integers >= 1",
     "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
     "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
