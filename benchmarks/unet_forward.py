@@ -100,6 +100,8 @@ def main() -> None:
   parser.add_argument("--attention", nargs="+", default=["xla", "chunked"])
   parser.add_argument("--gpu", action="store_true", help="both on CUDA (JAX's default backend must be GPU)")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--shapes", nargs="+", default=None, metavar="SIZExBATCH",
+                      help="latent size and batch pairs, e.g. 32x1 64x2 (default: per configuration)")
   args = parser.parse_args()
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
@@ -115,6 +117,8 @@ def main() -> None:
   for name, (kwargs, shapes) in CASES.items():
     if args.only in (None, name):
       repeats = args.repeats or (10 if name == "tiny" else 3)
+      if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
       bench(name, kwargs, shapes, args.attention, repeats, args.gpu, args.dtype)
 
 
