@@ -29,6 +29,7 @@ writes the reference .npz (mu, sigma in float64, plus up to ``eval.max_reference
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -175,13 +176,15 @@ def row_key(row: dict[str, Any]) -> tuple[int, int, str]:
   return int(row["step"]), int(row["steps"]), str(row["params"])
 
 
-def read_results(path: str) -> list[dict[str, Any]]:
-  """Rows of a results.jsonl; a truncated last line (a crash mid-write) is dropped with a warning."""
+def read_results(path: str, repair: bool = False) -> list[dict[str, Any]]:
+  """Rows of a results.jsonl. A truncated last line (a crash mid-write) is dropped with a warning and, with
+  ``repair``, removed from the file so that later rows append cleanly; any other bad line raises."""
   if not os.path.isfile(path):
     return []
   rows = []
   with open(path) as fh:
     lines = fh.read().splitlines()
+  truncated = False
   for i, line in enumerate(lines):
     if not line.strip():
       continue
@@ -190,8 +193,12 @@ def read_results(path: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
       if i == len(lines) - 1:
         logging.warning("eval: dropping a truncated last line of %s", path)
+        truncated = True
         continue
       raise ValueError(f"{path}:{i + 1} is not JSON") from None
+  if truncated and repair:
+    with open(path, "w") as fh:
+      fh.write("".join(json.dumps(r) + "\n" for r in rows))
   return rows
 
 
@@ -226,19 +233,19 @@ class Evaluator:
     self.out_dir = os.path.join(workdir, EVAL_SUBDIR)
     os.makedirs(self.out_dir, exist_ok=True)
     self.results_path = os.path.join(self.out_dir, RESULTS_FILE)
-    self.rows = read_results(self.results_path)
+    self.rows = read_results(self.results_path, repair=True)
     self.extractor = make_feature_extractor(ec)
     self.run = run or export.TrainedRun(config, workdir)
     self.resolution = ec.resolution or config.data.resolution
     self._samplers: dict[int, pipeline.Sampler] = {}
-    self._clip: tuple[Any, Any, np.ndarray] | None = None
+    self._clip: tuple[Any, Any, np.ndarray, Any] | None = None
     self._ids: np.ndarray | None = None
 
   # -- pieces
   def done(self) -> set[tuple[int, int, str]]:
     return {row_key(r) for r in self.rows}
 
-  def _clip_text(self) -> tuple[Any, Any, np.ndarray] | None:
+  def _clip_text(self) -> tuple[Any, Any, np.ndarray, Any] | None:
     if not self.ec.clip_model:
       return None
     if self._clip is None:
@@ -249,8 +256,24 @@ class Evaluator:
       model, params = clip_model.load_clip_model(self.ec.clip_model)
       tok = load_tokenizer(self.ec.clip_model, None)
       ids = tokenize(tok, self.prompts, min(tok.model_max_length, model.config.text.max_position_embeddings))
-      self._clip = (model, params, clip_score.text_embeddings(model, params, ids))
+      image_fn = jax.jit(functools.partial(model.apply, method=clip_model.CLIPModel.get_image_features))
+      self._clip = (model, params, clip_score.text_embeddings(model, params, ids), image_fn)
     return self._clip
+
+  def _clip_image_embeddings(self, images: np.ndarray) -> np.ndarray:
+    """Projected CLIP image embeddings (N, P) in fixed batches (one compiled shape, jitted once per job)."""
+    from scott_jax.metrics import clip_model
+
+    model, params, _, image_fn = self._clip_text()
+    b = self.ec.batch_size
+    out = []
+    for start in range(0, len(images), b):
+      x = clip_model.preprocess_images(images[start:start + b], model.config.vision.image_size)
+      valid = x.shape[0]
+      if valid < b:
+        x = np.concatenate([x, np.repeat(x[-1:], b - valid, axis=0)])
+      out.append(np.asarray(image_fn(params, x))[:valid])
+    return np.concatenate(out)
 
   def images(self, pipe: pipeline.Pipeline, params: dict[str, Any], steps: int) -> tuple[np.ndarray, list[int]]:
     """One image per prompt with the student at ``steps`` steps (uint8 (N, H, W, 3)) and the timesteps used."""
@@ -274,8 +297,7 @@ class Evaluator:
     if clip is not None:
       from scott_jax.metrics import clip_score
 
-      model, params, text_emb = clip
-      out["clip_score"] = clip_score.clip_score(clip_score.image_embeddings(model, params, images), text_emb)
+      out["clip_score"] = clip_score.clip_score(self._clip_image_embeddings(images), clip[2])
     return out
 
   def evaluate_step(self, step: int) -> list[dict[str, Any]]:

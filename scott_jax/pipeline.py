@@ -227,6 +227,29 @@ def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence
   if output not in OUTPUTS:
     raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
   width = height if width is None else width
+  key = (_pipeline_signature(pipe), kind, tuple(steps) if not isinstance(steps, (int, np.integer)) else int(steps),
+         height, width, output, solver, tuple(sorted((solver_kwargs or {}).items())), spacing, offset)
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = _make_sampler(pipe, kind=kind, steps=steps, height=height, width=width, output=output,
+                                   solver=solver, solver_kwargs=solver_kwargs, spacing=spacing, offset=offset)
+  return _SAMPLERS[key]
+
+
+# Samplers by value signature: an equal pipeline (same modules, schedule, LCM settings, empty-prompt tokens)
+# loaded again reuses the compiled sampler (the eval job reloads the run for every checkpoint).
+_SAMPLERS: dict[tuple, Sampler] = {}
+
+
+def _pipeline_signature(pipe: Pipeline) -> tuple:
+  abar = np.asarray(pipe.schedule.abar)
+  return (pipe.unet, pipe.vae, pipe.text_encoder, abar.dtype.str, abar.tobytes(), pipe.schedule.prediction_type,
+          pipe.max_length, pipe.timestep_scaling, pipe.original_steps, tuple(pipe.tokenize([""])[0].tolist()))
+
+
+def _make_sampler(pipe: Pipeline, *, kind: str, steps: int | Sequence[int], height: int, width: int, output: str,
+                  solver: str, solver_kwargs: dict[str, Any] | None, spacing: str, offset: int) -> Sampler:
+  if output not in OUTPUTS:
+    raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
   n_train = pipe.schedule.num_train_timesteps
   if kind == "student":
     timesteps = student_timesteps(steps, pipe.original_steps, n_train)
