@@ -1,0 +1,43 @@
+"""The embedded default: SCott end to end on real data (sklearn's handwritten digits) on 2 CPU cores.
+
+  python -m scott_jax.main --config configs/digits.py --workdir runs/digits          # full run
+  python -m scott_jax.main --config configs/digits.py:quick --workdir runs/digits_q  # the same, in minutes
+
+No downloads, weights or GPU: the data is sklearn's load_digits, the tokenizer and a frozen random CLIP text
+encoder are written at setup, the teacher is trained in stage 1 (scott_jax.digits). The U-Net, text encoder,
+tokenizer, solvers, losses, discriminator, train step and checkpoints are the SD1.5 run's, at a small size.
+Stage 2 uses the SD1.5 SCott settings below (ER-SDE noise fn 7, order 2, skip 24, h = 3, GAN on); the
+teacher's diffusers folder is WORKDIR/teacher_pipeline. Writes WORKDIR/report.md.
+
+Variants: ``default`` and ``quick`` (fewer steps and samples; for tests and a first look).
+"""
+
+from __future__ import annotations
+
+from scott_jax import config as config_lib
+
+VARIANTS = ("default", "quick")
+
+
+def get_config(arg: str | None = None) -> config_lib.ConfigDict:
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise config_lib.ConfigError(f"unknown digits variant '{variant}'; allowed: {', '.join(VARIANTS)}")
+  c = config_lib.defaults()
+  c.default_mode = "digits"
+  c.model.teacher_path = ""  # stage 2 reads WORKDIR/teacher_pipeline (written by stage 1)
+  # Stage 2: the paper's SCott teacher, at digits size.
+  c.solver.update(dict(name="er_sde", order=2, noise_fn=7, skip=24, h=3, eta=0.0))
+  c.consistency.update(dict(w_min=1.0, w_max=4.0, ema_decay=0.95, distance="l2"))
+  c.gan.update(dict(enabled=True, lambda_adv=0.4, variant="lora", lora_rank=4, lora_alpha=4.0))
+  c.optim.update(dict(student_lr=1e-4, disc_lr=1e-4, warmup_steps=20))
+  c.train.update(dict(batch_size=32, num_steps=300, log_every=25, checkpoint_every=100, keep_checkpoints=2,
+                      sample_every=0, sample_steps=(1, 2, 4), sample_guidance_scale=3.0,
+                      sample_prompts=("a handwritten digit three", "a handwritten digit seven")))
+  c.data.update(dict(source="synthetic", path="", resolution=16, num_examples=8))
+  c.digits.update(dict(guidance_scale=3.0))
+  if variant == "quick":
+    c.digits.update(dict(teacher_steps=300, classifier_steps=200, samples_per_digit=10, eval_batch=100,
+                         checkpoint_every=100, log_every=50))
+    c.train.update(dict(num_steps=30, log_every=10, checkpoint_every=15))
+  return c

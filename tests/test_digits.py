@@ -1,0 +1,234 @@
+"""Tests of the embedded digits experiment (scott_jax.digits, configs/digits.py, mode digits).
+
+Oracles: transformers' CLIPTokenizer / torch CLIPTextModel reading our folders, sklearn's data and split rules,
+PIL, the denoising loss at initialisation (about E|eps|^2 = 1), a straight run for resumption.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from scott_jax import config as config_lib
+from scott_jax.digits import data as data_lib
+from scott_jax.digits import loop
+from scott_jax.digits import run as run_lib
+from scott_jax.models import loading
+from scott_jax.models.clip_text import tokenize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(variant: str = "quick") -> config_lib.ConfigDict:
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_digits_config", os.path.join(REPO, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return config_lib.validate(module.get_config(variant))
+
+
+@pytest.fixture(scope="module")
+def digits() -> data_lib.DigitsData:
+  return data_lib.load_data(16, 0.2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+def test_split_is_fixed_stratified_and_disjoint(digits):
+  from sklearn.datasets import load_digits
+
+  raw = load_digits()
+  n = len(raw.target)
+  assert len(digits.train_labels) + len(digits.test_labels) == n
+  assert len(digits.test_labels) == int(np.ceil(0.2 * n))
+  # Stratified: every class's test share is within one example of 20%.
+  for c in range(10):
+    total = np.sum(raw.target == c)
+    assert abs(np.sum(digits.test_labels == c) - 0.2 * total) <= 1
+  again = data_lib.load_data(16, 0.2, 0)
+  np.testing.assert_array_equal(again.test_images, digits.test_images)
+  # Disjoint and complete: the 8x8 originals (resolution 8 is the identity resize) of train + test are a
+  # permutation of the dataset.
+  small = data_lib.load_data(8, 0.2, 0)
+  originals = np.round(raw.images * 255.0 / 16.0).astype(np.uint8).reshape(n, -1)
+  mine = np.concatenate([small.train_images, small.test_images])[..., 0].reshape(n, -1)
+  key = lambda a: sorted(map(bytes, a))  # noqa: E731
+  assert key(mine) == key(originals)
+
+
+def test_images_are_grey_rgb_and_bilinear(digits):
+  from PIL import Image
+  from sklearn.datasets import load_digits
+
+  assert digits.train_images.shape[1:] == (16, 16, 3) and digits.train_images.dtype == np.uint8
+  np.testing.assert_array_equal(digits.train_images[..., 0], digits.train_images[..., 2])
+  img = np.round(load_digits().images[0] * 255.0 / 16.0).astype(np.uint8)
+  want = np.asarray(Image.fromarray(img).resize((16, 16), Image.BILINEAR))
+  np.testing.assert_array_equal(data_lib.upsample(load_digits().images[:1], 16)[0, ..., 1], want)
+  x = data_lib.to_model(digits.test_images)
+  assert x.min() >= -1.0 and x.max() <= 1.0
+  np.testing.assert_array_equal(data_lib.to_uint8(x), digits.test_images)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer and text encoder.
+
+def test_tokenizer_files_load_with_clip_tokenizer(tmp_path):
+  data_lib.write_tokenizer(str(tmp_path / "tokenizer"), max_length=8)
+  assert sorted(os.listdir(tmp_path / "tokenizer")) == ["merges.txt", "special_tokens_map.json",
+                                                         "tokenizer_config.json", "vocab.json"]
+  tok = loading.load_tokenizer(str(tmp_path))
+  with open(tmp_path / "tokenizer" / "vocab.json") as fh:
+    vocab = json.load(fh)
+  assert tok.model_max_length == 8
+  bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+  assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (bos, eos, eos)
+  ids = tokenize(tok, data_lib.prompts() + [""])
+  for label, prompt in enumerate(data_lib.prompts()):
+    words = [vocab[w + "</w>"] for w in prompt.split()]  # one token per word, CLIP's end-of-word form
+    assert ids[label].tolist() == [bos, *words, eos, eos, eos]
+    assert tok.decode(ids[label], skip_special_tokens=True) == prompt
+  assert ids[-1].tolist() == [bos] + [eos] * 7
+  # Ten distinct digit tokens at the same position.
+  assert len(set(ids[:10, 4].tolist())) == 10
+  # Text outside the prompt vocabulary still tokenizes (byte-level symbols, no unknown tokens).
+  other = tok("Zero, 7!", add_special_tokens=False)["input_ids"]
+  assert tok.decode(other) == "zero , 7 !"
+
+
+def test_text_encoder_folder_matches_transformers(tmp_path):
+  import torch
+  import transformers
+
+  data_lib.write_tokenizer(str(tmp_path / "tokenizer"), max_length=8)
+  tok = loading.load_tokenizer(str(tmp_path))
+  cfg = data_lib.text_config(tok, hidden=32, layers=2, heads=4, intermediate=64)
+  params = data_lib.init_text_encoder(cfg, seed=3)
+  data_lib.write_text_encoder(str(tmp_path / "text_encoder"), cfg, params)
+  module, loaded = loading.load_text_encoder(str(tmp_path))
+  table = data_lib.encode_prompts(module, loaded, tok)
+  ids = tokenize(tok, data_lib.prompts() + [""])
+  torch_model = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder")).eval()
+  with torch.no_grad():
+    out = torch_model(torch.as_tensor(ids, dtype=torch.long))
+  np.testing.assert_allclose(table, out.last_hidden_state.numpy(), atol=2e-5, rtol=1e-4)
+  # Seeded: the same seed gives the same weights, another seed others.
+  again = data_lib.init_text_encoder(cfg, seed=3)
+  other = data_lib.init_text_encoder(cfg, seed=4)
+  same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params, again)
+  assert all(jax.tree_util.tree_leaves(same))
+  assert not np.array_equal(params["params"]["embeddings"]["token_embedding"]["embedding"],
+                            other["params"]["embeddings"]["token_embedding"]["embedding"])
+  # The prompts are told apart: every pair of rows differs by much more than round-off.
+  flat = table.reshape(11, -1)
+  dists = np.linalg.norm(flat[:, None] - flat[None], axis=-1)[np.triu_indices(11, 1)]
+  assert dists.min() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages on a tiny run: setup, teacher (stopped, then resumed), classifier (quick settings), eval, report.
+
+def _tiny_config() -> config_lib.ConfigDict:
+  c = _config("quick")
+  c.digits.update(dict(unet_channels=(16, 32), teacher_steps=12, teacher_batch=16, teacher_warmup=1,
+                       checkpoint_every=6, log_every=6, samples_per_digit=2, eval_batch=20,
+                       teacher_rows=("ddim:3", "er_sde:3")))
+  return config_lib.validate(c)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  config = _tiny_config()
+  run_lib.stage_setup(config, workdir)
+  stopped = run_lib.stage_teacher(config, workdir, digits, stop_at=6)
+  report = run_lib.run_digits(config, workdir)  # resumes the teacher at step 6
+  return config, workdir, stopped, report
+
+
+def test_teacher_stops_resumes_and_lowers_the_denoising_loss(tiny_run):
+  config, workdir, stopped, _ = tiny_run
+  assert stopped is None  # stop_at before teacher_steps: no done marker, no unet/ yet at that point
+  log = loop.read_log(os.path.join(workdir, "teacher"))
+  assert [e["step"] for e in log] == [0, 6, 12]  # resumed at 6 (the step-0 evaluation was not repeated)
+  # At initialisation the U-Net output is near zero, so the eps loss is about E|eps|^2 = 1.
+  assert 0.7 < log[0]["eval_loss"] < 1.5
+  assert log[-1]["eval_loss"] < 0.8 * log[0]["eval_loss"]
+  done = run_lib.read_done(workdir, "teacher")
+  assert done["steps"] == 12
+  # The teacher folder is a diffusers folder read by the SD loaders and by diffusers itself.
+  import diffusers
+
+  folder = os.path.join(workdir, run_lib.PIPELINE)
+  assert sorted(os.listdir(folder)) == ["scheduler", "text_encoder", "tokenizer", "unet"]
+  diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
+  diffusers.DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+
+
+def test_resumed_teacher_equals_straight_run(tiny_run, tmp_path, digits):
+  config, workdir, _, _ = tiny_run
+  from scott_jax.digits import teacher
+
+  _, _, _, table = run_lib.load_text(workdir)
+  _, straight, steps = teacher.train(config, str(tmp_path / "straight"), data_lib.to_model(digits.train_images),
+                                     digits.train_labels, data_lib.to_model(digits.test_images),
+                                     digits.test_labels, table)
+  assert steps == 12
+  _, resumed = loading.load_unet(os.path.join(workdir, run_lib.PIPELINE), "unet")
+  close = jax.tree_util.tree_map(lambda a, b: bool(np.allclose(a, b, atol=1e-6)), straight, resumed)
+  assert all(jax.tree_util.tree_leaves(close))
+
+
+def test_classifier_quick_accuracy(tiny_run):
+  # 200 AdamW steps of batch 128 (about 18 epochs) on the training split: sklearn digits are separated by
+  # simple CNNs at about 99%; 0.95 is the issue's bar for the full run and leaves slack for the short budget.
+  _, workdir, _, _ = tiny_run
+  done = run_lib.read_done(workdir, "classifier")
+  assert done["test_accuracy"] >= 0.95
+  assert done["num_test"] == 360
+
+
+def test_report_lists_rows_and_grids(tiny_run):
+  _, workdir, _, report = tiny_run
+  assert report == os.path.join(workdir, "report.md")
+  text = open(report).read()
+  for name in ("real (train split)", "teacher DDIM 3", "teacher ER-SDE 3"):
+    assert f"| {name} |" in text
+  for name in ("real_train", "teacher_ddim_3", "teacher_er_sde_3"):
+    assert os.path.isfile(os.path.join(workdir, "eval", f"{name}.png"))
+    with open(os.path.join(workdir, "eval", f"{name}.json")) as fh:
+      row = json.load(fh)
+    assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["fid"])
+  real = json.load(open(os.path.join(workdir, "eval", "real_train.json")))
+  assert real["accuracy"] > 0.95  # training images through the classifier
+
+
+@pytest.mark.slow
+def test_mode_digits_quick_subprocess(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "scott_jax.main", "--config", os.path.join(REPO, "configs", "digits.py") + ":quick",
+         "--workdir", str(workdir)]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = (workdir / "report.md").read_text()
+  assert "| teacher DDIM 50 |" in text
+  # Rerunning resumes everything from the done markers: no stage runs again.
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "starting (no checkpoint" not in proc.stderr
+
+
+def test_config_variants():
+  for variant in ("default", "quick"):
+    c = _config(variant)
+    assert c.default_mode == "digits"
+    assert (c.solver.name, c.solver.noise_fn, c.solver.order, c.solver.h) == ("er_sde", 7, 2, 3)
+    assert c.gan.enabled
+  with pytest.raises(config_lib.ConfigError):
+    _config("nope")
