@@ -22,6 +22,7 @@ from scott_jax import config as config_lib
 MODES: dict[str, str] = {
     "sample_teacher": "scott_jax.analytic:run_sample_teacher",
     "toy2d": "scott_jax.toy2d:run_toy2d",
+    "digits": "scott_jax.digits.run:run_digits",
     "sample": "scott_jax.pipeline:run_sample",
     "export": "scott_jax.export:run_export",
     "eval": "scott_jax.evaluate:run_eval",
