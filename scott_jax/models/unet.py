@@ -268,9 +268,8 @@ class Attention(nn.Module):
     q = _dense(self.dim, "to_q", self.dtype, use_bias=False)(x).reshape(b, t, self.heads, head)
     k = _dense(self.dim, "to_k", self.dtype, use_bias=False)(context).reshape(b, -1, self.heads, head)
     v = _dense(self.dim, "to_v", self.dtype, use_bias=False)(context).reshape(b, -1, self.heads, head)
-    if self.upcast:
-      q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-      v = v.astype(jnp.float32)
+    if self.upcast and self.implementation != "cudnn":  # cuDNN takes fp16/bf16 and reduces in float32 itself
+      q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     out = dot_product_attention(q, k, v, implementation=self.implementation, chunk_size=self.chunk_size)
     out = out.reshape(b, t, self.dim).astype(self.dtype)
     return _dense(self.dim, "to_out_0", self.dtype)(out)
