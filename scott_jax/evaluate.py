@@ -218,6 +218,14 @@ def write_table(path: str, rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The job.
 
+@functools.cache
+def _clip_image_fn(model: Any) -> Callable[..., Any]:
+  """The jitted CLIP image tower (params, pixels) -> embeddings, one per CLIP architecture (cached)."""
+  from scott_jax.metrics import clip_model
+
+  return jax.jit(functools.partial(model.apply, method=clip_model.CLIPModel.get_image_features))
+
+
 class Evaluator:
   """State of one eval job: prompts, reference, extractor, CLIP and the pipeline (built once, reused for every
   checkpoint so each sampler compiles once). Inputs are checked in the constructor, before any model loads."""
@@ -256,8 +264,7 @@ class Evaluator:
       model, params = clip_model.load_clip_model(self.ec.clip_model)
       tok = load_tokenizer(self.ec.clip_model, None)
       ids = tokenize(tok, self.prompts, min(tok.model_max_length, model.config.text.max_position_embeddings))
-      image_fn = jax.jit(functools.partial(model.apply, method=clip_model.CLIPModel.get_image_features))
-      self._clip = (model, params, clip_score.text_embeddings(model, params, ids), image_fn)
+      self._clip = (model, params, clip_score.text_embeddings(model, params, ids), _clip_image_fn(model))
     return self._clip
 
   def _clip_image_embeddings(self, images: np.ndarray) -> np.ndarray:
@@ -355,10 +362,11 @@ class Evaluator:
     return new, all_done
 
 
-def run_eval(config: Any, workdir: str) -> list[dict[str, Any]]:
-  """Mode ``eval`` (module docstring). Returns the rows added by this invocation."""
+def run_eval(config: Any, workdir: str, run: export.TrainedRun | None = None) -> list[dict[str, Any]]:
+  """Mode ``eval`` (module docstring). Returns the rows added by this invocation. ``run``: an already loaded
+  `export.TrainedRun` of ``workdir`` to reuse (default: load the run's models afresh)."""
   ec = config.eval
-  evaluator = Evaluator(config, workdir)
+  evaluator = Evaluator(config, workdir, run)
   added: list[dict[str, Any]] = []
   idle_since = time.time()
   while True:

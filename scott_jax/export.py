@@ -168,8 +168,8 @@ class TrainedRun:
 
     if which not in PARAM_FIELDS:
       raise ValueError(f"unknown params '{which}'; allowed: {', '.join(PARAM_FIELDS)}")
-    models, frozen = self.models()
-    tree = restore_subtree(self.directory, step, which)
+    tree = restore_subtree(self.directory, step, which)  # read errors first, before the models load
+    models, _ = self.models()
     if is_lora(tree):
       raise NotImplementedError("merging a LoRA student needs its base and alpha; train.py trains full students")
     expected = traverse_util.flatten_dict(unet_lib.abstract_params(models.student.config))
@@ -183,12 +183,13 @@ class TrainedRun:
 
   def pipeline(self, step: int, which: str = "ema") -> tuple[pipeline_lib.Pipeline, dict[str, PyTree]]:
     """(Pipeline with the student U-Net, params) for checkpoint ``step``."""
+    unet_params = self.student_params(step, which)
     models, frozen = self.models()
     c = self.config.consistency
     pipe = pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer,
                                  models.schedule, models.max_length, float(c.timestep_scaling),
                                  int(c.num_ddim_timesteps))
-    params = {"unet": self.student_params(step, which), "vae": frozen["vae"],
+    params = {"unet": unet_params, "vae": frozen["vae"],
               "text_encoder": frozen["text_encoder"]}
     return pipe, params
 

@@ -220,24 +220,36 @@ def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence
 
   kind "student": multistep consistency sampling at `student_timesteps(steps)`; kind "teacher": ``solver``
   (with ``solver_kwargs``, e.g. eta for ddim) at `teacher_timesteps(steps, spacing, offset)`. Returns a
-  `Sampler` (callable; ``.timesteps`` is the int array used).
+  `Sampler` (callable; ``.timesteps`` is the int array used). The timesteps are a traced argument of the jitted
+  function, so samplers with the same number of steps share one compiled program; jitted functions are cached
+  by the pipeline's value (modules, schedule, LCM settings), so reloading an equal pipeline recompiles nothing.
   """
   if kind not in SAMPLER_KINDS:
     raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join(SAMPLER_KINDS)}")
   if output not in OUTPUTS:
     raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
   width = height if width is None else width
-  key = (_pipeline_signature(pipe), kind, tuple(steps) if not isinstance(steps, (int, np.integer)) else int(steps),
-         height, width, output, solver, tuple(sorted((solver_kwargs or {}).items())), spacing, offset)
-  if key not in _SAMPLERS:
-    _SAMPLERS[key] = _make_sampler(pipe, kind=kind, steps=steps, height=height, width=width, output=output,
-                                   solver=solver, solver_kwargs=solver_kwargs, spacing=spacing, offset=offset)
-  return _SAMPLERS[key]
+  latent_shape(pipe, 1, height, width)  # size check
+  n_train = pipe.schedule.num_train_timesteps
+  if kind == "student":
+    if pipe.guidance_embed_dim is None:
+      raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding); "
+                       "use the teacher sampler for this U-Net")
+    timesteps = student_timesteps(steps, pipe.original_steps, n_train)
+  else:
+    timesteps = teacher_timesteps(steps, n_train, spacing, offset)
+    solvers.get_solver(solver)  # unknown names raise here, not at trace time
+  solver_kwargs = dict(solver_kwargs or {})
+  key = (_pipeline_signature(pipe), kind, height, width, output, solver, tuple(sorted(solver_kwargs.items())))
+  if key not in _JITTED:
+    _JITTED[key] = _jitted_sampler(pipe, kind=kind, height=height, width=width, output=output, solver=solver,
+                                   solver_kwargs=solver_kwargs)
+  return Sampler(_JITTED[key], np.asarray(timesteps, np.int64), kind)
 
 
-# Samplers by value signature: an equal pipeline (same modules, schedule, LCM settings, empty-prompt tokens)
-# loaded again reuses the compiled sampler (the eval job reloads the run for every checkpoint).
-_SAMPLERS: dict[tuple, Sampler] = {}
+# Jitted samplers by value signature: an equal pipeline (same modules, schedule, LCM settings, empty-prompt
+# tokens) loaded again reuses the compiled sampler (the eval job reloads the run for every checkpoint).
+_JITTED: dict[tuple, Callable[..., Array]] = {}
 
 
 def _pipeline_signature(pipe: Pipeline) -> tuple:
@@ -246,25 +258,13 @@ def _pipeline_signature(pipe: Pipeline) -> tuple:
           pipe.max_length, pipe.timestep_scaling, pipe.original_steps, tuple(pipe.tokenize([""])[0].tolist()))
 
 
-def _make_sampler(pipe: Pipeline, *, kind: str, steps: int | Sequence[int], height: int, width: int, output: str,
-                  solver: str, solver_kwargs: dict[str, Any] | None, spacing: str, offset: int) -> Sampler:
-  if output not in OUTPUTS:
-    raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
-  n_train = pipe.schedule.num_train_timesteps
-  if kind == "student":
-    timesteps = student_timesteps(steps, pipe.original_steps, n_train)
-    if pipe.guidance_embed_dim is None:
-      raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding)")
-  else:
-    timesteps = teacher_timesteps(steps, n_train, spacing, offset)
-    solvers.get_solver(solver)  # unknown names raise here, not at trace time
-    uncond_ids = jnp.asarray(pipe.tokenize([""]))
-  solver_kwargs = dict(solver_kwargs or {})
-  k = len(timesteps)
+def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, output: str, solver: str,
+                    solver_kwargs: dict[str, Any]) -> Callable[..., Array]:
+  uncond_ids = jnp.asarray(pipe.tokenize([""])) if kind == "teacher" else None
 
-  def sample(params: dict[str, PyTree], input_ids: Array, key: Array, guidance_scale: Array | float,
-             latents: Array | None = None, noises: Array | None = None) -> Array:
-    b = input_ids.shape[0]
+  def sample(params: dict[str, PyTree], timesteps: Array, input_ids: Array, key: Array,
+             guidance_scale: Array | float, latents: Array | None = None, noises: Array | None = None) -> Array:
+    b, k = input_ids.shape[0], timesteps.shape[0]
     shape = latent_shape(pipe, b, height, width)
     k_lat, k_noise = jax.random.split(key)
     z_T = jax.random.normal(k_lat, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
@@ -284,20 +284,22 @@ def _make_sampler(pipe: Pipeline, *, kind: str, steps: int | Sequence[int], heig
     images = decode(pipe, params["vae"], x0)
     return to_uint8(images) if output == "uint8" else images
 
-  return Sampler(jax.jit(sample), np.asarray(timesteps), kind)
+  return jax.jit(sample)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """A jitted end-to-end sampler (`make_sampler`): call it as ``sampler(params, input_ids, key, guidance_scale,
-  latents=None, noises=None)``; ``timesteps`` are the timesteps it uses, ``kind`` student or teacher."""
+  latents=None, noises=None)`` -> images (B, H, W, 3); ``timesteps`` (K,) are the timesteps it uses, ``kind``
+  "student" or "teacher"."""
 
   fn: Callable[..., Array]
   timesteps: np.ndarray
   kind: str
 
-  def __call__(self, *args: Any, **kwargs: Any) -> Array:
-    return self.fn(*args, **kwargs)
+  def __call__(self, params: dict[str, PyTree], input_ids: Array, key: Array, guidance_scale: Array | float,
+               latents: Array | None = None, noises: Array | None = None) -> Array:
+    return self.fn(params, jnp.asarray(self.timesteps, jnp.int32), input_ids, key, guidance_scale, latents, noises)
 
 
 def generate(sampler: Callable[..., Array], params: dict[str, PyTree], input_ids: np.ndarray, key: Array,

@@ -93,7 +93,8 @@ def _clip_oracle(clip_folder: str, images: np.ndarray, prompts: list[str]) -> fl
 
 def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
   cfg, workdir, root = setup
-  rows = evaluate.run_eval(cfg, workdir)
+  run = export.TrainedRun(cfg, workdir)  # one model load for every invocation below
+  rows = evaluate.run_eval(cfg, workdir, run)
   keys = sorted(evaluate.row_key(r) for r in rows)
   assert keys == sorted((s, k, p) for s in (2, 4) for k in (1, 2) for p in ("ema", "student"))
   ref_mu, ref_sigma = fid.read_stats(cfg.eval.reference_stats)
@@ -119,11 +120,11 @@ def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
 
   # Resume: nothing is redone; a row lost from the file (crash before the write) is redone alone.
   results = os.path.join(workdir, "eval", "results.jsonl")
-  assert evaluate.run_eval(cfg, workdir) == []
+  assert evaluate.run_eval(cfg, workdir, run) == []
   lines = open(results).read().splitlines()
   with open(results, "w") as fh:
     fh.write("\n".join(lines[:-1]) + "\n" + lines[-1][:10])  # the last row truncated mid-write
-  redone = evaluate.run_eval(cfg, workdir)
+  redone = evaluate.run_eval(cfg, workdir, run)
   assert [evaluate.row_key(r) for r in redone] == [evaluate.row_key(json.loads(lines[-1]))]
   assert redone[0]["fid"] == json.loads(lines[-1])["fid"]  # same seed, same images
 
@@ -131,11 +132,11 @@ def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
   ckpts = os.path.join(workdir, "checkpoints")
   tmp = os.path.join(ckpts, "6.orbax-checkpoint-tmp-1700000000")
   shutil.copytree(os.path.join(ckpts, "4"), tmp)
-  assert evaluate.run_eval(cfg, workdir) == []
+  assert evaluate.run_eval(cfg, workdir, run) == []
   os.rename(tmp, os.path.join(ckpts, "6"))
   ema_only = cfg.copy_and_resolve_references()
   ema_only.eval.params = ("ema",)
-  new = evaluate.run_eval(ema_only, workdir)
+  new = evaluate.run_eval(ema_only, workdir, run)
   assert sorted(evaluate.row_key(r) for r in new) == [(6, 1, "ema"), (6, 2, "ema")]
   assert {r["fid"] for r in new} == {fids[(4, 1, "ema")], fids[(4, 2, "ema")]}  # step 6 is a copy of step 4
 

@@ -67,7 +67,7 @@ def _diffusers_images(pipe, latents_nhwc, **kwargs) -> np.ndarray:
     return pipe(PROMPTS, height=32, width=32, latents=latents, output_type="np", **kwargs).images
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("steps", [1, 4])
 def test_student_equals_diffusers_lcm_pipeline(ours, torch_lcm, steps):
   """Same prompts, initial latents and noise: LCMScheduler draws its between-step noise from the generator,
   K - 1 draws of the latent shape in order; we pass the same draws as ``noises``. float32 on CPU: |diff| of the
@@ -95,11 +95,11 @@ def test_student_equals_diffusers_lcm_pipeline(ours, torch_lcm, steps):
 def test_explicit_timesteps_and_guidance(ours, torch_lcm):
   """A custom timestep list (LCMScheduler's ``timesteps=``) and another guidance scale (w = g - 1)."""
   pipe, params = ours
-  ts = [999, 599, 199]
+  ts = [899, 299]
   shape = pipeline.latent_shape(pipe, 2, 32, 32)
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(7), shape), np.float32)
   gen = torch.Generator().manual_seed(5)
-  noises = np.stack([_nhwc(torch.randn((2, 4, 16, 16), generator=gen)) for _ in range(2)])
+  noises = _nhwc(torch.randn((2, 4, 16, 16), generator=gen))[None]
   sampler = pipeline.make_sampler(pipe, kind="student", steps=ts, height=32, output="float")
   got = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 3.0, latents=z, noises=noises))
   ref = _diffusers_images(torch_lcm, z, timesteps=ts, guidance_scale=3.0, generator=torch.Generator().manual_seed(5))
@@ -110,7 +110,7 @@ def test_explicit_timesteps_and_guidance(ours, torch_lcm):
 
 def test_uint8_output_keyed_and_deterministic(ours):
   pipe, params = ours
-  sampler = pipeline.make_sampler(pipe, kind="student", steps=2, height=32)
+  sampler = pipeline.make_sampler(pipe, kind="student", steps=1, height=32)
   ids = pipe.tokenize(PROMPTS)
   a = np.asarray(sampler(params, ids, jax.random.PRNGKey(0), 8.0))
   b = np.asarray(sampler(params, ids, jax.random.PRNGKey(0), 8.0))
@@ -118,7 +118,7 @@ def test_uint8_output_keyed_and_deterministic(ours):
   assert a.dtype == np.uint8 and a.shape == (2, 32, 32, 3)
   np.testing.assert_array_equal(a, b)
   assert np.abs(a.astype(int) - c.astype(int)).max() > 0
-  f = pipeline.make_sampler(pipe, kind="student", steps=2, height=32, output="float")
+  f = pipeline.make_sampler(pipe, kind="student", steps=1, height=32, output="float")
   np.testing.assert_array_equal(a, np.round(np.asarray(f(params, ids, jax.random.PRNGKey(0), 8.0)) * 255))
 
 
@@ -165,11 +165,11 @@ def test_sample_mode_writes_pngs_and_timing(lcm_folder, tmp_path, capsys):
   from scott_jax import config as config_lib
 
   cfg = TINY["get_config"]()
-  cfg.sample.update(dict(path=lcm_folder, steps=(1, 2), batch_size=2, resolution=32,
+  cfg.sample.update(dict(path=lcm_folder, steps=(1,), batch_size=2, resolution=32,
                          prompts=tuple(PROMPTS), num_per_prompt=2))
   config_lib.validate(cfg)
   timings = pipeline.run_sample(cfg, str(tmp_path))
-  assert set(timings) == {"student_1step", "student_2step"}
+  assert set(timings) == {"student_1step"}
   for label in timings:
     files = sorted(os.listdir(tmp_path / "samples" / label))
     assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "prompts.json"]
@@ -180,7 +180,7 @@ def test_sample_mode_writes_pngs_and_timing(lcm_folder, tmp_path, capsys):
   # Same key, prompts repeated: the two copies of a prompt differ (batch-level noise), rows are not duplicates.
   from PIL import Image
 
-  a, b = (np.asarray(Image.open(tmp_path / "samples" / "student_2step" / f)) for f in ("00000.png", "00001.png"))
+  a, b = (np.asarray(Image.open(tmp_path / "samples" / "student_1step" / f)) for f in ("00000.png", "00001.png"))
   assert np.abs(a.astype(int) - b.astype(int)).max() > 0
 
 
