@@ -207,6 +207,7 @@ def defaults() -> ConfigDict:
           classifier_steps=1500,
           classifier_batch=128,
           classifier_lr=2e-3,
+          classifier_widths=(16, 32),  # conv channels of the two conv pairs
           classifier_features=64,
           classifier_seed=0,
           # Evaluation: teacher rows "solver:steps" (ddim = DDIM eta 0; er_sde uses config.solver's order/noise_fn).
