@@ -186,6 +186,8 @@ def defaults() -> ConfigDict:
           text_heads=4,
           text_intermediate=64,
           text_seed=0,
+          text_token_std=1.0,  # DECISION: token embeddings N(0, std^2) (see digits.data.init_text_encoder)
+          text_position_std=0.02,
           # Teacher U-Net (diffusers UNet2DConditionModel fields); in/out channels 3, sample_size = resolution.
           unet_channels=(32, 64),
           unet_layers_per_block=1,
