@@ -447,10 +447,16 @@ def load_for_config(config: Any, workdir: str, path: str = "", which: str = "ema
 
 def run_sample(config: Any, workdir: str) -> dict[str, float]:
   """Mode ``sample``: for each entry of ``config.sample.steps`` (or the explicit ``sample.timesteps``) generates
-  the prompts with the student (``sample.model = "student"``) or the teacher, writes PNGs and a grid to
-  WORKDIR/samples/<label>/ and prints seconds per image after compilation. Returns {label: seconds/image}."""
+  the prompts with the student (``sample.model = "student"``) or the teacher (``sample.path``, default
+  ``config.model.teacher_path``; solver, eta, order, noise_fn, spacing from ``config.sample``), writes PNGs
+  and a grid to WORKDIR/samples/<label>/ and prints seconds per image after compilation.
+  Returns {label: seconds/image}."""
   sc = config.sample
-  pipe, params, what = load_for_config(config, workdir, sc.path, sc.params, sc.step)
+  if sc.model == "teacher" and not sc.path:  # the teacher of the run: config.model.teacher_path
+    pipe, params = load_diffusers(config.model.teacher_path, config.model.dtype)
+    what = f"teacher {config.model.teacher_path}"
+  else:
+    pipe, params, what = load_for_config(config, workdir, sc.path, sc.params, sc.step)
   prompts = read_prompts(sc.prompt_file) if sc.prompt_file else list(sc.prompts)
   prompts = [p for p in prompts for _ in range(sc.num_per_prompt)]
   ids = pipe.tokenize(prompts)
