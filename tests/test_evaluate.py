@@ -212,3 +212,16 @@ def test_eval_watches_a_training_run(setup, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   rows = evaluate.read_results(str(run / "eval" / "results.jsonl"))
   assert sorted({row["step"] for row in rows}) == [3, 6]
+
+
+def test_cli_modes_registered(tmp_path):
+  """--mode eval through the CLI: the empty prompt file stops it with a message naming the file."""
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  r = subprocess.run([sys.executable, "-m", "scott_jax.main", "--config", "configs/tiny_scott.py", "--workdir",
+                      str(tmp_path), "--mode", "eval", f"--config.eval.prompt_file={empty}"], cwd=ROOT,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and f"prompt file {empty} holds no prompts" in r.stderr
+  from scott_jax import main
+
+  assert {"sample", "export", "eval", "fid_stats"} <= set(main.MODES)
