@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.model.teacher_path = ""  # set by the caller: --config.model.teacher_path=<folder of write_tiny_pipeline>
   c.gan.lora_rank = 4
   c.gan.lora_alpha = 4.0
-  c.optim.update(dict(student_lr=1e-4, disc_lr=1e-4, warmup_steps=2))
+  c.optim.update(dict(student_lr=1e-4, disc_lr=2.5e-4, warmup_steps=2))  # the paper's 2.5 ratio
   c.train.update(dict(batch_size=2, num_steps=6, log_every=1, checkpoint_every=3, keep_checkpoints=3,
                       sample_every=0, sample_steps=(1, 2), sample_prompts=("a red circle", "a dark blob")))
   c.data.update(dict(source="synthetic", path="", resolution=32, num_examples=8))

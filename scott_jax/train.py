@@ -1,0 +1,572 @@
+"""SCott training at Stable Diffusion scale (mode ``train``): train state, the jitted step, the loop.
+
+One step (``make_train_step``), paper Eq. 1, 6, 7 and notes sections 2, 4, 5:
+
+  z0 = VAE(images) (or precomputed latents), c = CLIP(tokens) (or precomputed text embeddings),
+  w ~ U[w_min, w_max] per example, t_n on the 50-step DDIM grid, z_tn = alpha z0 + sigma eps,
+  z_tm = Phi_SDE(teacher with CFG in LCM form, z_tn, t_n, t_m, h)        (no gradient),
+  L_CD = d(f_theta(z_tn, t_n, c, w), sg(f_ema(z_tm, t_m, c, w))),
+  L_student = L_CD + lambda_adv * L_G(D(f_theta(...))),   L_D = hinge(D(real), D(sg(fake))),
+
+then one AdamW update of the student and one of the discriminator (each with global-norm clipping and warmup)
+and the EMA update theta^- <- mu theta^- + (1 - mu) theta. The student is the teacher's U-Net with
+``time_cond_proj_dim`` = guidance_embed_dim (the w embedding, zero-initialised projection, so it starts equal to
+the teacher); the EMA target starts equal to the student.
+
+The train state (`TrainState`) holds only what changes: student, EMA, discriminator (LoRA + head), both optimizer
+states, the step and the RNG key. The frozen networks (teacher U-Net, VAE, text encoder, the encoded empty
+prompt) are a separate pytree argument ``frozen``: never donated, never checkpointed, reloaded from the
+diffusers folder named by ``config.model.teacher_path``.
+
+Batches are dicts with either ``images`` (B, H, W, 3) float32 in [-1, 1] and ``input_ids`` (B, L) int32, or
+precomputed ``latents`` (B, h, w, C) (already multiplied by the VAE scaling factor), ``text_embeds`` (B, L, D)
+and ``pooled_text_embeds`` (B, D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from scott_jax import checkpoint as ckpt_lib
+from scott_jax import consistency, losses, solvers
+from scott_jax import discriminator as disc_lib
+from scott_jax.config import ConfigDict
+from scott_jax.data import arrays
+from scott_jax.schedules import NoiseSchedule
+
+Array = jax.Array
+PyTree = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LATENT_KEYS = ("latents", "text_embeds", "pooled_text_embeds")
+IMAGE_KEYS = ("images", "input_ids")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and state.
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The networks as (stateless) Flax modules plus the schedule; parameters live elsewhere.
+
+  teacher: the teacher U-Net (also the discriminator's base); student: the same architecture with the guidance
+  embedding (``time_cond_proj_dim``); vae, text_encoder: frozen; tokenizer: a transformers CLIP tokenizer (host
+  side); disc: the discriminator or None when the GAN is off.
+  """
+
+  teacher: Any
+  student: Any
+  vae: Any
+  text_encoder: Any
+  tokenizer: Any
+  schedule: NoiseSchedule
+  disc: disc_lib.Discriminator | None
+  max_length: int
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed). ``disc``/``opt_disc`` are {} without GAN."""
+
+  step: Array  # () int32, number of updates done
+  student: PyTree
+  ema: PyTree
+  disc: PyTree
+  opt_student: PyTree
+  opt_disc: PyTree
+  key: Array  # (2,) uint32 raw PRNG key
+
+
+def _dtype(name: str) -> Any:
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype '{name}'; allowed: {', '.join(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None:
+  """Raises ValueError if the teacher's scheduler config disagrees with ``config.schedule``."""
+  for key in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type"):
+    if key not in scheduler_config:
+      continue
+    ours, theirs = config.schedule[key], scheduler_config[key]
+    same = math.isclose(float(ours), float(theirs), rel_tol=1e-6) if isinstance(ours, float) else ours == theirs
+    if not same:
+      raise ValueError(f"config.schedule.{key} = {ours!r} but the teacher's scheduler config has {theirs!r}; "
+                       "set config.schedule to the teacher's values")
+
+
+def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
+  """Loads the teacher pipeline named by ``config.model`` -> (Models, frozen params pytree).
+
+  frozen = {"unet", "vae", "text_encoder": params, "uncond_text": (1, L, D), "uncond_pooled": (1, D)} where the
+  last two are the encoded empty prompt. A missing folder raises FileNotFoundError naming it.
+  """
+  from scott_jax.models import loading
+  from scott_jax.models.clip_text import tokenize
+  from scott_jax.models.unet import UNet2DConditionModel
+
+  path = config.model.teacher_path
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
+                            "diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)")
+  dtype = _dtype(config.model.dtype)
+  parts = loading.load_pipeline(path, dtype=dtype)
+  vae, vae_params = parts.vae, parts.vae_params
+  if config.model.vae_path:
+    if not os.path.isdir(config.model.vae_path):
+      raise FileNotFoundError(f"VAE folder config.model.vae_path='{config.model.vae_path}' does not exist")
+    vae, vae_params = loading.load_vae(config.model.vae_path, dtype=dtype)
+  check_schedule(config, dict(parts.scheduler_config))
+  schedule = NoiseSchedule.from_config(config.schedule)
+  teacher = parts.unet
+  student = UNet2DConditionModel(
+    dataclasses.replace(teacher.config, time_cond_proj_dim=config.consistency.guidance_embed_dim), dtype=dtype)
+  disc = None
+  if config.gan.enabled:
+    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
+                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
+                                  norm_groups=teacher.config.norm_num_groups, dtype=dtype)
+  tokenizer = parts.tokenizer
+  max_length = int(min(tokenizer.model_max_length, parts.text_encoder.config.max_position_embeddings))
+  models = Models(teacher, student, vae, parts.text_encoder, tokenizer, schedule, disc, max_length)
+  empty = jnp.asarray(tokenize(tokenizer, [""], max_length))
+  out = parts.text_encoder.apply(parts.text_encoder_params, empty)
+  frozen = {"unet": parts.unet_params, "vae": vae_params, "text_encoder": parts.text_encoder_params,
+            "uncond_text": out.last_hidden_state, "uncond_pooled": out.pooler_output}
+  return models, frozen
+
+
+def make_optimizer(lr: float, optim: ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup to ``lr`` over optim.warmup_steps (then constant), after global-norm clipping."""
+  if optim.warmup_steps > 0:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, optim.warmup_steps),
+                                     optax.constant_schedule(lr)], [optim.warmup_steps])
+  else:
+    schedule = optax.constant_schedule(lr)
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                   optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+  return tx, schedule
+
+
+def init_student_params(models: Models, teacher_params: PyTree) -> PyTree:
+  """The student's parameters: a copy of the teacher's, plus the guidance projection ``cond_proj`` set to zero.
+
+  Any other parameter the student has and the teacher lacks raises (the architectures must otherwise agree).
+  """
+  from scott_jax.models import unet as unet_lib
+
+  shapes = unet_lib.abstract_params(models.student.config)
+  teacher_flat = traverse_util.flatten_dict(teacher_params)
+  out = {}
+  for path, spec in traverse_util.flatten_dict(shapes).items():
+    if path in teacher_flat:
+      leaf = teacher_flat[path]
+      if tuple(leaf.shape) != tuple(spec.shape):
+        raise ValueError(f"student parameter {'/'.join(path)} {spec.shape} != teacher's {leaf.shape}")
+      out[path] = jnp.array(leaf, dtype=spec.dtype, copy=True)
+    elif path[-2:] == ("cond_proj", "kernel"):
+      out[path] = jnp.zeros(spec.shape, spec.dtype)  # DECISION (notes section 2): zero-initialised
+    else:
+      raise ValueError(f"student parameter {'/'.join(path)} has no counterpart in the teacher")
+  return traverse_util.unflatten_dict(out)
+
+
+def _disc_example_shapes(models: Models, teacher_params: PyTree,
+                         batch_shapes: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+  """ShapeDtypeStructs of the head's inputs (features, temb, pooled) for encoded batches of ``batch_shapes``."""
+  latent, text, pooled = batch_shapes
+  t = jax.ShapeDtypeStruct(latent.shape[:1], jnp.int32)
+  feats, temb = models.disc.feature_shapes(teacher_params, latent, t, text)
+  return feats, temb, jax.ShapeDtypeStruct(pooled.shape, jnp.float32)
+
+
+def _assemble_state(config: ConfigDict, models: Models, frozen: PyTree, disc: PyTree) -> TrainState:
+  """The initial state around given discriminator parameters ({} without GAN); traceable (eval_shape)."""
+  k_train = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  student = init_student_params(models, frozen["unet"])
+  ema = jax.tree_util.tree_map(jnp.copy, student)
+  tx_s, _ = make_optimizer(config.optim.student_lr, config.optim)
+  opt_disc = {}
+  if models.disc is not None:
+    tx_d, _ = make_optimizer(config.optim.disc_lr, config.optim)
+    opt_disc = tx_d.init(disc)
+  return TrainState(step=jnp.zeros((), jnp.int32), student=student, ema=ema, disc=disc,
+                    opt_student=tx_s.init(student), opt_disc=opt_disc, key=k_train)
+
+
+def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
+  """The initial train state: student = EMA = teacher + zero guidance projection, fresh discriminator.
+
+  ``batch_spec``: a batch (arrays or ShapeDtypeStructs) fixing the latent / text shapes the head is built for.
+  """
+  disc = {}
+  if models.disc is not None:
+    shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
+    k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    disc = models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
+  return _assemble_state(config, models, frozen, disc)
+
+
+def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
+  """`init_state`'s shapes and dtypes (jax.ShapeDtypeStruct leaves), computed without any weights."""
+  disc = {}
+  if models.disc is not None:
+    shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
+    disc = models.disc.init_shapes(frozen["unet"], *shapes)
+  return jax.eval_shape(lambda f, d: _assemble_state(config, models, f, d), frozen, disc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step.
+
+def _check_batch(batch: dict[str, Any]) -> str:
+  if all(k in batch for k in LATENT_KEYS):
+    return "latents"
+  if all(k in batch for k in IMAGE_KEYS):
+    return "images"
+  raise KeyError(f"a batch needs keys {IMAGE_KEYS} (images in [-1, 1] and token ids) or {LATENT_KEYS} "
+                 f"(precomputed); got {sorted(batch)}")
+
+
+def encode_batch(models: Models, frozen: PyTree, batch: dict[str, Array],
+                 key: Array | None) -> tuple[Array, Array, Array]:
+  """(latents z0 (B, h, w, C), text (B, L, D), pooled text (B, D)), all float32, from either batch kind.
+
+  ``key`` samples the VAE posterior (None: its mean).
+  """
+  from scott_jax.models.vae import encode_to_latents
+
+  if _check_batch(batch) == "latents":
+    z0, text, pooled = (jnp.asarray(batch[k], jnp.float32) for k in LATENT_KEYS)
+  else:
+    z0 = encode_to_latents(models.vae, frozen["vae"], jnp.asarray(batch["images"]), key)
+    out = models.text_encoder.apply(frozen["text_encoder"], jnp.asarray(batch["input_ids"], jnp.int32))
+    text, pooled = out.last_hidden_state, out.pooler_output
+  return (jax.lax.stop_gradient(z0.astype(jnp.float32)), jax.lax.stop_gradient(text.astype(jnp.float32)),
+          jax.lax.stop_gradient(pooled.astype(jnp.float32)))
+
+
+def encode_shapes(models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+  """ShapeDtypeStructs of `encode_batch`'s outputs for a batch of ``batch_spec`` (arrays or structs)."""
+  return jax.eval_shape(lambda f, b: encode_batch(models, f, b, None), frozen, batch_spec)
+
+
+def make_student_fn(models: Models, guidance_embed_dim: int) -> Callable:
+  """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D), "w": (B,)}."""
+
+  def student_fn(params: PyTree, z: Array, t: Array, cond: PyTree) -> Array:
+    w_emb = consistency.guidance_embedding(cond["w"], guidance_embed_dim)
+    out = models.student.apply(params, z, t, cond["text"], timestep_cond=w_emb)
+    return out.astype(jnp.float32)
+
+  return student_fn
+
+
+def make_teacher_eps_fn(models: Models, teacher_params: PyTree, uncond_text: Array) -> Callable:
+  """teacher_eps_fn(z, t, cond) -> eps with CFG in LCM form, eps_c + w (eps_c - eps_u) (notes section 2).
+
+  uncond_text (B, L, D): the encoded empty prompt; cond = {"text": (B, L, D), "w": (B,)}. One U-Net call on the
+  batch [uncond; cond]; the output is converted to eps with the schedule (any prediction type).
+  """
+  schedule = models.schedule
+
+  def eps_fn(z: Array, t: Array, text: Array) -> Array:
+    out = models.teacher.apply(teacher_params, z, t, text).astype(jnp.float32)
+    return schedule.to_eps(out, z, t)
+
+  def teacher_eps_fn(z: Array, t: Array, cond: PyTree) -> Array:
+    guided = solvers.make_guided_eps_fn(eps_fn, cond["text"], uncond_text, cond["w"])
+    return guided(z, t)
+
+  return teacher_eps_fn
+
+
+def make_train_step(config: ConfigDict, models: Models) -> Callable:
+  """train_step(state, batch, frozen) -> (new state, metrics): pure; jit it with ``donate_argnums=(0,)``.
+
+  metrics: float32 scalars loss (student total), loss_cd, loss_g, loss_d, d_real, d_fake (mean logits),
+  grad_norm_student, grad_norm_disc (before clipping), lr_student, lr_disc, w (mean guidance weight).
+  """
+  c = config
+  schedule = models.schedule
+  gan = models.disc is not None
+  disc = models.disc
+  tx_s, lr_s = make_optimizer(c.optim.student_lr, c.optim)
+  tx_d, lr_d = make_optimizer(c.optim.disc_lr, c.optim)
+  student_fn = make_student_fn(models, c.consistency.guidance_embed_dim)
+  solver_kwargs = solvers.solver_kwargs(c.solver.name, c.solver)
+  mu = c.consistency.ema_decay
+
+  def disc_logits(dparams: PyTree, frozen: PyTree, x: Array, t: Array, text: Array, pooled: Array) -> Array:
+    t, text, pooled = disc.condition(t, text, pooled, frozen["uncond_text"], frozen["uncond_pooled"])
+    return disc.apply(dparams, frozen["unet"], x, t, text, pooled)
+
+  def train_step(state: TrainState, batch: dict[str, Array], frozen: PyTree) -> tuple[TrainState, dict[str, Array]]:
+    key, k_vae, k_w, k_cd = jax.random.split(state.key, 4)
+    z0, text, pooled = encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
+    b = z0.shape[0]
+    w = jax.random.uniform(k_w, (b,), jnp.float32, c.consistency.w_min, c.consistency.w_max)
+    cond = {"text": text, "w": w}
+    uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
+    teacher_eps_fn = make_teacher_eps_fn(models, frozen["unet"], uncond)
+    cd_loss = losses.make_cd_loss(
+      student_fn, teacher_eps_fn, schedule, solver=c.solver.name, solver_kwargs=solver_kwargs,
+      skip=c.solver.skip, h=c.solver.h, num_ddim_timesteps=c.consistency.num_ddim_timesteps,
+      distance_kind=c.consistency.distance, huber_c=c.consistency.huber_c,
+      timestep_scaling=c.consistency.timestep_scaling)
+
+    def student_objective(params: PyTree) -> tuple[Array, dict[str, Array]]:
+      loss_cd, aux = cd_loss(params, state.ema, z0, cond, k_cd)
+      loss_g = jnp.zeros((), jnp.float32)
+      if gan:
+        x_real, t_real, x_fake, t_fake = losses.disc_inputs(z0, aux["x_fake"], aux["t_n"], aux["eps"], schedule,
+                                                            c.gan.disc_time)
+        loss_g = losses.hinge_g_loss(disc_logits(state.disc, frozen, x_fake, t_fake, text, pooled))
+        aux = dict(aux, x_real=x_real, t_real=t_real, x_fake_d=x_fake, t_fake=t_fake)
+      total = losses.total_student_loss(loss_cd, loss_g, c.gan.lambda_adv if gan else 0.0)
+      return total, dict(aux, loss_cd=loss_cd, loss_g=loss_g)
+
+    (loss, aux), g_student = jax.value_and_grad(student_objective, has_aux=True)(state.student)
+    updates, opt_student = tx_s.update(g_student, state.opt_student, state.student)
+    student = optax.apply_updates(state.student, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: (mu * e + (1.0 - mu) * p).astype(e.dtype), state.ema, student)
+    metrics = {"loss": loss, "loss_cd": aux["loss_cd"], "loss_g": aux["loss_g"],
+               "grad_norm_student": optax.tree.norm(g_student), "lr_student": lr_s(state.step),
+               "w": jnp.mean(w)}
+
+    new_disc, opt_disc = state.disc, state.opt_disc
+    if gan:
+      x = jax.lax.stop_gradient(jnp.concatenate([aux["x_real"], aux["x_fake_d"]], axis=0))
+      t = jnp.concatenate([aux["t_real"], aux["t_fake"]], axis=0)
+
+      def disc_objective(dparams: PyTree) -> tuple[Array, tuple[Array, Array]]:
+        logits = disc_logits(dparams, frozen, x, t, jnp.concatenate([text, text]),
+                             jnp.concatenate([pooled, pooled]))
+        real, fake = jnp.split(logits, 2, axis=0)
+        return losses.hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
+
+      (loss_d, (d_real, d_fake)), g_disc = jax.value_and_grad(disc_objective, has_aux=True)(state.disc)
+      d_updates, opt_disc = tx_d.update(g_disc, state.opt_disc, state.disc)
+      new_disc = optax.apply_updates(state.disc, d_updates)
+      metrics.update(loss_d=loss_d, d_real=d_real, d_fake=d_fake, grad_norm_disc=optax.tree.norm(g_disc),
+                     lr_disc=lr_d(state.step))
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_state = TrainState(step=state.step + 1, student=student, ema=ema, disc=new_disc, opt_student=opt_student,
+                           opt_disc=opt_disc, key=key)
+    return new_state, metrics
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling (LCM multistep consistency sampling, notes section 6) and sample grids.
+
+def make_sampler(config: ConfigDict, models: Models) -> Callable:
+  """sample(student_params, frozen, text (N, L, D), num_steps, key) -> uint8 images (N, H, W, 3) (host).
+
+  Multistep consistency sampling at ``consistency.lcm_timesteps(num_steps)`` with w = g - 1
+  (g = train.sample_guidance_scale): x0 = f(z_t, t); z_t' = alpha_t' x0 + sigma_t' xi; then the VAE decode.
+  Two jitted functions (one student call, one decode) are reused for every number of steps.
+  """
+  from scott_jax.models.vae import decode_latents
+
+  schedule = models.schedule
+  student_fn = make_student_fn(models, config.consistency.guidance_embed_dim)
+  w_value = config.train.sample_guidance_scale - 1.0
+  scaling = config.consistency.timestep_scaling
+
+  @jax.jit
+  def f(params: PyTree, z: Array, t: Array, text: Array) -> Array:
+    w = jnp.full((z.shape[0],), w_value, jnp.float32)
+    out = student_fn(params, z, t, {"text": text, "w": w})
+    return consistency.consistency_output(out, z, t, schedule, timestep_scaling=scaling)[0]
+
+  @jax.jit
+  def decode(vae_params: PyTree, z: Array) -> Array:
+    img = decode_latents(models.vae, vae_params, z)
+    return jnp.round((jnp.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+  @jax.jit
+  def renoise(x0: Array, t: Array, key: Array) -> Array:
+    return schedule.add_noise(x0, jax.random.normal(key, x0.shape, x0.dtype), t)
+
+  latent_size = config.data.resolution // models.vae.config.downsample_factor
+  channels = models.teacher.config.in_channels
+
+  def sample(params: PyTree, frozen: PyTree, text: Array, num_steps: int, key: Array) -> np.ndarray:
+    ts = consistency.lcm_timesteps(num_steps, config.consistency.num_ddim_timesteps,
+                                   models.schedule.num_train_timesteps)
+    n = text.shape[0]
+    key, k0 = jax.random.split(key)
+    z = jax.random.normal(k0, (n, latent_size, latent_size, channels), jnp.float32)
+    x0 = z
+    for i, t in enumerate(ts):
+      t_arr = jnp.full((n,), int(t), jnp.int32)
+      x0 = f(params, z, t_arr, text)
+      if i + 1 < len(ts):
+        key, k = jax.random.split(key)
+        z = renoise(x0, jnp.full((n,), int(ts[i + 1]), jnp.int32), k)
+    return np.asarray(decode(frozen["vae"], x0))
+
+  return sample
+
+
+def write_grid(path: str, images: np.ndarray, cols: int | None = None) -> None:
+  """Writes uint8 images (N, H, W, 3) as one PNG grid (``cols`` columns, default all in one row)."""
+  from PIL import Image
+
+  n, h, w, _ = images.shape
+  cols = cols or n
+  rows = -(-n // cols)
+  grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, cols)
+    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(grid).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+def make_source(config: ConfigDict) -> arrays.ArraySource:
+  """The in-memory data source named by ``config.data`` (batch at step k depends on (seed, k) only)."""
+  d = config.data
+  if d.source == "folder":
+    images, captions = arrays.load_folder(d.path, d.resolution)
+  elif d.source == "synthetic":
+    images, captions = arrays.synthetic(d.num_examples, d.resolution, config.seed)
+  else:
+    raise ValueError(f"unknown data.source '{d.source}'; allowed: folder, synthetic")
+  return arrays.ArraySource(images, captions, config.train.batch_size, config.seed)
+
+
+def prepare_batch(raw: dict[str, Any], models: Models) -> dict[str, np.ndarray]:
+  """Host side: uint8 images -> float32 [-1, 1]; captions -> token ids (B, max_length) int32."""
+  from scott_jax.models.clip_text import tokenize
+
+  images = np.asarray(raw["images"], np.float32) / 127.5 - 1.0
+  return {"images": images, "input_ids": tokenize(models.tokenizer, raw["captions"], models.max_length)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}")
+  return values
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s"
+
+
+def train(config: ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) under ``workdir``: checkpoints in WORKDIR/checkpoints, metrics (clu), sample PNGs in
+  WORKDIR/samples. Returns the final train state. SIGTERM saves a checkpoint and returns early."""
+  from clu import metric_writers, periodic_actions
+
+  from scott_jax.models.clip_text import tokenize
+
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as fh:
+    fh.write(config.to_json_best_effort(indent=2))
+  models, frozen = load_models(config)
+  source = make_source(config)
+  if source.images.shape[1] % models.vae.config.downsample_factor:
+    raise ValueError(f"image resolution {source.images.shape[1]} is not a multiple of the VAE's downsampling "
+                     f"factor {models.vae.config.downsample_factor}")
+  data_iter = source.iterator()
+  batch_spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                      prepare_batch(source.batch(0), models))
+
+  abstract = abstract_state(config, models, frozen, batch_spec)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints,
+                                       save_every=tc.checkpoint_every)
+  restored = checkpointer.restore_latest(abstract)
+  if restored is None:
+    state = init_state(config, models, frozen, batch_spec)
+    logging.info("Starting from the teacher's weights (no checkpoint in %s).", checkpointer.directory)
+  else:
+    step, state, data_state = restored
+    data_iter.set_state(data_state)
+    if int(state.step) != step or data_iter.step != step:
+      raise ValueError(f"checkpoint step {step} holds state step {int(state.step)} and data step {data_iter.step}")
+    logging.info("Resumed from checkpoint step %d.", step)
+  start = int(state.step)
+
+  step_fn = jax.jit(make_train_step(config, models), donate_argnums=(0,))
+  compiled = step_fn.lower(state, batch_spec, frozen).compile()
+  sampler = make_sampler(config, models) if tc.sample_every else None
+  sample_text = None
+  if sampler is not None:
+    ids = jnp.asarray(tokenize(models.tokenizer, list(tc.sample_prompts), models.max_length))
+    sample_text = models.text_encoder.apply(frozen["text_encoder"], ids).last_hidden_state
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  pending: tuple[int, Any] | None = None
+  stopped = False
+  t_last, step_last = time.time(), start
+  with ckpt_lib.PreemptionGuard() as guard:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = prepare_batch(next(data_iter), models)
+      state, metrics = compiled(state, batch, frozen)
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step, metrics)
+      report(step)
+      stop = guard.should_stop(step)
+      if step % tc.log_every == 0 or step == tc.num_steps or stop:
+        values = _check_finite(*pending)
+        now = time.time()
+        sps = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        writer.write_scalars(step, dict(values, steps_per_sec=sps, images_per_sec=sps * tc.batch_size))
+        logging.info("step %d/%d (%.1f%%) | %.3f steps/s, %.2f images/s | loss %.5f cd %.5f g %.4f d %.4f | ETA %s",
+                     step, tc.num_steps, 100.0 * step / tc.num_steps, sps, sps * tc.batch_size, values["loss"],
+                     values["loss_cd"], values["loss_g"], values.get("loss_d", 0.0),
+                     _format_eta((tc.num_steps - step) / max(sps, 1e-9)))
+      if sampler is not None and (step % tc.sample_every == 0 or step == tc.num_steps):
+        for k in tc.sample_steps:
+          images = sampler(state.student, frozen, sample_text, k, jax.random.PRNGKey(tc.sample_seed))
+          write_grid(os.path.join(workdir, "samples", f"step{step:07d}_{k}step.png"), images)
+      if checkpointer.should_save(step) or step == tc.num_steps or stop:
+        _check_finite(*pending)
+        checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
+      if stop:
+        logging.warning("Stopped by signal after step %d; checkpoint saved.", step)
+        stopped = True
+        break
+  if pending is not None:
+    _check_finite(*pending)
+  writer.flush()
+  checkpointer.close()
+  if not stopped:
+    logging.info("Training done: %d steps.", int(state.step))
+  return state
+
+
+def run_train(config: ConfigDict, workdir: str) -> TrainState:
+  """Mode ``train`` (scott_jax.main)."""
+  return train(config, workdir)

@@ -1,0 +1,293 @@
+"""SCott training on a tiny SD-shaped model (random tiny U-Net / VAE / CLIP saved in diffusers format and loaded
+through the real loaders): the step learns, the GAN plays, the frozen models stay out of the state, resume is
+exact through `python -m scott_jax.main` with a SIGTERM in the middle, and every variant config runs a step.
+
+Compiles are the cost here, so one persistent compilation cache is shared by this process and the subprocesses
+(identical programs compile once); the straight and the interrupted runs go side by side.
+"""
+
+import glob
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cc
+
+from scott_jax import checkpoint as ckpt_lib
+from scott_jax import config as config_lib
+from scott_jax import train as train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tiny_scott.py")
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+TINY = _load(CONFIG)
+
+
+def _config(folder, arg=None):
+  c = TINY.get_config(arg)
+  c.model.teacher_path = str(folder)
+  return config_lib.validate(c)
+
+
+def _main_cmd(folder, workdir, *extra):
+  return [sys.executable, "-m", "scott_jax.main", "--config", CONFIG, "--mode", "train", "--workdir", str(workdir),
+          f"--config.model.teacher_path={folder}", *extra]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The tiny pipeline folder and a persistent compilation cache shared by this process and the subprocesses
+  (the `tiny` fixture compiles the step once; the `python -m scott_jax.main` runs load it from the cache)."""
+  root = tmp_path_factory.mktemp("train")
+  folder = TINY.write_tiny_pipeline(str(root / "tiny_sd"))
+  cache = str(root / "jax_cache")
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                "jax_persistent_cache_min_compile_time_secs",
+                                                "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax_cc.reset_cache()
+  sub_env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  yield {"folder": folder, "root": root, "sub_env": sub_env}
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  jax_cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+  """Models, frozen params, an initial state, a fixed batch and the compiled step of the default tiny config."""
+  config = _config(env["folder"])
+  models, frozen = train_lib.load_models(config)
+  source = train_lib.make_source(config)
+  batch = train_lib.prepare_batch(source.batch(0), models)
+  state = train_lib.init_state(config, models, frozen, batch)
+  step = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,)).lower(state, batch, frozen).compile()
+  return config, models, frozen, state, batch, step
+
+
+def _copy(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_student_starts_as_the_teacher(tiny):
+  """Zero-initialised guidance projection: the student (any w) and the EMA equal the teacher at step 0; the
+  only extra parameter is time_embedding/cond_proj (256 -> 32 here), and the state holds no frozen model."""
+  config, models, frozen, state, batch, _ = tiny
+  teacher = frozen["unet"]["params"]
+  student = state.student["params"]
+  np.testing.assert_array_equal(np.asarray(student["time_embedding"]["cond_proj"]["kernel"]),
+                                np.zeros((256, 32), np.float32))
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  t = jnp.asarray([999, 259], jnp.int32)
+  text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  student_fn = train_lib.make_student_fn(models, 256)
+  out = jax.jit(lambda p, w: student_fn(p, z, t, {"text": text, "w": w}))(state.student, jnp.asarray([3.0, 12.0]))
+  ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  assert jax.tree_util.tree_structure(state.ema) == jax.tree_util.tree_structure(state.student)
+  assert set(student) - set(teacher) == set()
+  # The state: student, EMA, LoRA + head, two optimizer states, step, key; no teacher/VAE/CLIP weights.
+  n = lambda tree: sum(np.size(x) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+  assert n(state.student) == n(frozen["unet"]) + 256 * 32
+  assert set(state.disc) == {"lora", "head"} and n(state.disc) < 0.2 * n(frozen["unet"])
+  # student, EMA, Adam mu and nu (disc: no EMA); per optimizer an Adam count and a schedule count;
+  # the step and the (2,) key.
+  assert n(state) == 4 * n(state.student) + 3 * n(state.disc) + 2 * 2 + 1 + 2
+
+
+def test_fixed_batch_lowers_cd_loss_and_the_gan_plays(tiny):
+  """12 steps on one batch with the step's randomness held fixed (same t_n, eps, w, solver noise): the CD loss
+  falls and the learning rates follow the warmup. Then one step split into its two updates (the step reports
+  the losses at its input parameters): the discriminator's update alone lowers L_D and widens the real-fake
+  logit gap; the student's update alone raises D(fake) and with it L_D: the discriminator loss moves both
+  ways. The frozen
+  arrays are neither donated nor changed."""
+  config, models, frozen, state, batch, step = tiny
+  frozen_before = jax.tree_util.tree_map(np.array, frozen)
+  state = _copy(state)
+  key = np.asarray(state.key)  # a host copy: the state (key included) is donated to the step
+  hist = []
+  for _ in range(12):
+    state, metrics = step(state.replace(key=key), batch, frozen)
+    hist.append({k: float(v) for k, v in metrics.items()})
+  assert all(np.isfinite(v) for h in hist for v in h.values())
+  cd = [h["loss_cd"] for h in hist]
+  assert np.mean(cd[-3:]) < 0.5 * np.mean(cd[:2]), cd
+  lr = [(h["lr_student"], h["lr_disc"]) for h in hist[:4]]
+  s_lr, d_lr = config.optim.student_lr, config.optim.disc_lr
+  np.testing.assert_allclose(lr, [(0, 0), (s_lr / 2, d_lr / 2), (s_lr, d_lr), (s_lr, d_lr)], rtol=1e-6)
+  assert int(state.step) == 12
+
+  before = jax.tree_util.tree_map(np.array, state)
+  fresh = lambda **kw: jax.tree_util.tree_map(jnp.asarray, before.replace(key=key, **kw))  # noqa: E731
+  after, m00 = step(fresh(), batch, frozen)
+  after = jax.tree_util.tree_map(np.array, after)
+  _, m_d = step(fresh(disc=after.disc, opt_disc=after.opt_disc), batch, frozen)  # D updated, student not
+  _, m_g = step(fresh(student=after.student, ema=after.ema, opt_student=after.opt_student), batch, frozen)
+  f = lambda m, k: float(m[k])  # noqa: E731
+  assert f(m_d, "loss_d") < f(m00, "loss_d"), (m00, m_d)
+  assert f(m_d, "d_real") - f(m_d, "d_fake") > f(m00, "d_real") - f(m00, "d_fake"), (m00, m_d)  # gap opens
+  assert f(m_g, "loss_d") > f(m00, "loss_d") and f(m_g, "d_fake") > f(m00, "d_fake"), (m00, m_g)
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(frozen))
+  assert all(np.array_equal(a, np.asarray(b)) for a, b in
+             zip(jax.tree_util.tree_leaves(frozen_before), jax.tree_util.tree_leaves(frozen), strict=True))
+
+
+def _latent_batch(models, frozen, batch):
+  z0, text, pooled = jax.jit(lambda b: train_lib.encode_batch(models, frozen, b, None))(batch)
+  return {"latents": np.asarray(z0), "text_embeds": np.asarray(text), "pooled_text_embeds": np.asarray(pooled)}
+
+
+def test_latent_batches_are_accepted(tiny):
+  """The step takes precomputed latents + text embeddings (by key names) as well as images + token ids: same
+  state and metrics structure (traced, not compiled); a batch with neither set of keys is a clear error."""
+  config, models, frozen, state, batch, _ = tiny
+  fn = train_lib.make_train_step(config, models)
+  out_images = jax.eval_shape(fn, state, batch, frozen)
+  out_latents = jax.eval_shape(fn, state, _latent_batch(models, frozen, batch), frozen)
+  assert jax.tree_util.tree_structure(out_images) == jax.tree_util.tree_structure(out_latents)
+  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+             zip(jax.tree_util.tree_leaves(out_images), jax.tree_util.tree_leaves(out_latents), strict=True))
+  with pytest.raises(KeyError, match="images.*input_ids.*latents"):
+    train_lib.encode_batch(models, frozen, {"images": batch["images"]}, None)
+
+
+@pytest.mark.slow
+def test_latent_batches_match_image_batches(tiny):
+  """With the VAE mean encoding, a step on precomputed latents equals the step on images + token ids."""
+  config, models, frozen, state, batch, _ = tiny
+  cfg = config_lib.ConfigDict(config.to_dict())
+  cfg.model.vae_sample = False
+  fn = train_lib.make_train_step(cfg, models)
+  run = jax.jit(lambda s, b: fn(s, b, frozen)[1]["loss"])
+  a, b = float(run(state, batch)), float(run(state, _latent_batch(models, frozen, batch)))
+  assert np.isfinite(a) and abs(a - b) <= 1e-5 * max(1.0, abs(a)), (a, b)
+
+
+def test_non_finite_metrics_raise():
+  with pytest.raises(FloatingPointError, match="step 7.*loss_cd"):
+    train_lib._check_finite(7, {"loss": np.float32(1.0), "loss_cd": np.float32(np.nan)})
+
+
+def test_missing_teacher_folder_is_a_clear_error(tmp_path):
+  c = TINY.get_config()
+  c.model.teacher_path = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="teacher_path=.*nope.*does not exist"):
+    train_lib.load_models(c)
+  c.model.teacher_path = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="missing"):
+    train_lib.load_models(c)
+
+
+def _wait(proc, log, timeout=600):
+  try:
+    proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  text = open(log).read()
+  assert proc.returncode == 0, text[-3000:]
+  return text
+
+
+def _final_state(workdir, abstract, step):
+  with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=None) as ckpt:
+    return ckpt.restore(step, abstract)
+
+
+def test_resume_is_exact_after_sigterm(env, tiny):
+  """6 steps straight == 3 steps, SIGTERM (checkpoint and clean exit), resume to 6: bit for bit on CPU, through
+  `python -m scott_jax.main --mode train`. Also checks the loop's outputs: metrics, progress lines, samples."""
+  config, models, frozen, _, batch, _ = tiny  # the fixture compiled the step: the runs below load it
+  straight = env["root"] / "straight"
+  straight_log = env["root"] / "straight.log"
+  proc = subprocess.Popen(_main_cmd(env["folder"], straight), cwd=ROOT, env=env["sub_env"],
+                          stdout=open(straight_log, "w"), stderr=subprocess.STDOUT)
+  killed = env["root"] / "killed"
+  log_path = env["root"] / "killed.log"
+  with open(log_path, "w") as log:
+    victim = subprocess.Popen(_main_cmd(env["folder"], killed), cwd=ROOT, env=env["sub_env"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    for line in victim.stdout:
+      log.write(line)
+      if "step 3/6" in line:
+        victim.send_signal(signal.SIGTERM)
+        break
+      assert time.time() < deadline
+    for line in victim.stdout:
+      log.write(line)
+    victim.wait(timeout=120)
+  text = open(log_path).read()
+  assert victim.returncode == 0, text[-3000:]
+  stopped = [int(s) for s in re.findall(r"Stopped by signal after step (\d+)", text)]
+  assert len(stopped) == 1 and 3 <= stopped[0] < 6, text[-3000:]
+  with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(killed), max_to_keep=None) as ckpt:
+    assert ckpt.latest_step() == stopped[0]
+  resumed = subprocess.Popen(_main_cmd(env["folder"], killed), cwd=ROOT, env=env["sub_env"],
+                             stdout=open(env["root"] / "resumed.log", "w"), stderr=subprocess.STDOUT)
+  resumed_text = _wait(resumed, env["root"] / "resumed.log")
+  assert f"Resumed from checkpoint step {stopped[0]}" in resumed_text
+  straight_text = _wait(proc, straight_log)
+  assert "step 6/6" in straight_text and "ETA" in straight_text and "images/s" in straight_text
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  a, data_a = _final_state(straight, abstract, 6)
+  b, data_b = _final_state(killed, abstract, 6)
+  assert data_a == data_b == {"step": 6, "seed": 0, "num_examples": 8, "batch_size": 2}
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a.step) == 6
+  # Moved away from the teacher (training happened), clu wrote TensorBoard events.
+  assert glob.glob(str(straight / "events.out.tfevents.*"))
+
+
+def test_sample_grids_are_written(env, tmp_path):
+  """The loop writes 1- and 2-step student sample grids as PNGs (LCM multistep sampling, VAE decode)."""
+  from PIL import Image
+
+  config = _config(env["folder"])
+  config.train.num_steps = 1
+  config.train.sample_every = 1
+  train_lib.train(config, str(tmp_path))
+  for k in (1, 2):
+    img = np.asarray(Image.open(tmp_path / "samples" / f"step0000001_{k}step.png"))
+    assert img.shape == (32, 64, 3) and img.std() > 0  # two prompts side by side, 32x32 each
+
+
+VARIANTS = [("sd15_scott", a) for a in ("eta=0.2", "h=1", "gan=off", "teacher=lcm", "disc=full", "disc=no_cond",
+                                        "disc_time=paper", "disc_time=renoise")] + [("sd15_lcm", "lcm")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arg", VARIANTS)
+def test_every_variant_runs_one_step(env, name, arg):
+  config = _config(env["folder"], arg)
+  models, frozen = train_lib.load_models(config)
+  source = train_lib.make_source(config)
+  batch = train_lib.prepare_batch(source.batch(0), models)
+  state = train_lib.init_state(config, models, frozen, batch)
+  state, metrics = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
+  assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
+  assert ("loss_d" in metrics) == config.gan.enabled
