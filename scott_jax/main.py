@@ -21,6 +21,7 @@ from scott_jax import config as config_lib
 # Imported lazily so that `--help` and validation do not pay for jax/flax imports.
 MODES: dict[str, str] = {
     "sample_teacher": "scott_jax.analytic:run_sample_teacher",
+    "train": "scott_jax.train:run_train",
     "toy2d": "scott_jax.toy2d:run_toy2d",
     "digits": "scott_jax.digits.run:run_digits",
     "sample": "scott_jax.pipeline:run_sample",
