@@ -324,7 +324,7 @@ def make_train_step(config: ConfigDict, models: Models) -> Callable:
     teacher_eps_fn = make_teacher_eps_fn(models, frozen["unet"], uncond)
     cd_loss = losses.make_cd_loss(
       student_fn, teacher_eps_fn, schedule, solver=c.solver.name, solver_kwargs=solver_kwargs,
-      skip=c.solver.skip, h=c.solver.h, num_ddim_timesteps=c.consistency.num_ddim_timesteps,
+      skip=c.solver.skip, h=c.solver.h, grid=c.consistency.grid, num_ddim_timesteps=c.consistency.num_ddim_timesteps,
       distance_kind=c.consistency.distance, huber_c=c.consistency.huber_c,
       timestep_scaling=c.consistency.timestep_scaling)
 
