@@ -298,6 +298,25 @@ def defaults() -> ConfigDict:
           save_images=0,  # eval: PNGs kept per (step, steps, params) under WORKDIR/eval/images
       )
   )
+  # Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan).
+  c.mesh = ConfigDict(
+      dict(
+          data=-1,  # mesh axis sizes; one of data/fsdp/tensor may be -1 (fills the remaining devices)
+          fsdp=1,
+          tensor=1,
+          # Logical axis -> mesh axes ("a,b"; "" = replicated): batch (leading dim of every batch array),
+          # param_fsdp (largest divisible dim of a large parameter), param_tensor (last dim of a kernel).
+          rules=(("batch", "data,fsdp"), ("param_fsdp", "fsdp"), ("param_tensor", "tensor")),
+          fsdp_min_size=1 << 18,  # parameters with fewer elements are replicated (2^18 = 1 MiB in float32)
+          frozen="fsdp",  # frozen teacher / VAE / text encoder: fsdp (the parameter rules) | replicate
+          distributed="auto",  # jax.distributed.initialize: auto (SLURM, TPU pod or explicit) | on | off
+          coordinator_address="",  # explicit multi-process start ("" = $JAX_COORDINATOR_ADDRESS or detection)
+          num_processes=0,  # 0 = $JAX_NUM_PROCESSES or detection
+          process_id=-1,  # -1 = $JAX_PROCESS_ID or detection
+          plan_architecture="teacher",  # mode plan: teacher (config.json files of model.teacher_path) | sd15
+          plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
+      )
+  )
   return c
 
 
@@ -328,6 +347,9 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample.order": (1, 2, 3),
     "sample.noise_fn": (1, 2, 3, 4, 5, 6, 7),
     "sample.spacing": ("leading", "trailing", "linspace"),
+    "mesh.frozen": ("fsdp", "replicate"),
+    "mesh.distributed": ("auto", "on", "off"),
+    "mesh.plan_architecture": ("teacher", "sd15"),
 }
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -398,6 +420,14 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "eval.max_idle_seconds": lambda v: v >= 0,
     "eval.max_reference_features": lambda v: v >= 0,
     "eval.save_images": lambda v: v >= 0,
+    "mesh.data": lambda v: v == -1 or v >= 1,
+    "mesh.fsdp": lambda v: v == -1 or v >= 1,
+    "mesh.tensor": lambda v: v == -1 or v >= 1,
+    "mesh.rules": lambda v: _mesh_rules_ok(v),
+    "mesh.fsdp_min_size": lambda v: v >= 0,
+    "mesh.num_processes": lambda v: v >= 0,
+    "mesh.process_id": lambda v: v >= -1,
+    "mesh.plan_devices": lambda v: v >= 0,
 }
 
 _RANGE_TEXT: dict[str, str] = {
@@ -466,7 +496,40 @@ _RANGE_TEXT: dict[str, str] = {
     "eval.max_idle_seconds": "a number >= 0",
     "eval.max_reference_features": "an integer >= 0",
     "eval.save_images": "an integer >= 0",
+    "mesh.data": "-1 (fill) or an integer >= 1",
+    "mesh.fsdp": "-1 (fill) or an integer >= 1",
+    "mesh.tensor": "-1 (fill) or an integer >= 1",
+    "mesh.rules": ("pairs (logical, 'axis,axis') with logical in batch, param_fsdp, param_tensor (each once) "
+                   "and axes from data, fsdp, tensor (each used once; '' = replicated)"),
+    "mesh.fsdp_min_size": "an integer >= 0",
+    "mesh.num_processes": "an integer >= 0 (0: from the environment)",
+    "mesh.process_id": "an integer >= -1 (-1: from the environment)",
+    "mesh.plan_devices": "an integer >= 0 (0: the devices present)",
 }
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_AXES = ("batch", "param_fsdp", "param_tensor")
+
+
+def _mesh_rules_ok(rules: Any) -> bool:
+  """mesh.rules: ((logical, "axis,axis"), ...), logical names from LOGICAL_AXES once each, mesh axes from
+  MESH_AXES; a mesh axis appears in at most one rule's parameter side and at most once in the batch rule."""
+  try:
+    pairs = [(str(k), str(v)) for k, v in rules]
+  except (TypeError, ValueError):
+    return False
+  names = [k for k, _ in pairs]
+  if len(set(names)) != len(names) or not set(names) <= set(LOGICAL_AXES):
+    return False
+  param_axes: list[str] = []
+  for k, v in pairs:
+    axes = [a.strip() for a in v.split(",") if a.strip()]
+    if not set(axes) <= set(MESH_AXES) or len(set(axes)) != len(axes):
+      return False
+    if k != "batch":
+      param_axes += axes
+  return len(set(param_axes)) == len(param_axes)
 
 
 def register(key: str, *, allowed: tuple[Any, ...] | None = None,

@@ -28,6 +28,7 @@ MODES: dict[str, str] = {
     "export": "scott_jax.export:run_export",
     "eval": "scott_jax.evaluate:run_eval",
     "fid_stats": "scott_jax.evaluate:run_fid_stats",
+    "plan": "scott_jax.plan:run_plan",
 }
 
 FLAGS = flags.FlagValues()

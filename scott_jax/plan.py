@@ -1,0 +1,230 @@
+"""Mode ``plan``: compile the sharded train step ahead of time from shapes alone and report per-device memory and
+FLOPs for a config and mesh, before any weights are loaded or any accelerator is held.
+
+  python -m scott_jax.main --config configs/sd15_scott.py --mode plan --workdir runs/plan \
+      --config.mesh.plan_architecture=sd15 --config.mesh.plan_devices=8 --config.mesh.data=2 --config.mesh.fsdp=4
+
+The networks' architectures come from the config.json files of ``model.teacher_path`` (``plan_architecture =
+"teacher"``, no weight file is read) or from the built-in SD1.5 architecture (``"sd15"``). Parameters, the train
+state and the batch are ``jax.ShapeDtypeStruct``s (``jax.eval_shape`` of the model inits and of
+`scott_jax.train.abstract_state`) carrying the shardings of `scott_jax.parallel`; the step is
+``jit(...).lower(...).compile()``d exactly as training compiles it. ``plan_devices > 0`` makes that many fake
+CPU devices (``jax_num_cpu_devices``; must be set before JAX starts its CPU backend).
+
+Reported (stdout and WORKDIR/plan.json), all per device of the SPMD-partitioned program: the train state's and
+the frozen models' bytes by the sharding rules (exact, from shapes), XLA's ``memory_analysis()`` (arguments,
+outputs, aliased = donated, temporaries; peak estimate = arguments + outputs - aliased + temporaries) and
+``cost_analysis()`` FLOPs. On the CPU backend the temporaries come from XLA's CPU buffer assignment, which fuses
+and schedules differently from the GPU/TPU compilers: treat them as indicative, the argument bytes as exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scott_jax import parallel
+from scott_jax import train as train_lib
+from scott_jax.config import ConfigDict
+
+PyTree = Any
+
+
+def sd15_architectures() -> tuple[Any, Any, Any, int]:
+  """(UNetConfig, VAEConfig, CLIPTextConfig, tokens per prompt) of Stable Diffusion 1.5 (the diffusers configs
+  of runwayml/stable-diffusion-v1-5: U-Net 320-640-1280-1280, VAE 128-256-512-512, CLIP ViT-L/14 text)."""
+  from scott_jax.models.clip_text import CLIPTextConfig
+  from scott_jax.models.unet import UNetConfig
+  from scott_jax.models.vae import VAEConfig
+
+  unet = UNetConfig(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                    attention_head_dim=(8, 8, 8, 8), layers_per_block=(2, 2, 2, 2))
+  vae = VAEConfig(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                  norm_num_groups=32, scaling_factor=0.18215)
+  text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+  return unet, vae, text, 77
+
+
+def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
+  """The same from a diffusers folder's unet/, vae/, text_encoder/ config.json and tokenizer (no weights)."""
+  from scott_jax.models import loading
+  from scott_jax.models.clip_text import CLIPTextConfig
+  from scott_jax.models.unet import UNetConfig
+  from scott_jax.models.vae import VAEConfig
+
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f"config.model.teacher_path='{path}' does not exist; mode plan reads the architectures "
+                            "from its config.json files (or set config.mesh.plan_architecture=sd15)")
+  unet = UNetConfig.from_diffusers(loading.read_config(os.path.join(path, "unet")))
+  vae = VAEConfig.from_dict(loading.read_config(os.path.join(path, "vae")))
+  text = CLIPTextConfig.from_dict(loading.read_config(os.path.join(path, "text_encoder")))
+  tokenizer = loading.load_tokenizer(path)
+  return unet, vae, text, int(min(tokenizer.model_max_length, text.max_position_embeddings))
+
+
+def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
+  """(Models, frozen) as `scott_jax.train.load_models` builds them, with ShapeDtypeStruct parameters.
+
+  The Models' tokenizer is None (the step never tokenizes).
+  """
+  from scott_jax import discriminator as disc_lib
+  from scott_jax.models import unet as unet_lib
+  from scott_jax.models.clip_text import CLIPTextModel
+  from scott_jax.models.vae import AutoencoderKL
+  from scott_jax.schedules import NoiseSchedule
+
+  arch = config.mesh.plan_architecture
+  if arch == "sd15":
+    unet_cfg, vae_cfg, text_cfg, max_length = sd15_architectures()
+  elif arch == "teacher":
+    unet_cfg, vae_cfg, text_cfg, max_length = teacher_architectures(config.model.teacher_path)
+  else:
+    raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15")
+  dtype = jnp.dtype(config.model.dtype)
+  teacher = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dtype)
+  student = unet_lib.UNet2DConditionModel(
+    dataclasses.replace(unet_cfg, time_cond_proj_dim=config.consistency.guidance_embed_dim), dtype=dtype)
+  vae = AutoencoderKL(vae_cfg, dtype=dtype)
+  text = CLIPTextModel(text_cfg, dtype=dtype)
+  disc = None
+  if config.gan.enabled:
+    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
+                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
+                                  norm_groups=unet_cfg.norm_num_groups, dtype=dtype)
+  models = train_lib.Models(teacher, student, vae, text, None, NoiseSchedule.from_config(config.schedule), disc,
+                            max_length)
+  key = jax.random.key(0)
+  f = vae_cfg.downsample_factor
+  text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
+  out = jax.eval_shape(text.apply, text_params, jax.ShapeDtypeStruct((1, max_length), jnp.int32))
+  frozen = {"unet": unet_lib.abstract_params(unet_cfg),
+            "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, f, f, vae_cfg.in_channels), jnp.float32)),
+            "text_encoder": text_params, "uncond_text": out.last_hidden_state, "uncond_pooled": out.pooler_output}
+  return models, frozen
+
+
+def batch_spec(config: ConfigDict, models: train_lib.Models) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's shapes: precomputed latents for ``data.source = latent_cache``, else images + token ids."""
+  b, r = config.train.batch_size, config.data.resolution
+  if config.data.source == "latent_cache":
+    s = r // models.vae.config.downsample_factor
+    d = models.text_encoder.config.hidden_size
+    return {"latents": jax.ShapeDtypeStruct((b, s, s, models.vae.config.latent_channels), jnp.float32),
+            "text_embeds": jax.ShapeDtypeStruct((b, models.max_length, d), jnp.float32),
+            "pooled_text_embeds": jax.ShapeDtypeStruct((b, d), jnp.float32)}
+  return {"images": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
+          "input_ids": jax.ShapeDtypeStruct((b, models.max_length), jnp.int32)}
+
+
+def _count(tree: PyTree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
+  """The devices to plan for: ``plan_devices`` fake CPU devices, or all devices present when it is 0."""
+  n = int(mesh_cfg.plan_devices)
+  if n == 0:
+    return list(jax.devices())
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:  # the CPU backend already started with another count
+    raise RuntimeError(f"config.mesh.plan_devices={n} needs a fresh process: JAX's CPU backend already runs") from e
+  devices = jax.devices("cpu")
+  if len(devices) != n:
+    raise RuntimeError(f"asked for {n} CPU devices (config.mesh.plan_devices) but JAX has {len(devices)}; "
+                       "XLA_FLAGS=--xla_force_host_platform_device_count may disagree")
+  return devices
+
+
+def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str, Any]:
+  """Lowers and compiles the sharded train step for ``config`` on ``devices`` (default `plan_devices`) from
+  shapes; returns the report (see the module docstring; bytes, FLOPs per device)."""
+  devices = plan_devices(config.mesh) if devices is None else devices
+  mesh = parallel.make_mesh(config.mesh, devices)
+  models, frozen = abstract_models(config)
+  batch = batch_spec(config, models)
+  state = train_lib.abstract_state(config, models, frozen, batch)
+  state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, state, frozen, batch)
+  step = parallel.jit_train_step(train_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+  t0 = time.time()
+  lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
+                       parallel.with_shardings(frozen, frozen_sh))
+  t1 = time.time()
+  compiled = lowered.compile()
+  t2 = time.time()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+  memory = {}
+  if mem is not None:
+    memory = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+              "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+              "generated_code_bytes": int(mem.generated_code_size_in_bytes)}
+    memory["peak_estimate_bytes"] = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+                                     + memory["temp_bytes"])
+  shape = dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True))
+  batch_axes = parallel.logical_rules(config.mesh)["batch"]
+  return {
+    "mesh": shape, "devices": len(devices), "platform": devices[0].platform,
+    "batch_size": config.train.batch_size,
+    "batch_per_device": config.train.batch_size // math.prod(shape[a] for a in batch_axes),
+    "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
+    "dtype": config.model.dtype, "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
+    "params": {"student": _count(state.student), "disc_trainable": _count(state.disc),
+               "teacher_unet": _count(frozen["unet"]), "vae": _count(frozen["vae"]),
+               "text_encoder": _count(frozen["text_encoder"])},
+    "state_bytes_total": parallel.bytes_per_device(state, jax.tree.map(lambda _: parallel.replicated(mesh), state)),
+    "state_bytes_per_device": parallel.bytes_per_device(state, state_sh),
+    "frozen_bytes_per_device": parallel.bytes_per_device(frozen, frozen_sh),
+    "batch_bytes_per_device": parallel.bytes_per_device(batch, batch_sh),
+    "memory": memory,
+    "flops_per_device": float(cost.get("flops", 0.0)),
+    "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+    "lower_seconds": round(t1 - t0, 1), "compile_seconds": round(t2 - t1, 1),
+  }
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+  m = plan["memory"]
+  p = plan["params"]
+  lines = [
+    f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
+    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']})",
+    f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
+    f"teacher U-Net {p['teacher_unet'] / 1e6:.1f}M, VAE {p['vae'] / 1e6:.1f}M, text encoder "
+    f"{p['text_encoder'] / 1e6:.1f}M",
+    f"train state: {_gib(plan['state_bytes_total'])} in all, {_gib(plan['state_bytes_per_device'])} per device",
+    f"frozen models ({plan['frozen_sharding']}): {_gib(plan['frozen_bytes_per_device'])} per device",
+  ]
+  if m:
+    lines.append(f"XLA memory per device: arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
+                 f"aliased (donated) {_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}; peak estimate "
+                 f"{_gib(m['peak_estimate_bytes'])}")
+  lines.append(f"FLOPs per device per step: {plan['flops_per_device']:.4g} (XLA cost analysis); bytes accessed "
+               f"{plan['bytes_accessed_per_device']:.4g}")
+  lines.append(f"lowering {plan['lower_seconds']} s, compile {plan['compile_seconds']} s")
+  return "\n".join(lines)
+
+
+def run_plan(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Mode ``plan`` (scott_jax.main): prints the plan and writes WORKDIR/plan.json."""
+  plan = make_plan(config)
+  print(format_plan(plan), flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "plan.json"), "w") as fh:
+    json.dump(plan, fh, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  return plan

@@ -1,0 +1,477 @@
+"""Sharded train step (scott_jax.parallel): mesh arithmetic and sharding rules in process, and, in a subprocess
+with 8 fake CPU devices, the tiny SCott step on meshes (data x fsdp) (8,1), (2,4), (1,8) against the 1-device
+step, checkpoint resharding from 8 to 2 devices, and ``--mode plan``.
+
+The 8-device runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported, so they run
+in a subprocess: this file doubles as the worker (``python tests/test_parallel.py meshes OUT FOLDER``; also
+``run`` for tests/test_multihost.py). The worker compiles at XLA backend optimisation level 0 (faster compiles;
+the same flag for every run compared) and shares a persistent compilation cache with the plan subprocess.
+
+Tolerances: the sharded programs reduce in a different order (gradient all-reduces, sharded norms), so results
+agree to float32 round-off, not bit for bit. Metrics (losses, gradient norms) of each of the 3 steps: relative
+1e-4. Parameters: the summed update of the 3 steps (final - initial) over all student / EMA / discriminator
+leaves agrees to 2e-4 of its norm, and elementwise to 2e-6 + 2e-3 |update| (an update is O(lr) = 1e-4 per
+step, so that bound is far below one step's change; the observed differences are ~2e-5 of the norm).
+
+Compile time dominates, so the 8-device runs are split over two worker processes started together (both CPU
+cores busy), and the plan subprocess starts alongside them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tiny_scott.py")
+CONFIG_ARG = "teacher=lcm"  # one teacher sub-step (smaller program, faster compiles); GAN on
+BATCH = 8
+NUM_STEPS = 3
+MIN_SIZE = 256  # fsdp_min_size for the tiny model, so that its kernels do get sharded
+METRIC_RTOL = 1e-4
+UPDATE_RTOL = 2e-4
+UPDATE_ATOL = 2e-6
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_config(folder, data=1, fsdp=1, arg=CONFIG_ARG):
+  from scott_jax import config as config_lib
+
+  c = _load(CONFIG).get_config(arg)
+  c.model.teacher_path = str(folder)
+  c.train.batch_size = BATCH
+  c.mesh.update(dict(data=data, fsdp=fsdp, tensor=1, fsdp_min_size=MIN_SIZE))
+  return config_lib.validate(c)
+
+
+def worker_env(num_devices, cache_dir):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0",
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_worker(args, env, log, timeout=900):
+  with open(log, "w") as fh:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], cwd=ROOT, env=env,
+                          stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+  text = open(log).read()
+  assert proc.returncode == 0, text[-4000:]
+  return text
+
+
+def trainables(npz):
+  return {k: npz[k] for k in npz.files if k.split("/")[0] in ("student", "ema", "disc")}
+
+
+def assert_updates_close(initial, ref, other, rtol=UPDATE_RTOL, atol=UPDATE_ATOL):
+  """The updates (final - initial) of ``other`` equal ``ref``'s: globally to ``rtol`` of the norm and per
+  element to ``atol + rtol |update|``."""
+  keys = sorted(trainables(ref))
+  assert keys and keys == sorted(trainables(other))
+  du_ref = np.concatenate([(ref[k] - initial[k]).ravel() for k in keys])
+  du = np.concatenate([(other[k] - initial[k]).ravel() for k in keys])
+  assert np.linalg.norm(du_ref) > 0
+  assert np.linalg.norm(du - du_ref) <= rtol * np.linalg.norm(du_ref), np.linalg.norm(du - du_ref)
+  np.testing.assert_allclose(du, du_ref, rtol=10 * rtol, atol=atol)
+
+
+def assert_metrics_close(ref, other, rtol=METRIC_RTOL):
+  assert len(ref) == len(other) == NUM_STEPS
+  for a, b in zip(ref, other, strict=True):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert abs(a[k] - b[k]) <= rtol * max(abs(a[k]), 1e-3), (k, a[k], b[k])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-process tests (1 device): the arithmetic of meshes and rules.
+
+def _mesh_cfg(**kw):
+  from scott_jax import config as config_lib
+
+  c = config_lib.defaults().mesh
+  c.update(kw)
+  return c
+
+
+def test_mesh_shape_fills_and_rejects():
+  from scott_jax import parallel
+
+  assert parallel.mesh_shape(_mesh_cfg(data=-1, fsdp=4, tensor=1), 8) == (2, 4, 1)
+  assert parallel.mesh_shape(_mesh_cfg(data=2, fsdp=1, tensor=-1), 8) == (2, 1, 4)
+  assert parallel.mesh_shape(_mesh_cfg(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
+  with pytest.raises(parallel.MeshError, match="has 6 devices but 8 are present"):
+    parallel.mesh_shape(_mesh_cfg(data=3, fsdp=2, tensor=1), 8)
+  with pytest.raises(parallel.MeshError, match="product 3 does not divide the 8 devices"):
+    parallel.mesh_shape(_mesh_cfg(data=-1, fsdp=3, tensor=1), 8)
+  with pytest.raises(parallel.MeshError, match="more than one axis set to -1"):
+    parallel.mesh_shape(_mesh_cfg(data=-1, fsdp=-1, tensor=1), 8)
+  mesh = parallel.make_mesh(_mesh_cfg(data=-1, fsdp=1, tensor=1))
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (1, 1, 1)
+
+
+def test_partition_rule_picks_largest_divisible_dim():
+  """Against hand-worked cases on an abstract (data 2, fsdp 4, tensor 2) mesh."""
+  from jax.sharding import AbstractMesh
+  from jax.sharding import PartitionSpec as P
+
+  from scott_jax import parallel
+
+  mesh = AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor"))
+  rules = parallel.logical_rules(_mesh_cfg())
+  spec = lambda shape, min_size=1: parallel.param_partition_spec(shape, mesh, rules, min_size)  # noqa: E731
+  assert spec((3, 3, 320, 640)) == P(None, None, "fsdp", "tensor")  # conv kernel: Cout over tensor, Cin over fsdp
+  assert spec((768, 320)) == P("fsdp", "tensor")
+  assert spec((1280,)) == P("fsdp")  # 1-D: fsdp only
+  assert spec((6, 10)) == P(None, "tensor")  # no dim divisible by 4 left
+  assert spec((8, 7)) == P("fsdp", None)  # 7 not divisible by tensor 2
+  assert spec((320, 640), min_size=320 * 640 + 1) == P(None, None)  # below fsdp_min_size: replicated
+  assert spec(()) == P()
+  zero3 = parallel.logical_rules(_mesh_cfg(rules=(("batch", "data,fsdp"), ("param_fsdp", "data,fsdp"))))
+  assert parallel.param_partition_spec((64, 3), mesh, zero3, 1) == P(("data", "fsdp"), None)
+  assert zero3["param_tensor"] == ()
+
+
+def test_batch_sharding_and_errors():
+  import jax
+  from jax.sharding import PartitionSpec as P
+
+  from scott_jax import config as config_lib
+  from scott_jax import parallel
+
+  mesh = parallel.make_mesh(_mesh_cfg())
+  sh = parallel.batch_shardings({"images": jax.ShapeDtypeStruct((8, 4, 4, 3), np.float32)}, mesh, _mesh_cfg())
+  assert sh["images"].spec == P(None, None, None, None)  # axes of size 1 are dropped
+  bad = _mesh_cfg(rules=(("batch", "data,nope"),))
+  with pytest.raises(config_lib.ConfigError, match="mesh.rules"):
+    config_lib.validate(config_lib.ConfigDict({**config_lib.defaults().to_dict(), "mesh": bad.to_dict()}))
+  with pytest.raises(parallel.MeshError, match="unknown mesh axes"):
+    parallel.logical_rules(bad)
+
+
+def test_distributed_spec_from_environment():
+  from scott_jax import parallel
+
+  cfg = _mesh_cfg()
+  assert parallel.distributed_spec(cfg, {}) is None
+  assert parallel.distributed_spec(cfg, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+  assert parallel.distributed_spec(cfg, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}).source == "slurm"
+  assert parallel.distributed_spec(cfg, {"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}).source == "tpu"
+  assert parallel.distributed_spec(cfg, {"TPU_WORKER_HOSTNAMES": "h0"}) is None
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  spec = parallel.distributed_spec(cfg, env)
+  assert spec.kwargs() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+  explicit = _mesh_cfg(coordinator_address="h:1", num_processes=2, process_id=1)
+  assert parallel.distributed_spec(explicit, env).kwargs() == {"coordinator_address": "h:1", "num_processes": 2,
+                                                                 "process_id": 1}
+  with pytest.raises(parallel.MeshError, match="number of processes"):
+    parallel.distributed_spec(cfg, {"JAX_COORDINATOR_ADDRESS": "h:1"})
+  with pytest.raises(parallel.MeshError, match="outside"):
+    parallel.distributed_spec(_mesh_cfg(coordinator_address="h:1", num_processes=2, process_id=2), {})
+  assert parallel.distributed_spec(_mesh_cfg(distributed="off"), env) is None
+  assert parallel.distributed_spec(_mesh_cfg(distributed="on"), {}).source == "forced"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8 fake devices (subprocess).
+
+def _plan_cmd(folder, workdir):
+  return [sys.executable, "-m", "scott_jax.main", "--config", f"{CONFIG}:{CONFIG_ARG}", "--mode", "plan",
+          "--workdir", str(workdir), f"--config.model.teacher_path={folder}", f"--config.train.batch_size={BATCH}",
+          "--config.mesh.data=2", "--config.mesh.fsdp=4", f"--config.mesh.fsdp_min_size={MIN_SIZE}",
+          "--config.mesh.plan_devices=8"]
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory):
+  """Runs the two 8-device workers and `--mode plan` concurrently; returns their outputs."""
+  root = tmp_path_factory.mktemp("parallel")
+  folder = _load(CONFIG).write_tiny_pipeline(str(root / "tiny_sd"))
+  out = root / "out"
+  out.mkdir()
+  plan_env = worker_env(8, root / "jax_cache_plan")
+  plan_env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # the plan makes its own 8 CPU devices
+  jobs = {"a": ([sys.executable, os.path.abspath(__file__), "meshes", out, folder, "a"], worker_env(8, root / "c_a")),
+          "b": ([sys.executable, os.path.abspath(__file__), "meshes", out, folder, "b"], worker_env(8, root / "c_b")),
+          "plan": (_plan_cmd(folder, root / "plan"), plan_env)}
+  procs, logs = {}, {}
+  try:
+    for name, (cmd, env) in jobs.items():
+      logs[name] = open(root / f"{name}.log", "w")
+      procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=logs[name],
+                                     stderr=subprocess.STDOUT)
+    for p in procs.values():
+      p.wait(timeout=1200)
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for fh in logs.values():
+      fh.close()
+  texts = {name: open(root / f"{name}.log").read() for name in jobs}
+  for name in ("a", "b"):
+    assert procs[name].returncode == 0, texts[name][-4000:]
+  results = {}
+  for part in ("a", "b"):
+    with open(out / f"results_{part}.json") as fh:
+      results.update(json.load(fh))
+  return {"root": root, "folder": folder, "out": out, "results": results, "plan_rc": procs["plan"].returncode,
+          "plan_log": texts["plan"], "plan_dir": root / "plan"}
+
+
+def test_sharded_step_matches_single_device(mesh_run):
+  """3 steps on meshes (8,1), (2,4), (1,8) = the 1-device steps: every metric of every step and the parameter
+  updates of student, EMA and discriminator, to the tolerances of the module docstring."""
+  res, out = mesh_run["results"], mesh_run["out"]
+  initial = np.load(out / "initial.npz")
+  ref = np.load(out / "ref.npz")
+  assert res["ref"]["mesh"] == [1, 1, 1]
+  for name, shape in (("m8x1", [8, 1, 1]), ("m2x4", [2, 4, 1]), ("m1x8", [1, 8, 1])):
+    assert res[name]["mesh"] == shape
+    assert_metrics_close(res["ref"]["metrics"], res[name]["metrics"])
+    assert_updates_close(initial, ref, np.load(out / f"{name}.npz"))
+  # The runs did train (loss values differ between steps) and the state stayed on its shardings.
+  assert len({round(m["loss"], 6) for m in res["ref"]["metrics"]}) == NUM_STEPS
+
+
+def test_parameters_are_sharded(mesh_run):
+  """Read from the arrays' .sharding after 3 steps: with fsdp 4 or 8 the large leaves of the student, EMA, Adam
+  moments, discriminator and frozen models are split (each device holds 1/fsdp of them), batches over
+  (data, fsdp), the step/key replicated; with fsdp 1 (pure data parallel) everything is replicated."""
+  res = mesh_run["results"]
+  for name, fsdp in (("m2x4", 4), ("m1x8", 8)):
+    info = res[name]["sharding"]
+    for group in ("student", "ema", "opt_student", "disc", "frozen"):
+      assert info[group]["sharded"] > 0, (name, group, info[group])
+      # Sharded leaves hold exactly 1/fsdp per device, and they are most of the bytes.
+      assert info[group]["bytes_sharded_local"] * fsdp == info[group]["bytes_sharded_global"]
+      assert info[group]["bytes_sharded_global"] > 0.5 * info[group]["bytes_global"], (name, group)
+    assert info["step"] == info["key"] == "P()"
+    ex = info["example"]  # a (1, 1, 32, 32) 1x1-conv kernel: split on one of its 32s, whole on the other dims
+    assert ex["spec"].count("fsdp") == 1 and ex["num_shards"] == 8
+    assert np.prod(ex["shard_shape"]) * fsdp == np.prod(ex["shape"]) and ex["shard_shape"][:2] == [1, 1]
+    assert info["batch"] == ("P(('data', 'fsdp'), None, None, None)" if name == "m2x4" else
+                             "P('fsdp', None, None, None)")
+  info = res["m8x1"]["sharding"]
+  assert all(info[g]["sharded"] == 0 for g in ("student", "ema", "opt_student", "disc", "frozen"))
+  assert info["batch"] == "P('data', None, None, None)"
+
+
+def test_checkpoint_from_8_devices_continues_on_2(mesh_run):
+  """A checkpoint written by the (1,8) run after step 1 (scott_jax.checkpoint.Checkpointer) restores onto a
+  (1,2) mesh (2 devices, the new shardings) and steps 2-3 there give the unbroken (1,8) run's metrics and final
+  parameters."""
+  res, out = mesh_run["results"], mesh_run["out"]
+  assert res["restored"]["restored_step"] == 1
+  assert res["restored"]["mesh"] == [1, 2, 1] and res["restored"]["restored_shardings_ok"]
+  unbroken = res["m1x8"]["metrics"][1:]
+  resumed = res["restored"]["metrics"]
+  assert len(resumed) == NUM_STEPS - 1
+  for a, b in zip(unbroken, resumed, strict=True):
+    for k in a:
+      assert abs(a[k] - b[k]) <= METRIC_RTOL * max(abs(a[k]), 1e-3), (k, a[k], b[k])
+  assert_updates_close(np.load(out / "initial.npz"), np.load(out / "m1x8.npz"), np.load(out / "restored.npz"))
+
+
+def test_plan_mode_on_the_tiny_config(mesh_run):
+  """``--mode plan`` (CLI; architectures from the teacher folder's config.json files, no weights) on 8 fake
+  devices, mesh (2,4): compiles from shapes and reports per-device memory and FLOPs. Its per-device train-state
+  bytes equal those of the real sharded state of the (2,4) run (so the abstract models and shardings are the
+  real ones), and XLA's donated (aliased) bytes per device equal them too."""
+  assert mesh_run["plan_rc"] == 0, mesh_run["plan_log"][-4000:]
+  with open(mesh_run["plan_dir"] / "plan.json") as fh:
+    plan = json.load(fh)
+  assert plan["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and plan["devices"] == 8
+  assert plan["batch_per_device"] == 1 and plan["batch_kind"] == "images"
+  assert plan["state_bytes_per_device"] == mesh_run["results"]["m2x4"]["state_bytes_per_device"]
+  assert plan["memory"]["alias_bytes"] == plan["state_bytes_per_device"]
+  assert plan["state_bytes_per_device"] < plan["state_bytes_total"] / 3
+  assert plan["flops_per_device"] > 0 and plan["memory"]["temp_bytes"] > 0
+  assert "FLOPs per device" in mesh_run["plan_log"] and "XLA memory per device" in mesh_run["plan_log"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker (runs in a subprocess with fake devices).
+
+def _flat(tree):
+  import jax
+
+  return {jax.tree_util.keystr(p).replace("['", "/").replace("']", "").replace(".", "/").lstrip("/"): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sharding_info(state, frozen, batch):
+  import jax
+
+  def group(tree):
+    n, b_loc, b_glob, b_all = 0, 0, 0, 0
+    for x in jax.tree.leaves(tree):
+      local = x.sharding.shard_shape(x.shape)
+      b_all += x.nbytes
+      if local != x.shape:
+        n += 1
+        b_loc += int(np.prod(local)) * x.dtype.itemsize
+        b_glob += x.nbytes
+    return {"sharded": n, "bytes_sharded_local": b_loc, "bytes_sharded_global": b_glob, "bytes_global": b_all}
+
+  k = state.student["params"]["up_blocks_1"]["attentions_0"]["proj_in"]["kernel"]
+  return {"student": group(state.student), "ema": group(state.ema), "opt_student": group(state.opt_student),
+          "disc": group(state.disc), "frozen": group(frozen), "step": str(state.step.sharding.spec),
+          "key": str(state.key.sharding.spec), "batch": str(jax.tree.leaves(batch)[0].sharding.spec),
+          "example": {"spec": str(k.sharding.spec), "num_shards": len(k.addressable_shards),
+                      "shape": list(k.shape), "shard_shape": list(k.addressable_shards[0].data.shape)}}
+
+
+class _Run:
+  """The tiny config's models, 3 fixed batches of 8 and the initial state (host), shared by the runs."""
+
+  def __init__(self, folder, arg=CONFIG_ARG):
+    import jax
+
+    from scott_jax import train as train_lib
+
+    self.config = tiny_config(folder, arg=arg)
+    self.models, frozen = train_lib.load_models(self.config)
+    source = train_lib.make_source(self.config)
+    self.batches = [train_lib.prepare_batch(source.batch(k), self.models) for k in range(NUM_STEPS)]
+    self.state0 = jax.device_get(train_lib.init_state(self.config, self.models, frozen, self.batches[0]))
+    self.frozen = jax.device_get(frozen)
+    self.step_fn = train_lib.make_train_step(self.config, self.models)
+
+  def mesh_cfg(self, data, fsdp):
+    c = self.config.mesh.copy_and_resolve_references()
+    c.update(dict(data=data, fsdp=fsdp, tensor=1))
+    return c
+
+  def setup(self, data, fsdp, devices):
+    from scott_jax import parallel
+
+    mcfg = self.mesh_cfg(data, fsdp)
+    mesh = parallel.make_mesh(mcfg, devices)
+    state_sh, frozen_sh, batch_sh = parallel.shardings_for(mcfg, mesh, self.state0, self.frozen, self.batches[0])
+    step = parallel.jit_train_step(self.step_fn, mesh, state_sh, batch_sh, frozen_sh)
+    return mesh, state_sh, frozen_sh, batch_sh, step
+
+  def local_batch(self, k):
+    """This process's contiguous part of batch k (all of it in one process)."""
+    import jax
+
+    from scott_jax import parallel
+
+    n = parallel.local_batch_size(BATCH)
+    i = jax.process_index()
+    return {key: v[i * n:(i + 1) * n] for key, v in self.batches[k].items()}
+
+  def train(self, data, fsdp, devices, state=None, steps=range(NUM_STEPS), on_step=None):
+    from scott_jax import parallel
+
+    mesh, state_sh, frozen_sh, batch_sh, step = self.setup(data, fsdp, devices)
+    state = parallel.put_tree(self.state0 if state is None else state, state_sh)
+    frozen = parallel.put_tree(self.frozen, frozen_sh)
+    metrics = []
+    batch = None
+    for k in steps:
+      batch = parallel.make_global_batch(self.local_batch(k), batch_sh)
+      state, m = step(state, batch, frozen)
+      metrics.append({key: float(v) for key, v in m.items()})
+      if on_step is not None:
+        on_step(k, state)
+    info = _sharding_info(state, frozen, batch)
+    result = {"mesh": list(mesh.devices.shape), "metrics": metrics, "sharding": info,
+              "state_bytes_per_device": parallel.bytes_per_device(state, state_sh)}
+    return state, result
+
+
+def _save(path, state):
+  from scott_jax import parallel
+
+  flat = _flat(parallel.gather_tree(state))
+  np.savez(path, **flat)
+
+
+def worker_meshes(out, folder, part):
+  """Part a: the 1-device reference and meshes (8,1), (2,4). Part b: mesh (1,8) with a checkpoint after step 1,
+  restored onto a (1,2) mesh for steps 2-3. Writes OUT/<run>.npz (gathered state) and OUT/results_<part>.json."""
+  import jax
+
+  from scott_jax import checkpoint as ckpt_lib
+  from scott_jax import parallel
+
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  run = _Run(folder)
+  results = {}
+  if part == "a":
+    _save(os.path.join(out, "initial.npz"), run.state0)
+    state, results["ref"] = run.train(1, 1, devices[:1])
+    _save(os.path.join(out, "ref.npz"), state)
+    for name, (data, fsdp) in (("m8x1", (8, 1)), ("m2x4", (2, 4))):
+      state, results[name] = run.train(data, fsdp, devices)
+      _save(os.path.join(out, f"{name}.npz"), state)
+  elif part == "b":
+    ckpt_dir = os.path.join(out, "ckpt")
+    with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None) as ckpt:
+      def save_first(k, st):
+        if k == 0:
+          ckpt.save(int(st.step), st, force=True)
+      state, results["m1x8"] = run.train(1, 8, devices, on_step=save_first)
+    _save(os.path.join(out, "m1x8.npz"), state)
+    # Restore the 8-device checkpoint onto a (1, 2) mesh and continue.
+    _, state_sh2, _, _, _ = run.setup(1, 2, devices[:2])
+    target = parallel.with_shardings(run.state0, state_sh2)
+    with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None) as ckpt:
+      step = ckpt.latest_step()
+      restored, _ = ckpt.restore(step, target)
+    ok = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
+             zip(jax.tree.leaves(restored), jax.tree.leaves(state_sh2), strict=True))
+    state, results["restored"] = run.train(1, 2, devices[:2], state=restored, steps=range(1, NUM_STEPS))
+    results["restored"].update(restored_step=step, restored_shardings_ok=bool(ok))
+    _save(os.path.join(out, "restored.npz"), state)
+  else:
+    raise ValueError(part)
+  with open(os.path.join(out, f"results_{part}.json"), "w") as fh:
+    json.dump(results, fh)
+
+
+def worker_run(out, folder, data, fsdp, arg):
+  """One training run of 3 steps of the tiny config with ``arg`` on a (data, fsdp) mesh of all devices (all
+  processes); process 0 writes OUT/params.npz and OUT/results.json. Multi-process when jax.distributed is
+  configured by the environment."""
+  import jax
+
+  from scott_jax import parallel
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # before the backend starts
+  parallel.initialize_distributed(tiny_config(folder, arg=arg).mesh)
+  run = _Run(folder, arg)
+  state, result = run.train(int(data), int(fsdp), jax.devices())
+  result.update(process_count=jax.process_count(), local_devices=jax.local_device_count())
+  flat = _flat(parallel.gather_tree(state))
+  if jax.process_index() == 0:
+    np.savez(os.path.join(out, "params.npz"), **flat)
+    with open(os.path.join(out, "results.json"), "w") as fh:
+      json.dump(result, fh)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  if sys.argv[1] == "meshes":
+    worker_meshes(sys.argv[2], sys.argv[3], sys.argv[4])
+  elif sys.argv[1] == "run":
+    worker_run(*sys.argv[2:7])
+  else:
+    raise SystemExit(f"unknown worker mode {sys.argv[1]}")
