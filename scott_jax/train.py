@@ -491,7 +491,9 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as fh:
     fh.write(config.to_json_best_effort(indent=2))
+  t_start = time.time()
   models, frozen = load_models(config)
+  logging.info("Loaded the teacher from %s in %.1f s.", config.model.teacher_path, time.time() - t_start)
   source = make_source(config)
   if source.images.shape[1] % models.vae.config.downsample_factor:
     raise ValueError(f"image resolution {source.images.shape[1]} is not a multiple of the VAE's downsampling "
@@ -516,7 +518,10 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
   start = int(state.step)
 
   step_fn = jax.jit(make_train_step(config, models), donate_argnums=(0,))
+  t_compile = time.time()
   compiled = step_fn.lower(state, batch_spec, frozen).compile()
+  logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
+               time.time() - t_start)
   sampler = make_sampler(config, models) if tc.sample_every else None
   sample_text = None
   if sampler is not None:

@@ -263,17 +263,26 @@ def test_resume_is_exact_after_sigterm(env, tiny):
   assert glob.glob(str(straight / "events.out.tfevents.*"))
 
 
-def test_sample_grids_are_written(env, tmp_path):
-  """The loop writes 1- and 2-step student sample grids as PNGs (LCM multistep sampling, VAE decode)."""
+def test_sample_grids_are_written(tiny, tmp_path):
+  """The loop's sampler: LCM multistep consistency sampling (1 and 2 steps) with the student and the VAE decode,
+  written as one PNG grid per step count; deterministic given the key, and the steps differ."""
   from PIL import Image
 
-  config = _config(env["folder"])
-  config.train.num_steps = 1
-  config.train.sample_every = 1
-  train_lib.train(config, str(tmp_path))
+  from scott_jax.models.clip_text import tokenize
+
+  config, models, frozen, state, _, _ = tiny
+  sampler = train_lib.make_sampler(config, models)
+  ids = jnp.asarray(tokenize(models.tokenizer, list(config.train.sample_prompts), models.max_length))
+  text = models.text_encoder.apply(frozen["text_encoder"], ids).last_hidden_state
+  out = {}
   for k in (1, 2):
-    img = np.asarray(Image.open(tmp_path / "samples" / f"step0000001_{k}step.png"))
-    assert img.shape == (32, 64, 3) and img.std() > 0  # two prompts side by side, 32x32 each
+    out[k] = sampler(state.student, frozen, text, k, jax.random.PRNGKey(0))
+    train_lib.write_grid(str(tmp_path / f"{k}step.png"), out[k])
+    img = np.asarray(Image.open(tmp_path / f"{k}step.png"))
+    assert img.shape == (32, 64, 3) and img.dtype == np.uint8 and img.std() > 0  # two 32x32 samples in a row
+    np.testing.assert_array_equal(img[:, :32], out[k][0])
+  np.testing.assert_array_equal(sampler(state.student, frozen, text, 2, jax.random.PRNGKey(0)), out[2])
+  assert not np.array_equal(out[1], out[2])
 
 
 VARIANTS = [("sd15_scott", a) for a in ("eta=0.2", "h=1", "gan=off", "teacher=lcm", "disc=full", "disc=no_cond",
