@@ -28,16 +28,22 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.model.teacher_path = ""  # stage 2 reads WORKDIR/teacher_pipeline (written by stage 1)
   # Stage 2: the paper's SCott teacher, at digits size.
   c.solver.update(dict(name="er_sde", order=2, noise_fn=7, skip=24, h=3, eta=0.0))
-  c.consistency.update(dict(w_min=1.0, w_max=4.0, ema_decay=0.95, distance="l2"))
+  c.consistency.update(dict(w_min=0.5, w_max=3.0, ema_decay=0.95, distance="l2"))  # CFG g in [1.5, 4]
   c.gan.update(dict(enabled=True, lambda_adv=0.4, variant="lora", lora_rank=4, lora_alpha=4.0))
   c.optim.update(dict(student_lr=1e-4, disc_lr=1e-4, warmup_steps=20))
   c.train.update(dict(batch_size=32, num_steps=300, log_every=25, checkpoint_every=100, keep_checkpoints=2,
-                      sample_every=0, sample_steps=(1, 2, 4), sample_guidance_scale=3.0,
+                      sample_every=0, sample_steps=(1, 2, 4), sample_guidance_scale=2.0,
                       sample_prompts=("a handwritten digit three", "a handwritten digit seven")))
   c.data.update(dict(source="synthetic", path="", resolution=16, num_examples=8))
-  c.digits.update(dict(guidance_scale=3.0))
+  # Sized for 2 CPU cores: teacher 2000 x 64 images, classifier 500 x 128, 50 samples per digit per row.
+  # CFG scale 2 (w = 1): the 2000-step teacher's DDIM-50 samples are 99.7% recognised as the prompted digit
+  # (g = 1.5: 98%, FID 33; g = 3: 100%, FID 117 with recall 0.37), so diversity is left to compare.
+  c.digits.update(dict(unet_channels=(16, 32), unet_heads=(2, 4), unet_norm_groups=8, teacher_steps=2000,
+                       teacher_batch=64, teacher_lr=2e-3, teacher_warmup=100, teacher_ema=0.999,
+                       classifier_steps=500, classifier_batch=128, guidance_scale=2.0, samples_per_digit=50,
+                       eval_batch=250))
   if variant == "quick":
-    c.digits.update(dict(teacher_steps=300, classifier_steps=200, samples_per_digit=10, eval_batch=100,
+    c.digits.update(dict(teacher_steps=400, classifier_steps=200, samples_per_digit=10, eval_batch=100,
                          checkpoint_every=100, log_every=50))
     c.train.update(dict(num_steps=30, log_every=10, checkpoint_every=15))
   return c

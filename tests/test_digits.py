@@ -72,7 +72,7 @@ def test_images_are_grey_rgb_and_bilinear(digits):
   want = np.asarray(Image.fromarray(img).resize((16, 16), Image.BILINEAR))
   np.testing.assert_array_equal(data_lib.upsample(load_digits().images[:1], 16)[0, ..., 1], want)
   x = data_lib.to_model(digits.test_images)
-  assert x.min() >= -1.0 and x.max() <= 1.0
+  assert x.shape[-1] == 1 and x.min() >= -1.0 and x.max() <= 1.0
   np.testing.assert_array_equal(data_lib.to_uint8(x), digits.test_images)
 
 
@@ -232,3 +232,37 @@ def test_config_variants():
     assert c.gan.enabled
   with pytest.raises(config_lib.ConfigError):
     _config("nope")
+
+
+def test_student_sample_fn_one_step_is_the_consistency_function_of_the_teacher():
+  """With a zero guidance projection the student is the teacher: its 1-step sample from the documented initial
+  noise is c_skip(999) z + c_out(999) x0_teacher(z) (closed form, computed without the sampler)."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from scott_jax import consistency, schedules
+  from scott_jax.digits import evaluation, teacher
+  from scott_jax.models.unet import UNet2DConditionModel, init_params
+
+  c = _tiny_config()
+  tcfg = teacher.unet_config(c.digits, cross_attention_dim=32)
+  t_params = init_params(jax.random.key(1), tcfg, context_length=8)
+  scfg = dataclasses.replace(tcfg, time_cond_proj_dim=256)
+  s_params = jax.tree_util.tree_map(lambda x: x, t_params)
+  s_params["params"]["time_embedding"] = dict(s_params["params"]["time_embedding"],
+                                              cond_proj={"kernel": jnp.zeros((256, tcfg.block_out_channels[0]))})
+  table = np.random.default_rng(0).standard_normal((11, 8, 32)).astype(np.float32)
+  schedule = schedules.sd15()
+  fn = evaluation.make_student_sample_fn(UNet2DConditionModel(scfg), s_params, table, schedule, num_steps=1,
+                                         guidance_scale=3.0)
+  labels = np.array([3, 7, 0])
+  key = jax.random.key(5)
+  got = fn(labels, key)
+  z = jax.random.normal(jax.random.split(key)[0], (3, 16, 16, 1), jnp.float32)
+  eps = jax.jit(UNet2DConditionModel(tcfg).apply)(t_params, z, jnp.full((3,), 999), jnp.asarray(table[labels]))
+  abar = float(schedule.abar[999])
+  x0 = (z - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
+  c_skip, c_out = (float(v) for v in consistency.boundary_scalings(999.0))
+  np.testing.assert_allclose(got, c_skip * z + c_out * x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(fn(labels, key), got)  # deterministic in the key

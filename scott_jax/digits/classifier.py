@@ -1,9 +1,10 @@
 """The digit classifier: the digits experiment's stand-in for Inception (FID / coverage features) and for CLIP
 (its accuracy on generated digits against the prompted digit plays the role of CLIP score).
 
-A small CNN on the grey value (channel mean) of (B, R, R, 3) images in [-1, 1]: two 3x3 conv + ReLU pairs with
-2x2 average pooling after each pair (32 then 64 channels), flatten, Dense(features) (the FEATURES: the
-pre-activation of the penultimate layer, ``classifier_features``-dimensional), ReLU, Dense(10) logits.
+A small CNN on the grey value (channel mean) of (B, R, R, C) images in [-1, 1]: two 3x3 conv + ReLU pairs with
+2x2 average pooling after each pair (``classifier_widths`` channels, default 16 then 32), flatten,
+Dense(features) (the FEATURES: the pre-activation of the penultimate layer, ``classifier_features``-dimensional),
+ReLU, Dense(10) logits.
 Trained with softmax cross-entropy on the training split only, AdamW with cosine decay, and random one-pixel
 translations (edge padding with the background value) as augmentation; checkpointed and resumable through
 `scott_jax.digits.loop`.
@@ -32,11 +33,12 @@ class DigitClassifier(nn.Module):
   """(B, R, R, C) images in [-1, 1] -> (logits (B, 10), features (B, features))."""
 
   features: int = 64
+  widths: tuple[int, ...] = (16, 32)
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
     h = jnp.mean(x, axis=-1, keepdims=True)
-    for width in (32, 64):
+    for width in self.widths:
       h = nn.relu(nn.Conv(width, (3, 3))(h))
       h = nn.relu(nn.Conv(width, (3, 3))(h))
       h = nn.avg_pool(h, (2, 2), strides=(2, 2))
@@ -55,7 +57,7 @@ def shift(x: Array, key: Array, max_shift: int = 1) -> Array:
 
 
 def make_step(config: ConfigDict, model: DigitClassifier, tx: optax.GradientTransformation) -> Callable:
-  """step(state, batch) -> (state, metrics); batch = {"x": (B, R, R, 3), "labels": (B,)}. Pure; jit it."""
+  """step(state, batch) -> (state, metrics); batch = {"x": (B, R, R, C), "labels": (B,)}. Pure; jit it."""
   d = config.digits
 
   def step(state: PyTree, batch: dict[str, Array]) -> tuple[PyTree, dict[str, Array]]:
@@ -76,7 +78,7 @@ def make_step(config: ConfigDict, model: DigitClassifier, tx: optax.GradientTran
 
 def make_apply(model: DigitClassifier, batch_size: int = 500) -> Callable[[PyTree, np.ndarray], tuple[np.ndarray,
                                                                                                        np.ndarray]]:
-  """apply(params, x (N, R, R, 3) float32 in [-1, 1]) -> (logits (N, 10), features (N, F)) numpy float32, in
+  """apply(params, x (N, R, R, C) float32 in [-1, 1]) -> (logits (N, 10), features (N, F)) numpy float32, in
   batches of ``batch_size`` (the last one padded, so one compiled shape)."""
   fn = jax.jit(model.apply)
 
@@ -102,7 +104,7 @@ def train(config: ConfigDict, directory: str, train_x: np.ndarray, train_labels:
   The batch of update k is ``train[rng([classifier_seed + 1, k]).choice(N, B)]``; test accuracy is logged.
   """
   d = config.digits
-  model = DigitClassifier(d.classifier_features)
+  model = DigitClassifier(d.classifier_features, tuple(d.classifier_widths))
   lr = optax.cosine_decay_schedule(d.classifier_lr, d.classifier_steps, alpha=0.05)
   tx = optax.adamw(lr, weight_decay=1e-4)
   apply = make_apply(model)
@@ -130,3 +132,50 @@ def train(config: ConfigDict, directory: str, train_x: np.ndarray, train_labels:
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   """Fraction of argmax(logits) == labels."""
   return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
+
+
+EXPORT_PARAMS, EXPORT_CONFIG = "classifier.msgpack", "classifier.json"
+
+
+def export(folder: str, model: DigitClassifier, params: PyTree) -> None:
+  """Writes the trained classifier to ``folder`` (classifier.msgpack: flax-serialised params; classifier.json:
+  the module's fields), for `eval_features` (the eval job's pluggable feature extractor)."""
+  import json
+  import os
+
+  from flax import serialization
+
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, EXPORT_PARAMS), "wb") as fh:
+    fh.write(serialization.to_bytes(jax.device_get(params)))
+  with open(os.path.join(folder, EXPORT_CONFIG), "w") as fh:
+    json.dump({"features": model.features, "widths": list(model.widths)}, fh)
+
+
+def load_export(folder: str) -> tuple[DigitClassifier, PyTree]:
+  """(module, params) written by `export`; FileNotFoundError names a missing file."""
+  import json
+  import os
+
+  from flax import serialization
+
+  for name in (EXPORT_PARAMS, EXPORT_CONFIG):
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise FileNotFoundError(f"no {name} in {folder} (written by the digits classifier stage)")
+  with open(os.path.join(folder, EXPORT_CONFIG)) as fh:
+    fields = json.load(fh)
+  model = DigitClassifier(int(fields["features"]), tuple(fields["widths"]))
+  target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.float32))
+  with open(os.path.join(folder, EXPORT_PARAMS), "rb") as fh:
+    params = serialization.from_bytes(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), target),
+                                      fh.read())
+  return model, params
+
+
+def eval_features(ec: Any) -> Callable[[np.ndarray], np.ndarray]:
+  """Feature extractor for the eval job (``eval.features = "scott_jax.digits.classifier:eval_features"``,
+  ``eval.feature_weights`` = the `export` folder, e.g. WORKDIR/classifier/export): uint8 images (N, H, W, 3)
+  -> the classifier's features (N, F) float32 (images scaled to [-1, 1], grey = channel mean)."""
+  model, params = load_export(ec.feature_weights)
+  apply = make_apply(model)
+  return lambda images: apply(params, np.asarray(images, np.float32) / 127.5 - 1.0)[1]

@@ -3,8 +3,11 @@
 Data: sklearn's ``load_digits`` (1797 grey 8x8 images with values 0..16, 10 classes), scaled to uint8 and
 upsampled to ``resolution`` x ``resolution`` with PIL bilinear resampling, the grey value replicated into three
 channels, so images are uint8 (N, R, R, 3) like every other image source here (`scott_jax.data.arrays`). The
-model works in pixel space on ``images / 127.5 - 1`` in [-1, 1] (no VAE: the "latents" are the pixels). The
-split is a fixed stratified one (sklearn ``train_test_split`` with ``random_state=split_seed``).
+model works in pixel space on ONE grey channel, ``images[..., :1] / 127.5 - 1`` in [-1, 1] (`to_model`; no VAE:
+the "latents" are the pixels; `to_uint8` goes back to grey RGB). DECISION: one channel rather than three
+replicated ones: with three, each channel's low-frequency content at t = T (SD1.5's schedule keeps
+alpha_T = 0.068) is read from independent noise, and samples come out tinted. The split is a fixed stratified
+one (sklearn ``train_test_split`` with ``random_state=split_seed``).
 
 Prompts: "a handwritten digit <word>" for the label's English word; the empty prompt is the CFG negative.
 
@@ -14,9 +17,9 @@ learned from the prompt words (standard BPE training, most frequent pair first) 
 token. transformers' `CLIPTokenizer` reads the folder (`scott_jax.models.loading.load_tokenizer`).
 
 Text encoder: our Flax `CLIPTextModel` with a small config and random weights fixed by a seed (Flax's default
-initialisers, embeddings N(0, 0.02^2) as transformers' CLIP), frozen everywhere (as SD's text encoder), saved as
-a transformers folder (config.json + model.safetensors in torch layout) that `loading.load_text_encoder` and
-transformers' ``CLIPTextModel.from_pretrained`` read.
+initialisers, unit-variance token embeddings; see `init_text_encoder`), frozen everywhere (as SD's text
+encoder), saved as a transformers folder (config.json + model.safetensors in torch layout) that
+`loading.load_text_encoder` and transformers' ``CLIPTextModel.from_pretrained`` read.
 """
 
 from __future__ import annotations
@@ -96,13 +99,15 @@ def load_data(resolution: int = 16, test_fraction: float = 0.2, seed: int = 0) -
 
 
 def to_model(images: np.ndarray) -> np.ndarray:
-  """uint8 images -> float32 in [-1, 1] (the model's pixel space; same rule as train.prepare_batch)."""
-  return np.asarray(images, np.float32) / 127.5 - 1.0
+  """Grey uint8 RGB images (N, R, R, 3) -> the model space (N, R, R, 1) float32 in [-1, 1] (the first channel,
+  ``/ 127.5 - 1`` as train.prepare_batch)."""
+  return np.asarray(images, np.float32)[..., :1] / 127.5 - 1.0
 
 
 def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
-  """Model-space images in [-1, 1] (clipped) -> uint8."""
-  return np.asarray(np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5), np.uint8)
+  """Model-space images (N, R, R, C) in [-1, 1] (clipped) -> uint8 (N, R, R, 3), a single channel repeated."""
+  x = np.asarray(np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5), np.uint8)
+  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,16 +208,23 @@ def text_config(tokenizer: Any, hidden: int = 32, layers: int = 2, heads: int = 
                         pad_token_id=int(tokenizer.pad_token_id))
 
 
-def init_text_encoder(config: CLIPTextConfig, seed: int = 0) -> Any:
-  """Random fixed parameters {"params": ...}: Flax default initialisers, token and position embeddings
-  N(0, 0.02^2) (transformers' CLIP initialisation of the embeddings), from ``jax.random.key(seed)``."""
+def init_text_encoder(config: CLIPTextConfig, seed: int = 0, token_std: float = 1.0,
+                      position_std: float = 0.02) -> Any:
+  """Random fixed parameters {"params": ...} from ``jax.random.key(seed)``: Flax default initialisers, token
+  embeddings N(0, token_std^2) and position embeddings N(0, position_std^2).
+
+  DECISION (config digits.text_token_std / text_position_std): unit-variance token embeddings (torch
+  ``nn.Embedding``'s default) rather than CLIP's 0.02: with 0.02 the random 2-layer encoder maps the ten
+  prompts to nearly parallel states (mean cosine 0.91 at the digit's position), with 1.0 they are well apart
+  (0.38), as a trained text encoder's would be."""
   key, k_tok, k_pos = jax.random.split(jax.random.key(seed), 3)
   model = CLIPTextModel(config)
   params = jax.jit(model.init)(key, jnp.zeros((1, config.max_position_embeddings), jnp.int32))
   emb = dict(params["params"]["embeddings"])
-  emb["token_embedding"] = {"embedding": 0.02 * jax.random.normal(k_tok, (config.vocab_size, config.hidden_size))}
+  emb["token_embedding"] = {
+    "embedding": token_std * jax.random.normal(k_tok, (config.vocab_size, config.hidden_size))}
   emb["position_embedding"] = {
-    "embedding": 0.02 * jax.random.normal(k_pos, (config.max_position_embeddings, config.hidden_size))}
+    "embedding": position_std * jax.random.normal(k_pos, (config.max_position_embeddings, config.hidden_size))}
   inner = dict(params["params"], embeddings=emb)
   return {"params": inner}
 
@@ -236,7 +248,7 @@ def encode_prompts(text_encoder: CLIPTextModel, params: Any, tokenizer: Any) -> 
   (``last_hidden_state``, the U-Net's context as diffusers' ``encode_prompt`` without clip skip)."""
   length = int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
   ids = jnp.asarray(tokenize(tokenizer, prompts() + [""], length))
-  return np.asarray(text_encoder.apply(params, ids).last_hidden_state, np.float32)
+  return np.asarray(jax.jit(text_encoder.apply)(params, ids).last_hidden_state, np.float32)
 
 
 UNCOND = NUM_CLASSES  # row of the empty prompt in the encode_prompts table

@@ -1,8 +1,8 @@
 """Sampling rows and their metrics for the digits experiment.
 
-A row is a way to generate digits from prompts: ``sample_fn(labels (n,), key) -> images (n, R, R, 3)`` float32
+A row is a way to generate digits from prompts: ``sample_fn(labels (n,), key) -> images (n, R, R, C)`` float32
 in [-1, 1], where by convention ``k_z, k_rest = split(key)`` and the initial noise is
-``normal(k_z, (n, R, R, 3))``, so rows evaluated with the same key start from the same noise ("same seeds").
+``normal(k_z, (n, R, R, C))``, so rows evaluated with the same key start from the same noise ("same seeds").
 Every row generates ``samples_per_digit`` images of each digit (labels ``tile(arange(10), n)``) in chunks of
 ``eval_batch``, chunk i with key ``fold_in(key(eval_seed), i)``.
 
@@ -117,7 +117,7 @@ def make_student_sample_fn(student: Any, params: PyTree, table: np.ndarray, sche
 
 def generate(sample_fn: SampleFn, labels: np.ndarray, seed: int, batch: int) -> tuple[np.ndarray, float]:
   """Runs ``sample_fn`` over ``labels`` in chunks of ``batch`` (chunk i: key fold_in(key(seed), i); the last
-  chunk padded to the full batch so one compiled shape serves all). Returns (images (N, R, R, 3) float32,
+  chunk padded to the full batch so one compiled shape serves all). Returns (images (N, R, R, C) float32,
   seconds spent after the first chunk's compilation, scaled to all N images)."""
   out, seconds, timed = [], 0.0, 0
   base = jax.random.key(seed)
@@ -147,7 +147,7 @@ def metrics(logits: np.ndarray, features: np.ndarray, labels: np.ndarray, real_f
 
 def write_grid(path: str, images: np.ndarray, labels: np.ndarray, per_digit: int = 8, scale: int = 4) -> None:
   """PNG grid: column c shows the first ``per_digit`` images of digit c (rows top to bottom), each image
-  ``scale`` x nearest-upsampled; images uint8 (N, R, R, 3) or float in [-1, 1]."""
+  ``scale`` x nearest-upsampled; images uint8 (N, R, R, 3) or model-space floats in [-1, 1]."""
   from PIL import Image
 
   imgs = images if images.dtype == np.uint8 else to_uint8(images)

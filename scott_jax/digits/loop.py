@@ -58,6 +58,7 @@ def run(*, name: str, directory: str, init_state: Callable[[], PyTree],
   extra metrics logged at step 0 and every ``log_every`` steps. ``stop_at`` ends the run early (checkpointed)
   at that step, e.g. to test resumption. Returns the final state.
   """
+  directory = os.path.abspath(directory)  # orbax needs absolute checkpoint paths
   os.makedirs(directory, exist_ok=True)
   fresh = init_state()
   checkpointer = ckpt_lib.Checkpointer(os.path.join(directory, ckpt_lib.CHECKPOINT_SUBDIR), max_to_keep=2,

@@ -80,7 +80,8 @@ def stage_setup(config: ConfigDict, workdir: str) -> dict[str, Any]:
   data_lib.check_tokenizer(tokenizer)
   tcfg = data_lib.text_config(tokenizer, d.text_hidden, d.text_layers, d.text_heads, d.text_intermediate)
   data_lib.write_text_encoder(os.path.join(folder, "text_encoder"), tcfg,
-                              data_lib.init_text_encoder(tcfg, d.text_seed))
+                              data_lib.init_text_encoder(tcfg, d.text_seed, d.text_token_std,
+                                                         d.text_position_std))
   data_lib.write_scheduler(os.path.join(folder, "scheduler"), config.schedule)
   return _mark_done(workdir, "setup", time.time() - t0, vocab_size=len(tokenizer))
 
@@ -128,7 +129,8 @@ def load_classifier(config: ConfigDict, workdir: str, data: data_lib.DigitsData)
 
 
 def stage_classifier(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> dict[str, Any]:
-  """Trains the digit classifier; records its train and test accuracy."""
+  """Trains the digit classifier; records its train and test accuracy and exports it to
+  WORKDIR/classifier/export (`classifier.eval_features` reads it: the eval job's digit feature extractor)."""
   done = read_done(workdir, "classifier")
   if done is not None:
     return done
@@ -137,6 +139,7 @@ def stage_classifier(config: ConfigDict, workdir: str, data: data_lib.DigitsData
   t0 = time.time()
   model, params = load_classifier(config, workdir, data)
   apply = classifier.make_apply(model)
+  classifier.export(os.path.join(workdir, "classifier", "export"), model, params)
   test_acc = classifier.accuracy(apply(params, data_lib.to_model(data.test_images))[0], data.test_labels)
   train_acc = classifier.accuracy(apply(params, data_lib.to_model(data.train_images))[0], data.train_labels)
   return _mark_done(workdir, "classifier", time.time() - t0, test_accuracy=test_acc, train_accuracy=train_acc,
@@ -165,8 +168,17 @@ def teacher_rows(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
 def stage_distill(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
   """Stage 2 hook: distils LCM and SCott students from WORKDIR/teacher_pipeline and returns their rows.
 
-  To be wired to scott_jax.train (see the module docstring of scott_jax.digits.run and the report of the
-  digits helper); until then no student rows.
+  Not wired yet (returns no rows). What it is to do, with scott_jax.train:
+  - per method (SCott: ``config.solver`` as given, GAN on; LCM: ``solver.update(name="ddim", eta=0, order=1,
+    h=1, skip=20)``, ``gan.enabled=False``), a copy of the config with ``model.teacher_path`` =
+    WORKDIR/teacher_pipeline, trained in WORKDIR/distill_<method> (train.train resumes from its checkpoints);
+  - the teacher folder has no vae/: the model space is the pixels, one grey channel (`data.to_model`), so
+    train.py needs a pixel-space path (identity encode of ``images[..., :1] / 127.5 - 1``, decode = repeat to
+    three channels, downsample factor 1) and a data source of the training split (``data.train_images`` uint8
+    (N, 16, 16, 3) with captions ``data.prompt(label)``);
+  - rows: ``evaluation.make_student_sample_fn(models.student, state.ema (or state.student), table, schedule,
+    num_steps=k, guidance_scale=config.digits.guidance_scale, ...)`` for k in 1, 2, 4, as
+    ``evaluation.Row(f"{method} {k}-step", method, k, k, fn)``.
   """
   del config, workdir
   logging.warning("digits: stage 2 (distillation) is not wired yet; the report has the teacher rows only.")

@@ -1,7 +1,7 @@
 """Stage 1: train the digits teacher, a small text-conditioned eps-prediction U-Net, and save it.
 
 The model is our Flax `UNet2DConditionModel` (the SD1.5 module) with the small ``config.digits`` architecture,
-in pixel space: samples (B, R, R, 3) in [-1, 1]. Loss (DDPM / SD): t ~ U{0..N-1}, eps ~ N(0, I),
+in pixel space: samples (B, R, R, 1) grey in [-1, 1]. Loss (DDPM / SD): t ~ U{0..N-1}, eps ~ N(0, I),
 z_t = alpha_t x0 + sigma_t eps on ``config.schedule`` (SD1.5's scaled_linear), MSE between the U-Net output and
 the schedule's target (eps for SD1.5). With probability ``prompt_dropout`` an example's context is the empty
 prompt's, so one network gives both CFG branches. AdamW (``config.optim`` betas, eps, weight decay, gradient
@@ -31,9 +31,9 @@ EVAL_EXAMPLES = 256  # size of the fixed held-out denoising-loss batch
 
 
 def unet_config(d: ConfigDict, cross_attention_dim: int) -> UNetConfig:
-  """The teacher architecture from ``config.digits`` (3 channels in and out, sample_size = resolution)."""
+  """The teacher architecture from ``config.digits`` (1 channel in and out, sample_size = resolution)."""
   n = len(d.unet_channels)
-  return UNetConfig(sample_size=d.resolution, in_channels=3, out_channels=3,
+  return UNetConfig(sample_size=d.resolution, in_channels=1, out_channels=1,
                     down_block_types=tuple(d.unet_down_blocks), up_block_types=tuple(d.unet_up_blocks),
                     block_out_channels=tuple(d.unet_channels), layers_per_block=(d.unet_layers_per_block,) * n,
                     transformer_layers_per_block=(1,) * n, attention_head_dim=tuple(d.unet_heads),
@@ -52,7 +52,7 @@ def make_optimizer(config: ConfigDict) -> optax.GradientTransformation:
 def denoising_loss(unet: UNet2DConditionModel, schedule: NoiseSchedule, params: PyTree, x0: Array, t: Array,
                    eps: Array, context: Array) -> Array:
   """Mean squared error between the U-Net output at z_t = alpha_t x0 + sigma_t eps and the schedule's target;
-  x0, eps (B, R, R, 3), t (B,) int, context (B, L, D)."""
+  x0, eps (B, R, R, 1), t (B,) int, context (B, L, D)."""
   z = schedule.add_noise(x0, eps, t)
   out = unet.apply(params, z, t, context)
   return jnp.mean(jnp.square(out - schedule.target(x0, eps, t)))
@@ -60,7 +60,7 @@ def denoising_loss(unet: UNet2DConditionModel, schedule: NoiseSchedule, params: 
 
 def make_step(config: ConfigDict, unet: UNet2DConditionModel, schedule: NoiseSchedule,
               tx: optax.GradientTransformation, table: Array) -> Callable:
-  """step(state, batch) -> (state, metrics); batch = {"x0": (B, R, R, 3), "labels": (B,)}; ``table`` is the
+  """step(state, batch) -> (state, metrics); batch = {"x0": (B, R, R, 1), "labels": (B,)}; ``table`` is the
   (11, L, D) prompt-embedding table (row 10: empty prompt). Pure; jit it."""
   d = config.digits
   n_train = schedule.num_train_timesteps
@@ -109,7 +109,7 @@ def train(config: ConfigDict, directory: str, train_x0: np.ndarray, train_labels
           stop_at: int | None = None) -> tuple[UNetConfig, PyTree, int]:
   """Trains (or resumes) the teacher under ``directory``; returns (UNetConfig, EMA params, steps done).
 
-  train_x0 / test_x0: float32 (N, R, R, 3) in [-1, 1]; labels int (N,); table: `data.encode_prompts` output.
+  train_x0 / test_x0: float32 (N, R, R, 1) in [-1, 1]; labels int (N,); table: `data.encode_prompts` output.
   The batch of update k is ``train[rng([teacher_seed, k]).choice(N, B)]``.
   """
   d = config.digits
