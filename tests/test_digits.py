@@ -171,6 +171,7 @@ def test_teacher_stops_resumes_and_lowers_the_denoising_loss(tiny_run):
   diffusers.DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
 
 
+@pytest.mark.slow  # a third compile of the train step; the fast suite checks the resume itself (log above)
 def test_resumed_teacher_equals_straight_run(tiny_run, tmp_path, digits):
   config, workdir, _, _ = tiny_run
   from scott_jax.digits import teacher
