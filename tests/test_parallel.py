@@ -147,6 +147,34 @@ def test_partition_rule_picks_largest_divisible_dim():
   assert zero3["param_tensor"] == ()
 
 
+def test_state_frozen_and_batch_shardings_on_an_abstract_mesh():
+  """Whole-tree shardings on an abstract (2, 4, 1) mesh: state leaves by the rule except step and key (whose
+  (4,) shape the rule would split), Adam moments like their parameters, frozen models by the rule or
+  replicated as configured, batches over (data, fsdp) with a clear error when the batch does not divide."""
+  import jax
+  from jax.sharding import AbstractMesh
+  from jax.sharding import PartitionSpec as P
+
+  from scott_jax import parallel
+  from scott_jax.train import TrainState
+
+  mesh = AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+  sds = lambda *shape, dt=np.float32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+  params = {"w": sds(8, 32), "b": sds(3)}
+  state = TrainState(step=sds(dt=np.int32), student=params, ema=params, disc={}, opt_student=(params, {}),
+                     opt_disc={}, key=sds(4, dt=np.uint32))
+  cfg = _mesh_cfg(fsdp_min_size=1)
+  sh = parallel.state_shardings(state, mesh, cfg)
+  assert sh.step.spec == P() and sh.key.spec == P()
+  for tree in (sh.student, sh.ema, sh.opt_student[0]):
+    assert tree["w"].spec == P(None, "fsdp") and tree["b"].spec == P(None)
+  assert parallel.frozen_shardings(params, mesh, _mesh_cfg(fsdp_min_size=16))["w"].spec == P(None, "fsdp")
+  assert parallel.frozen_shardings(params, mesh, _mesh_cfg(frozen="replicate"))["w"].spec == P()
+  assert parallel.batch_shardings({"x": sds(8, 3)}, mesh, cfg)["x"].spec == P(("data", "fsdp"), None)
+  with pytest.raises(parallel.MeshError, match=r"batch size 6, not divisible by the 8 devices"):
+    parallel.batch_shardings({"x": sds(6, 3)}, mesh, cfg)
+
+
 def test_batch_sharding_and_errors():
   import jax
   from jax.sharding import PartitionSpec as P
