@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import re
 import signal
 import threading
@@ -227,7 +228,9 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     if save_every < 1:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
-    self._directory = epath.Path(directory)
+    path = epath.Path(directory)
+    # orbax rejects relative local paths (`--workdir runs/x`); remote ones (gs://...) are absolute already.
+    self._directory = path if path.is_absolute() or "://" in str(directory) else epath.Path(os.path.abspath(path))
     self._check_directory()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_STATE, ocp.args.StandardSave)

@@ -405,3 +405,12 @@ def test_restore_onto_a_different_sharding(tmp_path):
                           text=True, timeout=120, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split("\n")[:3] == ["ok replicated", "ok cols", "ok device1"]
+
+
+def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with ck.Checkpointer("runs/rel/checkpoints", save_every=1) as c:
+    assert c.directory.is_absolute()
+    c.save(1, {"w": jnp.ones((2,))})
+    c.wait_until_finished()
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
