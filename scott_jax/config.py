@@ -29,6 +29,9 @@ def defaults() -> ConfigDict:
   c.seed = 0
   # Mode run when --mode is not given (the README's main job runs the default of its config).
   c.default_mode = "train"
+  # JAX's persistent compilation cache ("" = off; a relative path is under --workdir): runs that compile the same
+  # programs (seeds of one method, a resumed run) load them instead of compiling again.
+  c.compilation_cache = ""
 
   # Noise schedule (notes section 1); fields follow diffusers' scheduler config.
   c.schedule = ConfigDict(
@@ -219,6 +222,14 @@ def defaults() -> ConfigDict:
           eval_batch=250,
           eval_seed=0,
           coverage_k=5,
+          # Stage 2: students distilled by scott_jax.train from the stage-1 teacher (config.solver / gan / optim /
+          # train / consistency as for SD1.5), one run per method and seed (scott_jax.digits.distill).
+          distill_methods=("scott", "lcm"),
+          distill_seeds=(0, 1, 2),
+          student_steps=(1, 2, 4),  # sampling steps of the student rows
+          student_params="ema",  # the sampled student: the EMA target (as LCM) or the online student
+          lcm_skip=20,  # the LCM baseline's teacher: DDIM eta 0, h 1, skip lcm_skip (LCM's 50-step grid)
+          ablation_eta=0.2,  # the scott_ddim ablation's DDIM eta (Table 5)
       )
   )
 
@@ -324,6 +335,7 @@ def defaults() -> ConfigDict:
 # Schema: allowed values per key. Keys absent here are checked for type only (same type as the default).
 
 SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
+DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan")  # scott_jax.digits.distill
 
 _ALLOWED: dict[str, tuple[Any, ...]] = {
     "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
@@ -398,6 +410,13 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "digits.guidance_scale": lambda v: v >= 1.0,
     "digits.samples_per_digit": lambda v: v >= 2,
     "digits.coverage_k": lambda v: v >= 1,
+    "digits.distill_methods": lambda v: len(v) == len(set(v)) and all(m in DIGITS_METHODS for m in v),
+    "digits.distill_seeds": lambda v: len(v) >= 1 and len(v) == len(set(v)) and all(
+        isinstance(k, int) and k >= 0 for k in v),
+    "digits.student_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
+    "digits.student_params": lambda v: v in ("ema", "student"),
+    "digits.lcm_skip": lambda v: v >= 1,
+    "digits.ablation_eta": lambda v: 0.0 <= v <= 1.0,
     "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
     "sample.guidance_scale": lambda v: v >= 1.0,
@@ -474,6 +493,12 @@ _RANGE_TEXT: dict[str, str] = {
     "digits.guidance_scale": "a number >= 1 (CFG scale g)",
     "digits.samples_per_digit": "an integer >= 2",
     "digits.coverage_k": "an integer >= 1",
+    "digits.distill_methods": f"a tuple of distinct methods from {', '.join(DIGITS_METHODS)} (empty: no students)",
+    "digits.distill_seeds": "a non-empty tuple of distinct integers >= 0",
+    "digits.student_steps": "a non-empty tuple of integers >= 1",
+    "digits.student_params": "'ema' or 'student'",
+    "digits.lcm_skip": "an integer >= 1",
+    "digits.ablation_eta": "a number in [0, 1]",
     "sample.steps": "a non-empty tuple of integers >= 1",
     "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
     "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",

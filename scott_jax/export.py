@@ -102,7 +102,7 @@ def restore_subtree(directory: str | os.PathLike, step: int, field: str) -> PyTr
   """
   import orbax.checkpoint as ocp
 
-  directory = os.fspath(directory)
+  directory = os.path.abspath(os.fspath(directory))  # orbax rejects relative paths
   step_dir = os.path.join(directory, str(step))
   if not os.path.isdir(step_dir):
     raise CheckpointReadError(f"checkpoint step {step} does not exist in {directory}")

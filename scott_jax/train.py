@@ -480,9 +480,11 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s"
 
 
-def train(config: ConfigDict, workdir: str) -> TrainState:
+def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = None) -> TrainState:
   """Trains (or resumes) under ``workdir``: checkpoints in WORKDIR/checkpoints, metrics (clu), sample PNGs in
-  WORKDIR/samples. Returns the final train state. SIGTERM saves a checkpoint and returns early."""
+  WORKDIR/samples. Returns the final train state. SIGTERM saves a checkpoint and returns early.
+
+  ``source``: an in-memory data source (default: `make_source(config)`), e.g. the digits training split."""
   from clu import metric_writers, periodic_actions
 
   from scott_jax.models.clip_text import tokenize
@@ -494,7 +496,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
   t_start = time.time()
   models, frozen = load_models(config)
   logging.info("Loaded the teacher from %s in %.1f s.", config.model.teacher_path, time.time() - t_start)
-  source = make_source(config)
+  source = source if source is not None else make_source(config)
   if source.images.shape[1] % models.vae.config.downsample_factor:
     raise ValueError(f"image resolution {source.images.shape[1]} is not a multiple of the VAE's downsampling "
                      f"factor {models.vae.config.downsample_factor}")

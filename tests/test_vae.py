@@ -241,3 +241,29 @@ def test_variant_options_match_diffusers(tmp_path, photo):
   _close(logvar, _nhwc(dist.logvar))
   decode = jax.jit(lambda p, z: vae.apply(p, z, method=AutoencoderKL.decode))
   _close(decode(params, _nhwc(dist.mean)), ref)
+
+
+def test_pixel_space_is_the_identity_on_grey_images_and_loads_from_its_marker(tmp_path, photo):
+  """PixelSpace (pixel-space pipelines, no VAE weights): a grey RGB photo encodes to its one grey channel exactly
+  (posterior samples equal the mean: a point mass) and decodes back to the same RGB image; the vae/config.json
+  marker loads it through `loading.load_vae`, and a bad config names the offending value."""
+  from scott_jax.models.vae import PixelSpace, PixelSpaceConfig, pixel_space_config_json
+
+  grey = np.repeat(np.asarray(photo)[..., :1], 3, axis=-1)  # (B, H, W, 3) in [-1, 1], three equal channels
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "vae" / "config.json").write_text(json.dumps(pixel_space_config_json(PixelSpaceConfig())))
+  vae, params = loading.load_vae(tmp_path)
+  assert isinstance(vae, PixelSpace) and params == {}
+  assert vae.config.downsample_factor == 1 and vae.config.latent_channels == 1
+  z = encode_to_latents(vae, params, jnp.asarray(grey))
+  np.testing.assert_allclose(np.asarray(z), grey[..., :1], rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(encode_to_latents(vae, params, jnp.asarray(grey), jax.random.key(0))),
+                                np.asarray(z))
+  np.testing.assert_allclose(np.asarray(decode_latents(vae, params, z)), grey, rtol=0, atol=1e-6)
+  rgb = PixelSpace(PixelSpaceConfig(latent_channels=3))  # three model channels: the image itself
+  np.testing.assert_array_equal(np.asarray(encode_to_latents(rgb, {}, jnp.asarray(photo))), np.asarray(photo))
+  with pytest.raises(ValueError, match="latent_channels=2"):
+    PixelSpaceConfig(latent_channels=2)
+  (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "PixelSpace", "colour": 1}))
+  with pytest.raises(ValueError, match="colour"):
+    loading.load_vae(tmp_path)

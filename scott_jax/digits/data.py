@@ -254,6 +254,18 @@ def encode_prompts(text_encoder: CLIPTextModel, params: Any, tokenizer: Any) -> 
 UNCOND = NUM_CLASSES  # row of the empty prompt in the encode_prompts table
 
 
+def write_pixel_space(folder: str) -> None:
+  """vae/config.json marking the pipeline folder as pixel space (`scott_jax.models.vae.PixelSpace`): images
+  (B, R, R, 3) grey RGB <-> one grey model channel, so `scott_jax.train` and the samplers read the teacher
+  folder like an SD1.5 one."""
+  from scott_jax.models.vae import PixelSpaceConfig, pixel_space_config_json
+
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as fh:
+    json.dump(pixel_space_config_json(PixelSpaceConfig(in_channels=3, out_channels=3, latent_channels=1)), fh,
+              indent=2)
+
+
 def write_scheduler(folder: str, schedule: Any) -> None:
   """scheduler/scheduler_config.json: SD1.5's DDIMScheduler settings with ``schedule``'s fields (a ConfigDict
   or dict with beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type)."""

@@ -45,6 +45,7 @@ class Row:
   steps: int
   evals_per_image: int
   sample_fn: SampleFn
+  seed: int | None = None  # the training seed of a student row (rows of one method differ only in it)
 
   @property
   def slug(self) -> str:
@@ -87,18 +88,20 @@ def make_teacher_sample_fn(unet: Any, params: PyTree, table: np.ndarray, schedul
   return lambda labels, key: np.asarray(run(jnp.asarray(labels, jnp.int32), key))
 
 
-def make_student_sample_fn(student: Any, params: PyTree, table: np.ndarray, schedule: NoiseSchedule, *,
-                           num_steps: int, guidance_scale: float, guidance_embed_dim: int = 256,
-                           timestep_scaling: float = 10.0, num_ddim_timesteps: int = 50) -> SampleFn:
-  """A distilled-student row: LCM multistep consistency sampling (`consistency.multistep_sample`) at
-  `consistency.lcm_timesteps(num_steps, num_ddim_timesteps)` with the w-conditioned student (w = g - 1 through
-  the guidance embedding; one U-Net call per step). ``student`` is the U-Net with ``time_cond_proj_dim``."""
-  timesteps = jnp.asarray(consistency.lcm_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps))
+def make_student_sampler(student: Any, table: np.ndarray, schedule: NoiseSchedule, *, guidance_scale: float,
+                         guidance_embed_dim: int = 256,
+                         timestep_scaling: float = 10.0) -> Callable[[PyTree, np.ndarray], SampleFn]:
+  """Student rows that share one compiled sampler: ``bind(params, timesteps) -> SampleFn``.
+
+  LCM multistep consistency sampling (`consistency.multistep_sample`) at the descending ``timesteps`` (K,) with
+  the w-conditioned student (w = g - 1 through the guidance embedding; one U-Net call per step). ``student`` is
+  the U-Net with ``time_cond_proj_dim``. Parameters and timesteps are traced arguments, so every student of one
+  architecture (methods, seeds) compiles once per number of steps."""
   table = jnp.asarray(table)
   w = float(guidance_scale) - 1.0
 
   @jax.jit
-  def run(labels: Array, key: Array) -> Array:
+  def run(params: PyTree, timesteps: Array, labels: Array, key: Array) -> Array:
     k_z, k_steps = jax.random.split(key)
     res = student.config.sample_size
     z = jax.random.normal(k_z, (labels.shape[0], res, res, student.config.in_channels), jnp.float32)
@@ -112,7 +115,21 @@ def make_student_sample_fn(student: Any, params: PyTree, table: np.ndarray, sche
 
     return consistency.multistep_sample(f_fn, z, timesteps, schedule, k_steps)
 
-  return lambda labels, key: np.asarray(run(jnp.asarray(labels, jnp.int32), key))
+  def bind(params: PyTree, timesteps: np.ndarray) -> SampleFn:
+    ts = jnp.asarray(timesteps, jnp.int32)
+    return lambda labels, key: np.asarray(run(params, ts, jnp.asarray(labels, jnp.int32), key))
+
+  return bind
+
+
+def make_student_sample_fn(student: Any, params: PyTree, table: np.ndarray, schedule: NoiseSchedule, *,
+                           num_steps: int, guidance_scale: float, guidance_embed_dim: int = 256,
+                           timestep_scaling: float = 10.0, num_ddim_timesteps: int = 50) -> SampleFn:
+  """One student row at `consistency.lcm_timesteps(num_steps, num_ddim_timesteps)` (see
+  `make_student_sampler`)."""
+  bind = make_student_sampler(student, table, schedule, guidance_scale=guidance_scale,
+                              guidance_embed_dim=guidance_embed_dim, timestep_scaling=timestep_scaling)
+  return bind(params, consistency.lcm_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps))
 
 
 def generate(sample_fn: SampleFn, labels: np.ndarray, seed: int, batch: int) -> tuple[np.ndarray, float]:

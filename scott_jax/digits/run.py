@@ -83,6 +83,7 @@ def stage_setup(config: ConfigDict, workdir: str) -> dict[str, Any]:
                               data_lib.init_text_encoder(tcfg, d.text_seed, d.text_token_std,
                                                          d.text_position_std))
   data_lib.write_scheduler(os.path.join(folder, "scheduler"), config.schedule)
+  data_lib.write_pixel_space(os.path.join(folder, "vae"))
   return _mark_done(workdir, "setup", time.time() - t0, vocab_size=len(tokenizer))
 
 
@@ -165,24 +166,40 @@ def teacher_rows(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
   return rows
 
 
-def stage_distill(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
-  """Stage 2 hook: distils LCM and SCott students from WORKDIR/teacher_pipeline and returns their rows.
+def stage_distill(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[evaluation.Row] | None:
+  """Stage 2: distils a student per (method, seed) of ``config.digits.distill_methods`` x ``distill_seeds`` with
+  `scott_jax.train` (`scott_jax.digits.distill`) and returns their rows (each method and seed at every
+  ``student_steps``), or None when a run was stopped early (rerun to resume)."""
+  from scott_jax.digits import distill
+  from scott_jax.schedules import NoiseSchedule
 
-  Not wired yet (returns no rows). What it is to do, with scott_jax.train:
-  - per method (SCott: ``config.solver`` as given, GAN on; LCM: ``solver.update(name="ddim", eta=0, order=1,
-    h=1, skip=20)``, ``gan.enabled=False``), a copy of the config with ``model.teacher_path`` =
-    WORKDIR/teacher_pipeline, trained in WORKDIR/distill_<method> (train.train resumes from its checkpoints);
-  - the teacher folder has no vae/: the model space is the pixels, one grey channel (`data.to_model`), so
-    train.py needs a pixel-space path (identity encode of ``images[..., :1] / 127.5 - 1``, decode = repeat to
-    three channels, downsample factor 1) and a data source of the training split (``data.train_images`` uint8
-    (N, 16, 16, 3) with captions ``data.prompt(label)``);
-  - rows: ``evaluation.make_student_sample_fn(models.student, state.ema (or state.student), table, schedule,
-    num_steps=k, guidance_scale=config.digits.guidance_scale, ...)`` for k in 1, 2, 4, as
-    ``evaluation.Row(f"{method} {k}-step", method, k, k, fn)``.
-  """
-  del config, workdir
-  logging.warning("digits: stage 2 (distillation) is not wired yet; the report has the teacher rows only.")
-  return []
+  d = config.digits
+  t0 = time.time()
+  runs = []
+  for method in d.distill_methods:
+    for seed in d.distill_seeds:
+      info = distill.train_student(config, workdir, data, method, seed)
+      if info is None:
+        return None
+      runs.append(info)
+  if runs and read_done(workdir, "distill") is None:
+    _mark_done(workdir, "distill", time.time() - t0, runs=len(runs),
+               train_seconds=round(sum(r["seconds"] for r in runs), 1))
+  _, _, _, table = load_text(workdir)
+  schedule = NoiseSchedule.from_config(config.schedule)
+  c = config.consistency
+  rows, bind = [], None
+  for method in d.distill_methods:
+    for seed in d.distill_seeds:
+      student, params = distill.load_student(config, workdir, method, seed)
+      if bind is None:  # every student has the teacher's architecture: one sampler for all
+        bind = evaluation.make_student_sampler(student, table, schedule, guidance_scale=d.guidance_scale,
+                                               guidance_embed_dim=c.guidance_embed_dim,
+                                               timestep_scaling=c.timestep_scaling)
+      for k in d.student_steps:
+        fn = bind(params, distill.sampling_timesteps(config, method, k))
+        rows.append(evaluation.Row(f"{distill.TITLES[method]} {k}-step seed {seed}", method, k, k, fn, seed))
+  return rows
 
 
 def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
@@ -232,7 +249,7 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
       logging.info("digits: %s: accuracy %.3f FID %.2f coverage %.3f (%.1fs)", row.name, m["accuracy"], m["fid"],
                    m["coverage"], seconds)
       return {"name": row.name, "method": row.method, "steps": row.steps, "evals_per_image": row.evals_per_image,
-              "seconds": round(seconds, 2), "num_samples": len(labels), "grid": f"eval/{row.slug}.png", **m}
+              "seed": row.seed, "seconds": round(seconds, 2), "num_samples": len(labels), "grid": f"eval/{row.slug}.png", **m}
 
     results.append(cached(row.slug, compute))
   return results
@@ -242,46 +259,11 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
 # Report.
 
 def write_report(config: ConfigDict, workdir: str, results: list[dict[str, Any]], variant: str = "") -> str:
-  """Writes WORKDIR/report.md (stage times, classifier accuracy, the results table, sample grids)."""
-  d = config.digits
-  stages = {s: read_done(workdir, s) for s in ("setup", "teacher", "classifier", "distill", "eval")}
-  lines = [f"# SCott on handwritten digits{f' ({variant})' if variant else ''}", "",
-           "sklearn `load_digits` (8x8, 10 classes) upsampled to "
-           f"{d.resolution}x{d.resolution}, pixel space (no VAE), prompts \"a handwritten digit <word>\", "
-           f"fixed stratified split (test fraction {d.test_fraction}, seed {d.split_seed}). Teacher: "
-           f"Flax UNet2DConditionModel, channels {tuple(d.unet_channels)}, {d.teacher_steps} steps of batch "
-           f"{d.teacher_batch}, SD1.5 schedule, prompt dropout {d.prompt_dropout}. CFG scale {d.guidance_scale} "
-           "for every row.", "", "## Stages", "", "| stage | seconds | details |", "| --- | ---: | --- |"]
-  for name, info in stages.items():
-    if info is None:
-      lines.append(f"| {name} | - | not run |")
-      continue
-    details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-                        if k != "seconds")
-    lines.append(f"| {name} | {info['seconds']:.1f} | {details} |")
-  cls = stages["classifier"]
-  if cls is not None:
-    lines += ["", f"Digit classifier: test accuracy **{cls['test_accuracy']:.4f}** on {cls['num_test']} test images "
-              f"(train {cls['train_accuracy']:.4f}). Its {d.classifier_features}-d penultimate features give FID "
-              f"and precision / recall / density / coverage (k = {d.coverage_k}) against the test split; its "
-              "accuracy on generated digits against the prompted digit plays the role of CLIP score."]
-  lines += ["", "## Results", "",
-            f"{d.samples_per_digit} samples per digit per row, seed {d.eval_seed} (same initial noise for every "
-            "row). Evals/image: U-Net evaluations per image (CFG counts two).", "",
-            "| row | steps | evals/image | accuracy | min digit acc. | FID | coverage | precision | recall | density "
-            "| sampling s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for r in results:
-    lines.append(f"| {r['name']} | {r['steps']} | {r['evals_per_image']} | {r['accuracy']:.3f} | "
-                 f"{r['min_digit_accuracy']:.3f} | {r['fid']:.2f} | {r['coverage']:.3f} | {r['precision']:.3f} | "
-                 f"{r['recall']:.3f} | {r['density']:.3f} | {r['seconds']:.1f} |")
-  lines += ["", "## Samples", "", "Columns: digits 0-9 (the prompted digit); rows: samples.", ""]
-  for r in results:
-    lines += [f"**{r['name']}**", "", f"![{r['name']}]({r['grid']})", ""]
-  path = os.path.join(workdir, "report.md")
-  with open(path, "w") as fh:
-    fh.write("\n".join(lines))
-  return path
+  """Writes WORKDIR/report.md (`scott_jax.digits.report`)."""
+  from scott_jax.digits import distill, report
+
+  stages = {s: read_done(workdir, s) for s in report.STAGES}
+  return report.write_report(config, workdir, results, stages, distill.TITLES, variant)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,10 +280,10 @@ def run_digits(config: ConfigDict, workdir: str) -> str:
     logging.warning("digits: teacher training stopped early; rerun to resume.")
     return ""
   stage_classifier(config, workdir, data)
-  t0 = time.time()
-  student_rows = stage_distill(config, workdir)
-  if student_rows and read_done(workdir, "distill") is None:
-    _mark_done(workdir, "distill", time.time() - t0, rows=len(student_rows))
+  student_rows = stage_distill(config, workdir, data)
+  if student_rows is None:
+    logging.warning("digits: distillation stopped early; rerun to resume.")
+    return ""
   t0 = time.time()
   rows = teacher_rows(config, workdir) + student_rows
   previous = read_done(workdir, "eval")

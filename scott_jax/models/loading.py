@@ -42,7 +42,7 @@ import numpy as np
 from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, prepare_clip_text_state_dict
 from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
 from scott_jax.models.unet import abstract_params as unet_abstract_params
-from scott_jax.models.vae import AutoencoderKL, VAEConfig, prepare_vae_state_dict
+from scott_jax.models.vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, prepare_vae_state_dict
 
 PyTree = Any
 
@@ -295,15 +295,19 @@ def _component_folder(path: str | os.PathLike, subfolder: str | None) -> str:
 
 
 def load_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: str | None = None,
-             dtype: Any = jnp.float32) -> tuple[AutoencoderKL, PyTree]:
+             dtype: Any = jnp.float32) -> tuple[AutoencoderKL | PixelSpace, PyTree]:
   """A diffusers AutoencoderKL folder (``<path>/<subfolder>``: config.json + safetensors) as (Flax module,
-  float32 params). ``dtype`` is the module's compute dtype.
+  float32 params). ``dtype`` is the module's compute dtype. A config.json with ``_class_name`` "PixelSpace"
+  (a pixel-space model, no weights) gives `PixelSpace` and empty params.
 
   Raises FileNotFoundError naming the folder when it or its files are missing, ValueError for an unsupported
   config, `WeightLoadError` when the weights do not fit the config.
   """
   folder = _component_folder(path, subfolder)
-  module = AutoencoderKL(VAEConfig.from_dict(read_config(folder)), dtype=dtype)
+  config = read_config(folder)
+  if config.get("_class_name") == "PixelSpace":
+    return PixelSpace(PixelSpaceConfig.from_dict(config), dtype=dtype), {}
+  module = AutoencoderKL(VAEConfig.from_dict(config), dtype=dtype)
   state = prepare_vae_state_dict(read_safetensors_folder(folder, variant=variant))
   f, c = module.config.downsample_factor, module.config.in_channels
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, f, f, c), jnp.float32))

@@ -342,13 +342,82 @@ class AutoencoderKL(nn.Module):
     return self.decode(mean)
 
 
-def encode_to_latents(vae: AutoencoderKL, params: Any, images: Array, key: Array | None = None) -> Array:
+@dataclasses.dataclass(frozen=True)
+class PixelSpaceConfig:
+  """The config of `PixelSpace`: the fields of `VAEConfig` that the training and sampling code reads.
+
+  ``latent_channels`` is 1 (grey: the image's channel mean) or ``in_channels`` (the image itself).
+  """
+
+  in_channels: int = 3
+  out_channels: int = 3
+  latent_channels: int = 1
+  scaling_factor: float = 1.0
+  shift_factor: float | None = None
+  downsample_factor: int = 1
+
+  def __post_init__(self) -> None:
+    if self.latent_channels not in (1, self.in_channels):
+      raise ValueError(f"PixelSpace latent_channels={self.latent_channels}: expected 1 (grey) or in_channels "
+                       f"({self.in_channels})")
+    if self.out_channels not in (self.latent_channels, 3):
+      raise ValueError(f"PixelSpace out_channels={self.out_channels}: expected latent_channels or 3")
+    if self.scaling_factor != 1.0 or self.shift_factor is not None or self.downsample_factor != 1:
+      raise ValueError("PixelSpace has scaling_factor 1, no shift_factor and downsample_factor 1")
+
+  @classmethod
+  def from_dict(cls, config: Mapping[str, Any]) -> PixelSpaceConfig:
+    """From a ``vae/config.json`` dict with ``_class_name`` "PixelSpace"; unknown keys raise."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
+    if unknown:
+      raise ValueError(f"unknown PixelSpace config keys {unknown}; allowed: {sorted(fields)}")
+    return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+class PixelSpace(nn.Module):
+  """The identity "autoencoder" of a pixel-space diffusion model (no parameters), with `AutoencoderKL`'s
+  interface (``config``, ``encode``, ``decode``) so that training, sampling and export treat it as a VAE.
+
+  A diffusers-style folder marks it with ``vae/config.json`` = {"_class_name": "PixelSpace", ...} (our
+  convention; diffusers itself has no such class). encode: images (B, H, W, in_channels) in [-1, 1] -> (mean,
+  logvar) with mean the image (or its channel mean when latent_channels = 1) and logvar -inf (a point mass, so
+  a posterior "sample" is the mean); decode: (B, H, W, latent_channels) -> (B, H, W, out_channels) (a grey
+  channel repeated).
+  """
+
+  config: PixelSpaceConfig
+  dtype: Any = jnp.float32
+
+  def encode(self, images: Array) -> tuple[Array, Array]:
+    x = images.astype(jnp.float32)
+    if self.config.latent_channels != x.shape[-1]:
+      x = jnp.mean(x, axis=-1, keepdims=True)
+    return x, jnp.full_like(x, -jnp.inf)
+
+  def decode(self, latents: Array) -> Array:
+    x = latents.astype(jnp.float32)
+    if self.config.out_channels != x.shape[-1]:
+      x = jnp.repeat(x, self.config.out_channels, axis=-1)
+    return x
+
+  def __call__(self, images: Array) -> Array:
+    return self.decode(self.encode(images)[0])
+
+
+def pixel_space_config_json(config: PixelSpaceConfig) -> dict[str, Any]:
+  """The ``vae/config.json`` dict that marks a pipeline folder as pixel space (read by `loading.load_vae`)."""
+  return {"_class_name": "PixelSpace", **dataclasses.asdict(config)}
+
+
+def encode_to_latents(vae: AutoencoderKL | PixelSpace, params: Any, images: Array,
+                      key: Array | None = None) -> Array:
   """Images (B, H, W, C) in [-1, 1] -> diffusion latents (B, H/f, W/f, latent_channels), float32.
 
   With `key`, samples the posterior z = mean + exp(logvar / 2) * N(0, I) (diffusers `latent_dist.sample()`);
   without, uses its mean (`latent_dist.mode()`). Then z <- (z - shift_factor) * scaling_factor.
   """
-  mean, logvar = vae.apply(params, images, method=AutoencoderKL.encode)
+  mean, logvar = vae.apply(params, images, method="encode")
   z = mean
   if key is not None:
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
@@ -358,7 +427,7 @@ def encode_to_latents(vae: AutoencoderKL, params: Any, images: Array, key: Array
   return z * cfg.scaling_factor
 
 
-def decode_latents(vae: AutoencoderKL, params: Any, latents: Array) -> Array:
+def decode_latents(vae: AutoencoderKL | PixelSpace, params: Any, latents: Array) -> Array:
   """Diffusion latents (B, h, w, latent_channels) -> images (B, h*f, w*f, C), float32, ~[-1, 1] (not clipped).
 
   Inverse scaling of `encode_to_latents`: z = latents / scaling_factor + shift_factor, then the decoder.
@@ -367,7 +436,7 @@ def decode_latents(vae: AutoencoderKL, params: Any, latents: Array) -> Array:
   z = latents / cfg.scaling_factor
   if cfg.shift_factor is not None:
     z = z + cfg.shift_factor
-  return vae.apply(params, z, method=AutoencoderKL.decode)
+  return vae.apply(params, z, method="decode")
 
 
 # Legacy attention names (diffusers < 0.14 and some hub checkpoints) -> current names.

@@ -1,0 +1,123 @@
+"""Stage 2 of the digits experiment: distil LCM and SCott students from the stage-1 teacher with `scott_jax.train`.
+
+Each (method, seed) is one ordinary SD-style training run of `scott_jax.train.train` (the SD1.5 train step,
+discriminator, EMA, optimizers and orbax checkpoints) on the teacher folder WORKDIR/teacher_pipeline, whose
+``vae/`` is the `PixelSpace` marker: the "latents" are the grey pixels. The data source is the digits training
+split with its prompts. Runs live in WORKDIR/distill/<method>_seed<k>/ and resume from their checkpoints; a
+finished run writes ``done.json`` and is not rebuilt (its EMA student is read back with
+`scott_jax.export.TrainedRun`, as the eval job reads SD1.5 runs).
+
+Methods (``config.digits.distill_methods``), each a set of overrides of the experiment config:
+
+  scott         ``config.solver`` / ``config.gan`` as given (SD1.5 SCott: ER-SDE noise fn 7, order 2, skip 24,
+                h = 3, GAN on)
+  lcm           the ODE baseline: DDIM eta 0, h = 1, skip ``digits.lcm_skip``, no GAN
+  scott_no_gan  SCott without the adversarial loss (Table 7)
+  scott_ddim    SCott with the DDIM-eta teacher (eta ``digits.ablation_eta``, Table 5)
+  scott_h1      SCott in one SDE step (h = 1, Table 6)
+  lcm_gan       LCM + GAN (Table 7)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from scott_jax.config import DIGITS_METHODS, ConfigDict
+from scott_jax.digits import data as data_lib
+
+METHODS = DIGITS_METHODS
+TITLES = {"scott": "SCott", "lcm": "LCM", "scott_no_gan": "SCott w/o GAN", "scott_ddim": "SCott DDIM-eta",
+          "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN"}
+DONE = "done.json"
+
+
+def method_config(config: ConfigDict, method: str, seed: int, teacher_path: str) -> ConfigDict:
+  """The training config of one student: the experiment config with ``method``'s overrides, ``seed`` and the
+  teacher folder. Raises ValueError for an unknown method."""
+  if method not in METHODS:
+    raise ValueError(f"unknown digits distillation method '{method}'; allowed: {', '.join(METHODS)}")
+  d = config.digits
+  c = config.copy_and_resolve_references()
+  c.seed = int(seed)
+  c.model.teacher_path = teacher_path
+  c.data.resolution = d.resolution
+  c.train.sample_every = 0
+  lcm_solver = dict(name="ddim", eta=0.0, order=1, h=1, skip=d.lcm_skip)
+  if method in ("lcm", "lcm_gan"):
+    c.solver.update(lcm_solver)
+  if method == "scott_ddim":
+    c.solver.update(dict(name="ddim", eta=d.ablation_eta, order=1))
+  if method == "scott_h1":
+    c.solver.h = 1
+  if method in ("lcm", "scott_no_gan"):
+    c.gan.enabled = False
+    c.gan.lambda_adv = 0.0
+  return c
+
+
+def run_dir(workdir: str, method: str, seed: int) -> str:
+  return os.path.join(workdir, "distill", f"{method}_seed{seed}")
+
+
+def read_done(directory: str) -> dict[str, Any] | None:
+  path = os.path.join(directory, DONE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def source(config: ConfigDict, data: data_lib.DigitsData) -> Any:
+  """The training split with its prompts as an in-memory source (batch at step k a function of (seed, k))."""
+  from scott_jax.data import arrays
+
+  captions = [data_lib.prompt(label) for label in data.train_labels]
+  return arrays.ArraySource(data.train_images, captions, config.train.batch_size, config.seed)
+
+
+def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, method: str,
+                  seed: int) -> dict[str, Any] | None:
+  """Trains (or resumes, or skips when done) one student; returns its done info (method, seed, steps, seconds),
+  or None when training stopped early (a signal)."""
+  from scott_jax import train
+
+  directory = run_dir(workdir, method, seed)
+  done = read_done(directory)
+  if done is not None:
+    return done
+  c = method_config(config, method, seed, os.path.join(workdir, "teacher_pipeline"))
+  t0 = time.time()
+  logging.info("digits: distilling %s seed %d (%d steps of batch %d)", method, seed, c.train.num_steps,
+               c.train.batch_size)
+  state = train.train(c, directory, source=source(c, data))
+  if int(state.step) < c.train.num_steps:
+    return None
+  info = {"method": method, "seed": int(seed), "steps": int(state.step), "seconds": round(time.time() - t0, 2)}
+  with open(os.path.join(directory, DONE), "w") as fh:
+    json.dump(info, fh, indent=2)
+  return info
+
+
+def load_student(config: ConfigDict, workdir: str, method: str, seed: int) -> tuple[Any, Any]:
+  """(student U-Net module, EMA params) of a finished run, read from its last checkpoint like the eval job."""
+  from scott_jax import export
+
+  c = method_config(config, method, seed, os.path.join(workdir, "teacher_pipeline"))
+  run = export.TrainedRun(c, run_dir(workdir, method, seed))
+  params = run.student_params(run.latest_step(), config.digits.student_params)
+  models, _ = run.models()
+  return models.student, params
+
+
+def sampling_timesteps(config: ConfigDict, method: str, num_steps: int) -> np.ndarray:
+  """The student's ``num_steps`` sampling timesteps (descending): LCM's (`consistency.lcm_timesteps`)."""
+  from scott_jax import consistency
+
+  c = config.consistency
+  return consistency.lcm_timesteps(num_steps, c.num_ddim_timesteps, config.schedule.num_train_timesteps)
