@@ -15,7 +15,9 @@ Formats written by `export` (config ``export.formats``):
     ``time_cond_proj_dim``, `loading.save_unet`), ``scheduler/`` (an LCMScheduler config with the run's
     schedule, timestep_scaling and original_inference_steps), and the teacher's ``vae/``, ``text_encoder/``,
     ``tokenizer/`` copied file by file (the frozen networks are the teacher's, unchanged).
-    ``diffusers.DiffusionPipeline.from_pretrained`` loads it.
+    ``diffusers.DiffusionPipeline.from_pretrained`` loads it. LCMScheduler picks LCM's timesteps; a run on the
+    skip grid (``consistency.timestep_rule = "grid"``) samples its own k-step times when they are passed as
+    ``timesteps=`` (`scott_jax.train.student_timesteps`, also stored in the Flax export as ``sampling_grid``).
 (c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`, alpha
     ``model.student_lora_alpha``), only when the student state is a LoRA overlay (``model.student_lora_rank``
     >= 1); diffusers' ``load_lora_weights`` on the teacher's pipeline then gives the student U-Net. A student
