@@ -13,6 +13,8 @@ The arg selects the ablations of Tables 5-7 as comma-separated key=value pairs (
   teacher=er_sde|lcm      lcm: the LCM teacher (DDIM eta 0, h 1, skip 20); with gan=on that is "LCM + GAN"
   disc=lora|full|no_cond  full discriminator / without condition (Table 7)
   disc_time=shared|paper|renoise   what time the discriminator sees (notes section 5, DECISION)
+  student=full|lora       lora: an LCM-LoRA style student (rank 64, alpha 64, LCM-LoRA's targets, no guidance
+                          embedding: w only in the teacher's CFG; student lr 1e-4 as the LCM-LoRA script's example)
 e.g. ``configs/sd15_scott.py:eta=0.2``, ``:h=1``, ``:gan=off``, ``:teacher=lcm``, ``:disc=full,gan=on``.
 """
 
@@ -28,6 +30,7 @@ ARGS = {
     "teacher": ("er_sde", "lcm"),
     "disc": ("lora", "full", "no_cond"),
     "disc_time": ("shared", "paper", "renoise"),
+    "student": ("full", "lora"),
 }
 
 
@@ -68,6 +71,10 @@ def apply_args(c: config_lib.ConfigDict, args: dict[str, str]) -> config_lib.Con
     c.gan.variant = args["disc"]
   if "disc_time" in args:
     c.gan.disc_time = args["disc_time"]
+  if args.get("student") == "lora":
+    c.model.update(dict(student_lora_rank=64, student_lora_alpha=64.0))
+    c.consistency.guidance_embed_dim = 0
+    c.optim.student_lr = 1e-4
   return c
 
 

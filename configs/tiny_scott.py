@@ -11,7 +11,8 @@ U-Net with block_out_channels (32, 64) and one cross-attention block each way, a
 vocabulary) with 16 tokens per prompt. Batch 2, synthetic data.
 
 The arg takes the same ablation keys as ``configs/sd15_scott.py`` (e.g. ``:eta=0.2``, ``:disc=full``) plus
-``lcm`` (the ``configs/sd15_lcm.py`` settings), so every variant can be run at tiny size.
+``lcm`` (the ``configs/sd15_lcm.py`` settings), so every variant can be run at tiny size (``:student=lora`` at
+rank 4, alpha 4).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.model.teacher_path = ""  # set by the caller: --config.model.teacher_path=<folder of write_tiny_pipeline>
   c.gan.lora_rank = 4
   c.gan.lora_alpha = 4.0
+  if c.model.student_lora_rank:  # :student=lora
+    c.model.update(dict(student_lora_rank=4, student_lora_alpha=4.0))
   c.optim.update(dict(student_lr=1e-4, disc_lr=2.5e-4, warmup_steps=2))  # the paper's 2.5 ratio
   c.train.update(dict(batch_size=2, num_steps=6, log_every=1, checkpoint_every=3, keep_checkpoints=3,
                       sample_every=0, sample_steps=(1, 2), sample_prompts=("a red circle", "a dark blob")))

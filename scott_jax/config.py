@@ -67,7 +67,10 @@ def defaults() -> ConfigDict:
           ema_decay=0.95,  # theta^- <- mu theta^- + (1 - mu) theta
           w_min=5.0,  # DECISION: guidance scale w ~ U[w_min, w_max] (LCM form, notes section 2)
           w_max=15.0,
-          guidance_embed_dim=256,
+          guidance_embed_dim=256,  # the student's w embedding width; 0 = none (LCM-LoRA style: w in the teacher only)
+          # DECISION: k-step student sampling times: "grid" = k points of the training grid above
+          # (consistency.grid_timesteps), "lcm" = LCM's num_ddim_timesteps grid whatever the training grid
+          timestep_rule="grid",
       )
   )
 
@@ -78,6 +81,12 @@ def defaults() -> ConfigDict:
           vae_path="",  # a folder with vae/ to use instead of the teacher's (e.g. RV5.1 "noVAE"); "" = teacher's
           dtype="float32",  # compute dtype of every network (parameters stay float32)
           vae_sample=True,  # encode images with a posterior sample (LCM script) rather than its mean
+          # The student: 0 = the full U-Net is trained; r >= 1 = a LoRA overlay of rank r on the frozen teacher
+          # (LCM-LoRA style; plus the guidance projection cond_proj in full when guidance_embed_dim > 0).
+          student_lora_rank=0,
+          student_lora_alpha=64.0,
+          # LCM-LoRA's targets: attention, feed-forward, transformer in/out, resnet convs and time projections.
+          student_lora_targets=("attention", "feed_forward", "proj", "conv", r"(^|/)resnets_\d+/time_emb_proj/kernel$"),
       )
   )
 
@@ -292,6 +301,7 @@ def defaults() -> ConfigDict:
           sample_steps=(1, 2, 4),
           params=("ema",),  # ema and/or student
           checkpoint_steps=(),  # evaluate exactly these steps; () = every finalised checkpoint
+          timesteps=(),  # explicit descending timestep tuples, one row each, instead of `sample_steps`
           guidance_scale=8.0,
           resolution=0,  # 0 = data.resolution
           batch_size=8,
@@ -348,6 +358,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
     "consistency.distance": ("l2", "pseudo_huber"),
     "consistency.grid": ("skip", "ddim"),
+    "consistency.timestep_rule": ("grid", "lcm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
@@ -375,6 +386,10 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "sample_teacher.data_std": lambda v: v > 0,
     "consistency.ema_decay": lambda v: 0.0 <= v < 1.0,
     "consistency.num_ddim_timesteps": lambda v: v >= 1,
+    "consistency.guidance_embed_dim": lambda v: v == 0 or v >= 2,
+    "model.student_lora_rank": lambda v: v >= 0,
+    "model.student_lora_alpha": lambda v: v > 0,
+    "model.student_lora_targets": lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
     "toy2d.rare_mode_weight": lambda v: v > 0,
     "gan.lambda_adv": lambda v: v >= 0,
     "gan.lora_rank": lambda v: v >= 1,
@@ -430,6 +445,8 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "eval.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "eval.params": lambda v: len(v) >= 1 and all(p in ("ema", "student") for p in v),
     "eval.checkpoint_steps": lambda v: all(isinstance(k, int) and k >= 0 for k in v),
+    "eval.timesteps": lambda v: all(isinstance(ts, (tuple, list)) and len(ts) >= 1 and all(
+        isinstance(k, int) and k >= 0 for k in ts) and list(ts) == sorted(set(ts))[::-1] for ts in v),
     "eval.guidance_scale": lambda v: v >= 1.0,
     "eval.resolution": lambda v: v >= 0 and v % 8 == 0,
     "eval.batch_size": lambda v: v >= 1,
@@ -460,6 +477,10 @@ _RANGE_TEXT: dict[str, str] = {
     "sample_teacher.data_std": "a number > 0",
     "consistency.ema_decay": "a number in [0, 1)",
     "consistency.num_ddim_timesteps": "an integer >= 1",
+    "consistency.guidance_embed_dim": "0 (no guidance embedding) or an integer >= 2",
+    "model.student_lora_rank": "an integer >= 0 (0: full student)",
+    "model.student_lora_alpha": "a number > 0",
+    "model.student_lora_targets": "a non-empty tuple of lora.PRESETS names or regexes",
     "toy2d.rare_mode_weight": "a number > 0",
     "gan.lambda_adv": "a number >= 0",
     "gan.lora_rank": "an integer >= 1",
@@ -512,6 +533,7 @@ _RANGE_TEXT: dict[str, str] = {
     "eval.sample_steps": "a non-empty tuple of integers >= 1",
     "eval.params": "a non-empty tuple of 'ema', 'student'",
     "eval.checkpoint_steps": "a tuple of integers >= 0",
+    "eval.timesteps": "a tuple of strictly descending tuples of integers >= 0 (or empty)",
     "eval.guidance_scale": "a number >= 1",
     "eval.resolution": "0 or a multiple of 8",
     "eval.batch_size": "an integer >= 1",

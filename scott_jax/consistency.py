@@ -137,18 +137,50 @@ def sample_grid_index(key: Array, batch: int, num_ddim_timesteps: int = 50) -> A
 def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 1000) -> np.ndarray:
   """Multistep consistency sampling timesteps (num_steps,) int64, descending, as `LCMScheduler.set_timesteps`.
 
-  The training grid k * (1..original_steps) - 1 (k = num_train // original_steps), reversed, sampled at
-  floor(linspace(0, original_steps, num_steps, endpoint=False)): 1 -> [999], 2 -> [999, 499],
-  4 -> [999, 759, 499, 259] for the defaults.
+  `grid_timesteps` on LCM's training grid `ddim_grid(original_steps)` = k * (1..original_steps) - 1
+  (k = num_train // original_steps): 1 -> [999], 2 -> [999, 499], 4 -> [999, 759, 499, 259] for the defaults.
   """
   if not 1 <= original_steps <= num_train:
     raise ValueError(f"original_steps must be in [1, {num_train}], got {original_steps}")
   if not 1 <= num_steps <= original_steps:
     raise ValueError(f"num_steps must be in [1, original_steps={original_steps}], got {num_steps}")
-  k = num_train // original_steps
-  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
-  index = np.floor(np.linspace(0, original_steps, num=num_steps, endpoint=False)).astype(np.int64)
-  return origin[index].astype(np.int64)
+  return grid_timesteps(num_steps, ddim_grid(original_steps, num_train))
+
+
+TIMESTEP_RULES = ("grid", "lcm")
+
+
+def grid_timesteps(num_steps: int, grid: Array | np.ndarray) -> np.ndarray:
+  """k-step sampling timesteps (num_steps,) int64, descending, all points of the training ``grid`` (ascending).
+
+  The rule of diffusers' `LCMScheduler.set_timesteps`, for any grid: the grid reversed (its top first), taken at
+  indices floor(linspace(0, N, k, endpoint=False)) (N = grid size). On LCM's `ddim_grid(50)` this is
+  `lcm_timesteps`; on the paper's skip-24 grid (`skip_grid(24)`, 42 points) 2 -> [999, 495] and
+  4 -> [999, 759, 495, 255], where LCM's [999, 759, 499, 259] would fall between training times.
+  """
+  desc = np.asarray(grid, np.int64)[::-1]
+  if desc.ndim != 1 or desc.size == 0 or np.any(np.diff(desc) >= 0):
+    raise ValueError(f"grid must be a non-empty strictly ascending 1-D list, got {np.asarray(grid).tolist()}")
+  if not 1 <= num_steps <= desc.size:
+    raise ValueError(f"num_steps must be in [1, {desc.size}] (the grid size), got {num_steps}")
+  index = np.floor(np.linspace(0, desc.size, num=num_steps, endpoint=False)).astype(np.int64)
+  return desc[index]
+
+
+def sampling_grid(rule: str, kind: str, *, skip: int, num_ddim_timesteps: int = 50,
+                  num_train: int = 1000) -> np.ndarray:
+  """The grid (ascending int64) k-step student sampling picks its timesteps from (`grid_timesteps`).
+
+  DECISION (config ``consistency.timestep_rule``): "grid" = the CD training grid `training_grid(kind)` (so every
+  sampling time is a time the student was trained at; with ``grid="ddim"`` identical to "lcm"); "lcm" = LCM's
+  `ddim_grid(num_ddim_timesteps)` whatever the training grid (diffusers' LCMScheduler default).
+  """
+  if rule == "grid":
+    return np.asarray(training_grid(kind, skip=skip, num_ddim_timesteps=num_ddim_timesteps, num_train=num_train),
+                      np.int64)
+  if rule == "lcm":
+    return np.asarray(ddim_grid(num_ddim_timesteps, num_train), np.int64)
+  raise ValueError(f"unknown timestep rule '{rule}'; allowed: {', '.join(TIMESTEP_RULES)}")
 
 
 def multistep_sample(f_fn: Callable[[Array, Array], Array], z_T: Array, timesteps: Array | np.ndarray,

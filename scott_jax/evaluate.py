@@ -2,16 +2,18 @@
 
 ``--mode eval`` runs beside (never inside) training: it reads WORKDIR/checkpoints, and for every finalised step
 (or the steps listed in ``eval.checkpoint_steps``), every parameter set of ``eval.params`` (ema / student) and
-every step count of ``eval.sample_steps`` it generates one image per prompt of ``eval.prompt_file`` with the
-jitted student sampler (`scott_jax.pipeline`, CFG scale ``eval.guidance_scale``, the same seed for every
-checkpoint) and computes
+every step count of ``eval.sample_steps`` (timesteps on the run's sampling grid, ``consistency.timestep_rule``;
+or the explicit timestep lists of ``eval.timesteps``) it generates one image per prompt of ``eval.prompt_file``
+with the jitted student sampler (`scott_jax.pipeline`, CFG scale ``eval.guidance_scale``, the same seed for
+every checkpoint) and computes
 
   FID       against the reference statistics ``eval.reference_stats`` (mu, sigma of the feature extractor),
   Coverage  (Naeem et al. 2020, k = ``eval.coverage_k``) against the reference features stored in that file,
   CLIP score (mean raw cosine, `scott_jax.metrics.clip_score`) with ``eval.clip_model`` ("" skips it).
 
 Each result is one JSON row appended to WORKDIR/eval/results.jsonl, keyed by (step, steps, params); a restart
-skips the keys already there (resume without redoing work), and WORKDIR/eval/results.md is rewritten as a
+skips the keys already there (resume without redoing work; a row of the same key with other timesteps is a
+clear error), and WORKDIR/eval/results.md is rewritten as a
 table after every row. A step still being written (orbax tmp directory) is skipped until it is complete. With
 ``eval.watch`` the job polls every ``eval.poll_seconds`` and stops once training wrote ``train_done.json`` and
 every step is done, or after ``eval.max_idle_seconds`` without a new step. Training never waits for it.
@@ -176,6 +178,31 @@ def row_key(row: dict[str, Any]) -> tuple[int, int, str]:
   return int(row["step"]), int(row["steps"]), str(row["params"])
 
 
+def run_timesteps(config: Any) -> dict[int, tuple[int, ...]]:
+  """{steps: descending timesteps} the job evaluates: ``eval.timesteps`` as given (their lengths must differ,
+  the rows are keyed by step count), else each ``eval.sample_steps`` entry on the run's sampling grid
+  (`scott_jax.train.student_timesteps`, ``consistency.timestep_rule``)."""
+  from scott_jax import train
+
+  ec = config.eval
+  if ec.timesteps:
+    out = {len(ts): tuple(int(t) for t in ts) for ts in ec.timesteps}
+    if len(out) != len(ec.timesteps):
+      raise ValueError(f"eval.timesteps {ec.timesteps}: the lists must have different lengths (rows are keyed by "
+                       "the number of steps)")
+    return out
+  return {int(k): train.student_timesteps(config, int(k)) for k in ec.sample_steps}
+
+
+def check_rows(rows: list[dict[str, Any]], timesteps: dict[int, tuple[int, ...]], path: str) -> None:
+  """Raises ValueError when a row of ``path`` has a step count this job evaluates at other timesteps."""
+  for r in rows:
+    k = int(r["steps"])
+    if k in timesteps and tuple(r["timesteps"]) != timesteps[k]:
+      raise ValueError(f"{path}: step {r['step']} {r['params']} {k}-step row was sampled at {r['timesteps']}, "
+                       f"this job samples at {list(timesteps[k])}; use another WORKDIR or remove those rows")
+
+
 def read_results(path: str, repair: bool = False) -> list[dict[str, Any]]:
   """Rows of a results.jsonl. A truncated last line (a crash mid-write) is dropped with a warning and, with
   ``repair``, removed from the file so that later rows append cleanly; any other bad line raises."""
@@ -245,6 +272,8 @@ class Evaluator:
     self.extractor = make_feature_extractor(ec)
     self.run = run or export.TrainedRun(config, workdir)
     self.resolution = ec.resolution or config.data.resolution
+    self.timesteps = run_timesteps(config)
+    check_rows(self.rows, self.timesteps, self.results_path)
     self._samplers: dict[int, pipeline.Sampler] = {}
     self._clip: tuple[Any, Any, np.ndarray, Any] | None = None
     self._ids: np.ndarray | None = None
@@ -285,7 +314,8 @@ class Evaluator:
   def images(self, pipe: pipeline.Pipeline, params: dict[str, Any], steps: int) -> tuple[np.ndarray, list[int]]:
     """One image per prompt with the student at ``steps`` steps (uint8 (N, H, W, 3)) and the timesteps used."""
     if steps not in self._samplers:
-      self._samplers[steps] = pipeline.make_sampler(pipe, kind="student", steps=steps, height=self.resolution)
+      self._samplers[steps] = pipeline.make_sampler(pipe, kind="student", steps=list(self.timesteps[steps]),
+                                                    height=self.resolution)
     sampler = self._samplers[steps]
     if self._ids is None:
       self._ids = pipe.tokenize(self.prompts)
@@ -311,7 +341,7 @@ class Evaluator:
     """Every missing (steps, params) row of checkpoint ``step``; appends each to results.jsonl at once."""
     new = []
     for which in self.ec.params:
-      todo = [k for k in self.ec.sample_steps if (step, k, which) not in self.done()]
+      todo = [k for k in self.timesteps if (step, k, which) not in self.done()]
       if not todo:
         continue
       pipe, params = self.run.pipeline(step, which)
@@ -336,7 +366,7 @@ class Evaluator:
 
   def complete(self, step: int) -> bool:
     done = self.done()
-    return all((step, k, w) in done for k in self.ec.sample_steps for w in self.ec.params)
+    return all((step, k, w) in done for k in self.timesteps for w in self.ec.params)
 
   def run_once(self) -> tuple[list[dict[str, Any]], bool]:
     """Evaluates every available step not yet complete -> (new rows, whether every wanted step is done)."""

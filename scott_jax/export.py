@@ -15,10 +15,16 @@ Formats written by `export` (config ``export.formats``):
     ``time_cond_proj_dim``, `loading.save_unet`), ``scheduler/`` (an LCMScheduler config with the run's
     schedule, timestep_scaling and original_inference_steps), and the teacher's ``vae/``, ``text_encoder/``,
     ``tokenizer/`` copied file by file (the frozen networks are the teacher's, unchanged).
-    ``diffusers.DiffusionPipeline.from_pretrained`` loads it.
-(c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`), only
-    when the student state is a LoRA overlay (leaves ``lora_A``/``lora_B``); a full student is skipped with a
-    log line.
+    ``diffusers.DiffusionPipeline.from_pretrained`` loads it. LCMScheduler picks LCM's timesteps; a run on the
+    skip grid (``consistency.timestep_rule = "grid"``) samples its own k-step times when they are passed as
+    ``timesteps=`` (`scott_jax.train.student_timesteps`, also stored in the Flax export as ``sampling_grid``).
+(c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`, alpha
+    ``model.student_lora_alpha``), only when the student state is a LoRA overlay (``model.student_lora_rank``
+    >= 1); diffusers' ``load_lora_weights`` on the teacher's pipeline then gives the student U-Net. A student
+    with the guidance embedding also gets ``guidance_projection.safetensors`` (``time_embedding.cond_proj.weight``
+    in torch layout; a PEFT LoRA file cannot carry it and the teacher's U-Net has no such layer: load it with
+    ``load_state_dict(strict=False)`` into a U-Net built with ``time_cond_proj_dim``, or use format (b), which
+    holds the merged student). A full student is skipped with a log line.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ PyTree = Any
 
 PARAM_FIELDS = ("ema", "student")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+GUIDANCE_FILE = "guidance_projection.safetensors"
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _KEY_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
 
@@ -161,17 +168,31 @@ class TrainedRun:
                               + (f" (still being written: {pending})" if pending else ""))
     return steps[-1]
 
-  def student_params(self, step: int, which: str = "ema") -> PyTree:
-    """The student's U-Net parameters {"params": ...} (``which``: "ema" or "student") at ``step``; a LoRA
-    overlay is merged into the teacher weights. Shapes are checked against the student architecture."""
-    from scott_jax.models import unet as unet_lib
-
+  def student_state(self, step: int, which: str = "ema") -> PyTree:
+    """The student state (``which``: "ema" or "student") at ``step`` as trained: full U-Net parameters, or a
+    LoRA state {"lora", "full"} (`scott_jax.train.init_student_params`); checked against ``config.model``."""
     if which not in PARAM_FIELDS:
       raise ValueError(f"unknown params '{which}'; allowed: {', '.join(PARAM_FIELDS)}")
-    tree = restore_subtree(self.directory, step, which)  # read errors first, before the models load
-    models, _ = self.models()
+    tree = restore_subtree(self.directory, step, which)
+    rank = self.config.model.student_lora_rank
+    if is_lora(tree) != (rank > 0):
+      raise CheckpointReadError(
+        f"checkpoint step {step} field '{which}' holds a {'LoRA' if is_lora(tree) else 'full'} student but "
+        f"config.model.student_lora_rank = {rank}; use the config the run was trained with")
+    return tree
+
+  def student_params(self, step: int, which: str = "ema") -> PyTree:
+    """The student's U-Net parameters {"params": ...} (``which``: "ema" or "student") at ``step``; a LoRA
+    state is merged onto the teacher weights (`scott_jax.train.student_unet_params`, alpha
+    ``model.student_lora_alpha``). Shapes are checked against the student architecture."""
+    from scott_jax import train
+    from scott_jax.models import unet as unet_lib
+
+    tree = self.student_state(step, which)  # read errors first, before the models load
+    models, frozen = self.models()
     if is_lora(tree):
-      raise NotImplementedError("merging a LoRA student needs its base and alpha; train.py trains full students")
+      alpha = float(self.config.model.student_lora_alpha)
+      tree = jax.jit(lambda s, t: train.student_unet_params(s, t, alpha))(tree, frozen["unet"])
     expected = traverse_util.flatten_dict(unet_lib.abstract_params(models.student.config))
     got = traverse_util.flatten_dict(tree)
     bad = sorted("/".join(p) for p in set(expected) ^ set(got))
@@ -183,12 +204,11 @@ class TrainedRun:
 
   def pipeline(self, step: int, which: str = "ema") -> tuple[pipeline_lib.Pipeline, dict[str, PyTree]]:
     """(Pipeline with the student U-Net, params) for checkpoint ``step``."""
+    from scott_jax import train
+
     unet_params = self.student_params(step, which)
     models, frozen = self.models()
-    c = self.config.consistency
-    pipe = pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer,
-                                 models.schedule, models.max_length, float(c.timestep_scaling),
-                                 int(c.num_ddim_timesteps))
+    pipe = train.student_pipeline(self.config, models)
     params = {"unet": unet_params, "vae": frozen["vae"],
               "text_encoder": frozen["text_encoder"]}
     return pipe, params
@@ -223,6 +243,7 @@ def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTr
     "prediction_type": pipe.schedule.prediction_type,
     "timestep_scaling": pipe.timestep_scaling,
     "original_steps": pipe.original_steps,
+    "sampling_grid": list(pipe.sampling_grid),
     "provenance": provenance or {},
   }
   # The schedule is stored as its abar values (any beta schedule round-trips exactly).
@@ -314,6 +335,19 @@ def export_lora(path: str, overlay: PyTree, alpha: float) -> str:
   return path
 
 
+def export_full_part(path: str, full: PyTree) -> str:
+  """The fully trained part of a LoRA student (the guidance projection) as a torch-layout safetensors file
+  (`scott_jax.models.loading.to_state_dict` keys, e.g. ``time_embedding.cond_proj.weight``, float32)."""
+  from safetensors.numpy import save_file
+
+  from scott_jax.models import loading
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file({k: v.astype(np.float32) for k, v in loading.to_state_dict(full).items()}, path,
+            metadata={"format": "pt"})
+  return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # --mode export.
 
@@ -326,12 +360,18 @@ def run_export(config: Any, workdir: str) -> dict[str, str]:
   which = config.sample.params
   out = config.export.out_dir or os.path.join(workdir, "export", f"step_{step}_{which}")
   written: dict[str, str] = {}
-  tree = restore_subtree(run.directory, step, which)
+  tree = run.student_state(step, which)
   provenance = {"workdir": os.path.abspath(workdir), "step": step, "params": which,
                 "teacher_path": config.model.teacher_path}
   if is_lora(tree):
     if "lora" in config.export.formats:
-      raise NotImplementedError("a LoRA student state: the LoRA alpha is not part of the run's config yet")
+      from scott_jax import train
+
+      written["lora"] = export_lora(os.path.join(out, "lora", LORA_FILE), tree[train.STUDENT_LORA],
+                                    float(config.model.student_lora_alpha))
+      if jax.tree_util.tree_leaves(tree.get(train.STUDENT_FULL, {})):
+        written["lora_guidance"] = export_full_part(os.path.join(out, "lora", GUIDANCE_FILE),
+                                                    tree[train.STUDENT_FULL])
   elif "lora" in config.export.formats:
     logging.info("export: lora skipped (the student in step %d is a full U-Net, not a LoRA overlay)", step)
   if {"flax", "diffusers"} & set(config.export.formats):

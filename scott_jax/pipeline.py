@@ -13,8 +13,11 @@ does not recompile): the student gets w = g - 1 through its guidance embedding (
 uses eps_u + g (eps_c - eps_u) with the encoded empty prompt as the unconditional input.
 
 Student sampling (notes section 6, diffusers `LCMScheduler`): timesteps `lcm_timesteps(k)` ([999], [999, 499],
-[999, 759, 499, 259] for 1, 2, 4 steps) or any descending list; x0 = f_theta(z_t, t, c, w) (LCM boundary
-scalings); between steps z_t' = alpha_t' x0 + sigma_t' xi. The initial latents (B, h, w, C) and the noises xi
+[999, 759, 499, 259] for 1, 2, 4 steps), k points of the pipeline's ``sampling_grid`` when it has one
+(`consistency.grid_timesteps`; a training run's grid, ``consistency.timestep_rule``) or any descending list;
+x0 = f_theta(z_t, t, c, w) (LCM boundary scalings; a U-Net without ``time_cond_proj_dim``, an LCM-LoRA style
+student, does not see w); between steps z_t' = alpha_t' x0 + sigma_t' xi. The initial latents (B, h, w, C) and
+the noises xi
 (K - 1, B, h, w, C) are drawn from ``key`` unless given explicitly (tests feed the same draws to diffusers).
 
 Teacher sampling: `scott_jax.solvers.sample` with any registered solver (ddim eta, er_sde, dpmpp_2m, addim) on
@@ -58,7 +61,9 @@ class Pipeline:
   """Flax modules of a Stable Diffusion pipeline, the tokenizer and the schedule (no parameters).
 
   unet: the student (with ``time_cond_proj_dim``, the guidance embedding) or a plain teacher U-Net;
-  timestep_scaling, original_steps: the LCM boundary scaling and the 50-step grid of `lcm_timesteps`.
+  timestep_scaling, original_steps: the LCM boundary scaling and the 50-step grid of `lcm_timesteps`;
+  sampling_grid: ascending training timesteps that k-step student sampling picks from (`consistency.grid_timesteps`);
+  () = LCM's grid of ``original_steps`` (diffusers' LCMScheduler).
   """
 
   unet: Any
@@ -69,6 +74,7 @@ class Pipeline:
   max_length: int
   timestep_scaling: float = 10.0
   original_steps: int = 50
+  sampling_grid: tuple[int, ...] = ()
 
   @property
   def guidance_embed_dim(self) -> int | None:
@@ -115,10 +121,14 @@ def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tup
 # ---------------------------------------------------------------------------------------------------------
 # Timesteps.
 
-def student_timesteps(steps: int | Sequence[int], original_steps: int = 50, num_train: int = 1000) -> np.ndarray:
-  """Student sampling timesteps (K,) int64, descending: an int k -> `consistency.lcm_timesteps(k)`; a list is
-  taken as given after checking it is strictly descending within [0, num_train)."""
+def student_timesteps(steps: int | Sequence[int], original_steps: int = 50, num_train: int = 1000,
+                      grid: Sequence[int] = ()) -> np.ndarray:
+  """Student sampling timesteps (K,) int64, descending: an int k -> `consistency.grid_timesteps(k, grid)`, or
+  `consistency.lcm_timesteps(k)` without a grid; a list is taken as given after checking it is strictly
+  descending within [0, num_train)."""
   if isinstance(steps, (int, np.integer)):
+    if len(grid):
+      return consistency.grid_timesteps(int(steps), np.asarray(grid, np.int64))
     return consistency.lcm_timesteps(int(steps), original_steps, num_train)
   ts = np.asarray(list(steps), np.int64)
   if ts.ndim != 1 or ts.size == 0 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() >= num_train:
@@ -163,16 +173,15 @@ def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array, z_T: Array
 
   text (B, L, D); z_T (B, h, w, C); timesteps (K,) descending ints; w (B,) the LCM guidance weight (CFG scale
   minus 1); noises (K - 1, B, h, w, C) standard normal, used in order between steps (as LCMScheduler draws them).
-  One lax.scan over the K steps.
+  One lax.scan over the K steps. A U-Net without the guidance embedding ignores w (LCM-LoRA style).
   """
-  if pipe.guidance_embed_dim is None:
-    raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding); "
-                     "this one has none: use the teacher sampler")
   ts = jnp.asarray(timesteps, jnp.int32)
   k = ts.shape[0]
   if noises.shape[0] != k - 1:
     raise ValueError(f"noises must have {k - 1} entries for {k} timesteps, got {noises.shape[0]}")
-  w_emb = consistency.guidance_embedding(w.astype(jnp.float32), pipe.guidance_embed_dim)
+  w_emb = None
+  if pipe.guidance_embed_dim is not None:
+    w_emb = consistency.guidance_embedding(w.astype(jnp.float32), pipe.guidance_embed_dim)
   nxt = jnp.concatenate([ts[1:], ts[-1:]])
   xi = jnp.concatenate([noises, jnp.zeros((1,) + z_T.shape, z_T.dtype)], axis=0)
 
@@ -232,10 +241,7 @@ def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence
   latent_shape(pipe, 1, height, width)  # size check
   n_train = pipe.schedule.num_train_timesteps
   if kind == "student":
-    if pipe.guidance_embed_dim is None:
-      raise ValueError("the student sampler needs a U-Net with time_cond_proj_dim (the guidance embedding); "
-                       "use the teacher sampler for this U-Net")
-    timesteps = student_timesteps(steps, pipe.original_steps, n_train)
+    timesteps = student_timesteps(steps, pipe.original_steps, n_train, pipe.sampling_grid)
   else:
     timesteps = teacher_timesteps(steps, n_train, spacing, offset)
     solvers.get_solver(solver)  # unknown names raise here, not at trace time
@@ -255,7 +261,8 @@ _JITTED: dict[tuple, Callable[..., Array]] = {}
 def _pipeline_signature(pipe: Pipeline) -> tuple:
   abar = np.asarray(pipe.schedule.abar)
   return (pipe.unet, pipe.vae, pipe.text_encoder, abar.dtype.str, abar.tobytes(), pipe.schedule.prediction_type,
-          pipe.max_length, pipe.timestep_scaling, pipe.original_steps, tuple(pipe.tokenize([""])[0].tolist()))
+          pipe.max_length, pipe.timestep_scaling, pipe.original_steps, pipe.sampling_grid,
+          tuple(pipe.tokenize([""])[0].tolist()))
 
 
 def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, output: str, solver: str,
@@ -356,7 +363,8 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[s
   schedule = NoiseSchedule(abar=jnp.asarray(np.load(os.path.join(folder, EXPORT_ABAR))),
                            prediction_type=meta["prediction_type"])
   pipe = Pipeline(unet, vae, text_encoder, tokenizer, schedule, _max_length(tokenizer, text_encoder),
-                  float(meta["timestep_scaling"]), int(meta["original_steps"]))
+                  float(meta["timestep_scaling"]), int(meta["original_steps"]),
+                  tuple(int(t) for t in meta.get("sampling_grid", ())))
   return pipe, params
 
 
@@ -414,6 +422,14 @@ def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     r, col = divmod(i, cols)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
   return grid
+
+
+def write_grid(path: str, images: np.ndarray, cols: int | None = None) -> None:
+  """Writes uint8 images (N, H, W, 3) as one PNG grid (`make_grid`), creating the folder."""
+  from PIL import Image
+
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(make_grid(images, cols)).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,9 +494,7 @@ def run_sample(config: Any, workdir: str) -> dict[str, float]:
     per_image = (time.perf_counter() - t0) / len(prompts)
     out = os.path.join(workdir, "samples", label)
     write_images(out, images)
-    from PIL import Image
-
-    Image.fromarray(make_grid(images)).save(os.path.join(workdir, "samples", f"{label}_grid.png"))
+    write_grid(os.path.join(workdir, "samples", f"{label}_grid.png"), images)
     with open(os.path.join(out, "prompts.json"), "w") as fh:
       json.dump({"model": what, "timesteps": sampler.timesteps.tolist(), "guidance_scale": sc.guidance_scale,
                  "seed": sc.seed, "prompts": prompts}, fh, indent=1)

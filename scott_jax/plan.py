@@ -93,7 +93,7 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
   dtype = jnp.dtype(config.model.dtype)
   teacher = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dtype)
   student = unet_lib.UNet2DConditionModel(
-    dataclasses.replace(unet_cfg, time_cond_proj_dim=config.consistency.guidance_embed_dim), dtype=dtype)
+    dataclasses.replace(unet_cfg, time_cond_proj_dim=config.consistency.guidance_embed_dim or None), dtype=dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
   disc = None

@@ -11,7 +11,11 @@ One step (``make_train_step``), paper Eq. 1, 6, 7 and notes sections 2, 4, 5:
 then one AdamW update of the student and one of the discriminator (each with global-norm clipping and warmup)
 and the EMA update theta^- <- mu theta^- + (1 - mu) theta. The student is the teacher's U-Net with
 ``time_cond_proj_dim`` = guidance_embed_dim (the w embedding, zero-initialised projection, so it starts equal to
-the teacher); the EMA target starts equal to the student.
+the teacher; guidance_embed_dim 0: no w embedding); the EMA target starts equal to the student. With
+``model.student_lora_rank`` r >= 1 the student state is a LoRA overlay instead (LCM-LoRA style):
+{"lora": rank-r overlay of the teacher's kernels (B = 0), "full": the parameters the teacher lacks, trained in
+full (the guidance projection cond_proj; {} without it)}, merged onto the frozen teacher at every use
+(`student_unet_params`); the EMA target has the same structure.
 
 The train state (`TrainState`) holds only what changes: student, EMA, discriminator (LoRA + head), both optimizer
 states, the step and the RNG key. The frozen networks (teacher U-Net, VAE, text encoder, the encoded empty
@@ -43,6 +47,7 @@ from absl import logging
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import consistency, losses, solvers
 from scott_jax import discriminator as disc_lib
+from scott_jax import pipeline as pipeline_lib
 from scott_jax.config import ConfigDict
 from scott_jax.data import arrays
 from scott_jax.schedules import NoiseSchedule
@@ -52,6 +57,7 @@ PyTree = Any
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LATENT_KEYS = ("latents", "text_embeds", "pooled_text_embeds")
+STUDENT_LORA, STUDENT_FULL = "lora", "full"  # the two parts of a LoRA student state
 IMAGE_KEYS = ("images", "input_ids")
 
 
@@ -133,7 +139,8 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   schedule = NoiseSchedule.from_config(config.schedule)
   teacher = parts.unet
   student = UNet2DConditionModel(
-    dataclasses.replace(teacher.config, time_cond_proj_dim=config.consistency.guidance_embed_dim), dtype=dtype)
+    dataclasses.replace(teacher.config, time_cond_proj_dim=config.consistency.guidance_embed_dim or None),
+    dtype=dtype)
   disc = None
   if config.gan.enabled:
     disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
@@ -161,27 +168,76 @@ def make_optimizer(lr: float, optim: ConfigDict) -> tuple[optax.GradientTransfor
   return tx, schedule
 
 
-def init_student_params(models: Models, teacher_params: PyTree) -> PyTree:
-  """The student's parameters: a copy of the teacher's, plus the guidance projection ``cond_proj`` set to zero.
-
-  Any other parameter the student has and the teacher lacks raises (the architectures must otherwise agree).
-  """
+def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict]:
+  """Flat {path: (teacher leaf, spec)} of the parameters the student shares with the teacher and flat
+  {path: spec} of the ones it adds (only the guidance projection ``cond_proj``); anything else raises."""
   from scott_jax.models import unet as unet_lib
 
   shapes = unet_lib.abstract_params(models.student.config)
   teacher_flat = traverse_util.flatten_dict(teacher_params)
-  out = {}
+  shared, extra = {}, {}
   for path, spec in traverse_util.flatten_dict(shapes).items():
     if path in teacher_flat:
       leaf = teacher_flat[path]
       if tuple(leaf.shape) != tuple(spec.shape):
         raise ValueError(f"student parameter {'/'.join(path)} {spec.shape} != teacher's {leaf.shape}")
-      out[path] = jnp.array(leaf, dtype=spec.dtype, copy=True)
+      shared[path] = (leaf, spec)
     elif path[-2:] == ("cond_proj", "kernel"):
-      out[path] = jnp.zeros(spec.shape, spec.dtype)  # DECISION (notes section 2): zero-initialised
+      extra[path] = spec
     else:
       raise ValueError(f"student parameter {'/'.join(path)} has no counterpart in the teacher")
-  return traverse_util.unflatten_dict(out)
+  return shared, extra
+
+
+def init_student_params(models: Models, teacher_params: PyTree, config: ConfigDict | None = None) -> PyTree:
+  """The student's initial state.
+
+  Full student (``config`` None or ``model.student_lora_rank`` 0): a copy of the teacher's parameters plus the
+  guidance projection ``cond_proj`` set to zero. LoRA student: {"lora": `lora.init` of
+  ``model.student_lora_targets`` at the rank (key fold_in(seed, 3), B = 0), "full": {cond_proj: 0} or {}}.
+  Either starts equal to the teacher. Any other parameter the student has and the teacher lacks raises.
+  """
+  shared, extra = _student_layout(models, teacher_params)
+  zeros = {p: jnp.zeros(spec.shape, spec.dtype) for p, spec in extra.items()}  # DECISION (notes section 2)
+  if config is None or config.model.student_lora_rank == 0:
+    out = {p: jnp.array(leaf, dtype=spec.dtype, copy=True) for p, (leaf, spec) in shared.items()}
+    return traverse_util.unflatten_dict({**out, **zeros})
+  from scott_jax.models import lora
+
+  m = config.model
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+  overlay = lora.init(key, teacher_params, tuple(m.student_lora_targets), m.student_lora_rank)
+  return {STUDENT_LORA: overlay, STUDENT_FULL: traverse_util.unflatten_dict(zeros)}
+
+
+def student_shapes(config: ConfigDict, models: Models, teacher_params: PyTree) -> PyTree:
+  """`init_student_params`' shapes and dtypes (jax.ShapeDtypeStruct leaves); ``teacher_params`` may be abstract."""
+  if config.model.student_lora_rank == 0:
+    return jax.eval_shape(lambda p: init_student_params(models, p), teacher_params)
+  from scott_jax.models import lora
+
+  _, extra = _student_layout(models, teacher_params)
+  m = config.model
+  return {STUDENT_LORA: lora.init_shapes(teacher_params, tuple(m.student_lora_targets), m.student_lora_rank),
+          STUDENT_FULL: traverse_util.unflatten_dict(extra)}
+
+
+def is_lora_student(student: PyTree) -> bool:
+  """True for a LoRA student state (`init_student_params` with student_lora_rank >= 1)."""
+  return isinstance(student, dict) and STUDENT_LORA in student
+
+
+def student_unet_params(student: PyTree, teacher_params: PyTree, lora_alpha: float) -> PyTree:
+  """The student's U-Net parameters {"params": ...} from its state: a full student as it is; a LoRA state as
+  the teacher's parameters plus its "full" part with the overlay merged, W + (alpha / r) A B (`lora.merge`).
+  Pure and jit-able (the train step calls it on every student and EMA use)."""
+  if not is_lora_student(student):
+    return student
+  from scott_jax.models import lora
+
+  flat = traverse_util.flatten_dict(teacher_params)
+  flat.update(traverse_util.flatten_dict(student.get(STUDENT_FULL, {})))
+  return lora.merge(traverse_util.unflatten_dict(flat), student[STUDENT_LORA], lora_alpha)
 
 
 def _disc_example_shapes(models: Models, teacher_params: PyTree,
@@ -193,10 +249,9 @@ def _disc_example_shapes(models: Models, teacher_params: PyTree,
   return feats, temb, jax.ShapeDtypeStruct(pooled.shape, jnp.float32)
 
 
-def _assemble_state(config: ConfigDict, models: Models, frozen: PyTree, disc: PyTree) -> TrainState:
-  """The initial state around given discriminator parameters ({} without GAN); traceable (eval_shape)."""
+def _assemble_state(config: ConfigDict, models: Models, student: PyTree, disc: PyTree) -> TrainState:
+  """The initial state around given student and discriminator parameters ({} without GAN); traceable."""
   k_train = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  student = init_student_params(models, frozen["unet"])
   ema = jax.tree_util.tree_map(jnp.copy, student)
   tx_s, _ = make_optimizer(config.optim.student_lr, config.optim)
   opt_disc = {}
@@ -217,7 +272,7 @@ def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: d
     shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
     k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
     disc = models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
-  return _assemble_state(config, models, frozen, disc)
+  return _assemble_state(config, models, init_student_params(models, frozen["unet"], config), disc)
 
 
 def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
@@ -226,7 +281,8 @@ def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spe
   if models.disc is not None:
     shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
     disc = models.disc.init_shapes(frozen["unet"], *shapes)
-  return jax.eval_shape(lambda f, d: _assemble_state(config, models, f, d), frozen, disc)
+  student = student_shapes(config, models, frozen["unet"])
+  return jax.eval_shape(lambda s, d: _assemble_state(config, models, s, d), student, disc)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,11 +320,17 @@ def encode_shapes(models: Models, frozen: PyTree, batch_spec: dict[str, Any]) ->
   return jax.eval_shape(lambda f, b: encode_batch(models, f, b, None), frozen, batch_spec)
 
 
-def make_student_fn(models: Models, guidance_embed_dim: int) -> Callable:
-  """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D), "w": (B,)}."""
+def make_student_fn(models: Models, guidance_embed_dim: int, teacher_params: PyTree | None = None,
+                    lora_alpha: float = 1.0) -> Callable:
+  """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D), "w": (B,)}.
+
+  ``params``: the student's U-Net parameters, or with ``teacher_params`` given any student state (a LoRA state
+  is merged onto them, `student_unet_params`). guidance_embed_dim 0: the student does not see w."""
 
   def student_fn(params: PyTree, z: Array, t: Array, cond: PyTree) -> Array:
-    w_emb = consistency.guidance_embedding(cond["w"], guidance_embed_dim)
+    if teacher_params is not None:
+      params = student_unet_params(params, teacher_params, lora_alpha)
+    w_emb = consistency.guidance_embedding(cond["w"], guidance_embed_dim) if guidance_embed_dim else None
     out = models.student.apply(params, z, t, cond["text"], timestep_cond=w_emb)
     return out.astype(jnp.float32)
 
@@ -306,7 +368,6 @@ def make_train_step(config: ConfigDict, models: Models) -> Callable:
   disc = models.disc
   tx_s, lr_s = make_optimizer(c.optim.student_lr, c.optim)
   tx_d, lr_d = make_optimizer(c.optim.disc_lr, c.optim)
-  student_fn = make_student_fn(models, c.consistency.guidance_embed_dim)
   solver_kwargs = solvers.solver_kwargs(c.solver.name, c.solver)
   mu = c.consistency.ema_decay
 
@@ -321,6 +382,7 @@ def make_train_step(config: ConfigDict, models: Models) -> Callable:
     w = jax.random.uniform(k_w, (b,), jnp.float32, c.consistency.w_min, c.consistency.w_max)
     cond = {"text": text, "w": w}
     uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
+    student_fn = make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
     teacher_eps_fn = make_teacher_eps_fn(models, frozen["unet"], uncond)
     cd_loss = losses.make_cd_loss(
       student_fn, teacher_eps_fn, schedule, solver=c.solver.name, solver_kwargs=solver_kwargs,
@@ -372,71 +434,51 @@ def make_train_step(config: ConfigDict, models: Models) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampling (LCM multistep consistency sampling, notes section 6) and sample grids.
+# Sampling during training: the student pipeline of `scott_jax.pipeline` on the run's models.
+
+def sampling_grid(config: ConfigDict) -> tuple[int, ...]:
+  """The ascending grid the run's k-step student sampling picks from: `consistency.sampling_grid` of
+  ``consistency.timestep_rule`` (DECISION), ``consistency.grid`` and ``solver.skip``."""
+  c = config.consistency
+  grid = consistency.sampling_grid(c.timestep_rule, c.grid, skip=config.solver.skip,
+                                   num_ddim_timesteps=c.num_ddim_timesteps,
+                                   num_train=config.schedule.num_train_timesteps)
+  return tuple(int(t) for t in grid)
+
+
+def student_timesteps(config: ConfigDict, num_steps: int) -> tuple[int, ...]:
+  """The run's k-step student sampling timesteps (descending), on `sampling_grid`."""
+  return tuple(int(t) for t in consistency.grid_timesteps(num_steps, np.asarray(sampling_grid(config))))
+
+
+def student_pipeline(config: ConfigDict, models: Models) -> pipeline_lib.Pipeline:
+  """The student's `scott_jax.pipeline.Pipeline` (no parameters): LCM settings of ``config.consistency`` and
+  k-step timesteps on `sampling_grid` (``consistency.timestep_rule``, DECISION)."""
+  c = config.consistency
+  return pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer, models.schedule,
+                               models.max_length, float(c.timestep_scaling), int(c.num_ddim_timesteps),
+                               sampling_grid(config))
+
 
 def make_sampler(config: ConfigDict, models: Models) -> Callable:
-  """sample(student_params, frozen, text (N, L, D), num_steps, key) -> uint8 images (N, H, W, 3) (host).
+  """sample(student_state, frozen, input_ids (N, L), num_steps, key) -> uint8 images (N, H, W, 3) (host).
 
-  Multistep consistency sampling at ``consistency.lcm_timesteps(num_steps)`` with w = g - 1
-  (g = train.sample_guidance_scale): x0 = f(z_t, t); z_t' = alpha_t' x0 + sigma_t' xi; then the VAE decode.
-  Two jitted functions (one student call, one decode) are reused for every number of steps.
+  `scott_jax.pipeline.make_sampler` (kind "student", one jitted sampler per step count) on `student_pipeline`
+  at data.resolution with CFG scale train.sample_guidance_scale (w = g - 1); a LoRA state is merged first.
   """
-  from scott_jax.models.vae import decode_latents
+  pipe = student_pipeline(config, models)
+  samplers: dict[int, pipeline_lib.Sampler] = {}
+  merge = jax.jit(lambda s, t: student_unet_params(s, t, config.model.student_lora_alpha))
 
-  schedule = models.schedule
-  student_fn = make_student_fn(models, config.consistency.guidance_embed_dim)
-  w_value = config.train.sample_guidance_scale - 1.0
-  scaling = config.consistency.timestep_scaling
-
-  @jax.jit
-  def f(params: PyTree, z: Array, t: Array, text: Array) -> Array:
-    w = jnp.full((z.shape[0],), w_value, jnp.float32)
-    out = student_fn(params, z, t, {"text": text, "w": w})
-    return consistency.consistency_output(out, z, t, schedule, timestep_scaling=scaling)[0]
-
-  @jax.jit
-  def decode(vae_params: PyTree, z: Array) -> Array:
-    img = decode_latents(models.vae, vae_params, z)
-    return jnp.round((jnp.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
-
-  @jax.jit
-  def renoise(x0: Array, t: Array, key: Array) -> Array:
-    return schedule.add_noise(x0, jax.random.normal(key, x0.shape, x0.dtype), t)
-
-  latent_size = config.data.resolution // models.vae.config.downsample_factor
-  channels = models.teacher.config.in_channels
-
-  def sample(params: PyTree, frozen: PyTree, text: Array, num_steps: int, key: Array) -> np.ndarray:
-    ts = consistency.lcm_timesteps(num_steps, config.consistency.num_ddim_timesteps,
-                                   models.schedule.num_train_timesteps)
-    n = text.shape[0]
-    key, k0 = jax.random.split(key)
-    z = jax.random.normal(k0, (n, latent_size, latent_size, channels), jnp.float32)
-    x0 = z
-    for i, t in enumerate(ts):
-      t_arr = jnp.full((n,), int(t), jnp.int32)
-      x0 = f(params, z, t_arr, text)
-      if i + 1 < len(ts):
-        key, k = jax.random.split(key)
-        z = renoise(x0, jnp.full((n,), int(ts[i + 1]), jnp.int32), k)
-    return np.asarray(decode(frozen["vae"], x0))
+  def sample(student: PyTree, frozen: PyTree, input_ids: Any, num_steps: int, key: Array) -> np.ndarray:
+    if num_steps not in samplers:
+      samplers[num_steps] = pipeline_lib.make_sampler(pipe, kind="student", steps=num_steps,
+                                                      height=config.data.resolution)
+    unet = merge(student, frozen["unet"]) if is_lora_student(student) else student
+    params = {"unet": unet, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
+    return np.asarray(samplers[num_steps](params, input_ids, key, config.train.sample_guidance_scale))
 
   return sample
-
-
-def write_grid(path: str, images: np.ndarray, cols: int | None = None) -> None:
-  """Writes uint8 images (N, H, W, 3) as one PNG grid (``cols`` columns, default all in one row)."""
-  from PIL import Image
-
-  n, h, w, _ = images.shape
-  cols = cols or n
-  rows = -(-n // cols)
-  grid = np.zeros((rows * h, cols * w, 3), np.uint8)
-  for i, img in enumerate(images):
-    r, col = divmod(i, cols)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(grid).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -525,10 +567,7 @@ def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = 
   logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
                time.time() - t_start)
   sampler = make_sampler(config, models) if tc.sample_every else None
-  sample_text = None
-  if sampler is not None:
-    ids = jnp.asarray(tokenize(models.tokenizer, list(tc.sample_prompts), models.max_length))
-    sample_text = models.text_encoder.apply(frozen["text_encoder"], ids).last_hidden_state
+  sample_ids = tokenize(models.tokenizer, list(tc.sample_prompts), models.max_length)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
@@ -556,8 +595,8 @@ def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = 
                      _format_eta((tc.num_steps - step) / max(sps, 1e-9)))
       if sampler is not None and (step % tc.sample_every == 0 or step == tc.num_steps):
         for k in tc.sample_steps:
-          images = sampler(state.student, frozen, sample_text, k, jax.random.PRNGKey(tc.sample_seed))
-          write_grid(os.path.join(workdir, "samples", f"step{step:07d}_{k}step.png"), images)
+          images = sampler(state.student, frozen, sample_ids, k, jax.random.PRNGKey(tc.sample_seed))
+          pipeline_lib.write_grid(os.path.join(workdir, "samples", f"step{step:07d}_{k}step.png"), images)
       if checkpointer.should_save(step) or step == tc.num_steps or stop:
         _check_finite(*pending)
         checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)

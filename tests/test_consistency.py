@@ -246,3 +246,29 @@ def test_skip_grid_closes_the_chain_and_matches_lcm_for_skip_20():
   np.testing.assert_array_equal(consistency.training_grid("ddim", skip=24), consistency.ddim_grid(50))
   with pytest.raises(ValueError, match="skip, ddim"):
     consistency.training_grid("uniform", skip=24)
+
+
+def test_grid_timesteps_on_the_training_grid():
+  """k-step sampling times from a training grid: on the grid, strictly descending, k long, starting at its top;
+  on LCM's ddim grid (and on the skip-20 grid, the same points) equal to diffusers' LCMScheduler timesteps."""
+  sched = _lcm_scheduler()
+  for k in (1, 2, 3, 4, 8, 50):
+    sched.set_timesteps(num_inference_steps=k, original_inference_steps=50)
+    np.testing.assert_array_equal(consistency.grid_timesteps(k, consistency.ddim_grid(50)), sched.timesteps.numpy())
+    np.testing.assert_array_equal(consistency.grid_timesteps(k, consistency.skip_grid(20)), sched.timesteps.numpy())
+  grid = np.asarray(consistency.skip_grid(24))
+  for k in (1, 2, 3, 4, 7, 42):
+    ts = consistency.grid_timesteps(k, grid)
+    assert len(ts) == k and ts[0] == 999 and np.all(np.diff(ts) < 0) and set(ts.tolist()) <= set(grid.tolist())
+  assert consistency.grid_timesteps(2, grid).tolist() == [999, 495]
+  assert consistency.grid_timesteps(4, grid).tolist() == [999, 759, 495, 255]
+  # Two of LCM's 4 steps (499, 259) are off the skip-24 grid: the reason for the rule.
+  assert set(consistency.lcm_timesteps(4).tolist()) - set(grid.tolist()) == {499, 259}
+  np.testing.assert_array_equal(consistency.sampling_grid("grid", "skip", skip=24), grid)
+  np.testing.assert_array_equal(consistency.sampling_grid("lcm", "skip", skip=24), consistency.ddim_grid(50))
+  with pytest.raises(ValueError, match=r"num_steps must be in \[1, 42\]"):
+    consistency.grid_timesteps(43, grid)
+  with pytest.raises(ValueError, match="ascending"):
+    consistency.grid_timesteps(2, grid[::-1])
+  with pytest.raises(ValueError, match="grid, lcm"):
+    consistency.sampling_grid("uniform", "skip", skip=24)

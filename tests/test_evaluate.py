@@ -109,7 +109,7 @@ def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
     feats = extractor(images)
     assert r["fid"] == pytest.approx(fid.frechet_distance(*fid.stats(feats), ref_mu, ref_sigma), rel=1e-9)
     assert r["coverage"] == coverage_lib.coverage(ref_feats, feats, 5)
-    assert r["timesteps"] == ([999] if r["steps"] == 1 else [999, 499])
+    assert r["timesteps"] == ([999] if r["steps"] == 1 else [999, 495])  # the run's skip-24 grid
     if r["steps"] == 2 and r["step"] == 4 and r["params"] == "ema":
       assert r["clip_score"] == pytest.approx(_clip_oracle(cfg.eval.clip_model, images, prompts), abs=1e-4)
   # Different checkpoints / params give different images (the rows are not copies).
@@ -139,6 +139,20 @@ def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
   new = evaluate.run_eval(ema_only, workdir, run)
   assert sorted(evaluate.row_key(r) for r in new) == [(6, 1, "ema"), (6, 2, "ema")]
   assert {r["fid"] for r in new} == {fids[(4, 1, "ema")], fids[(4, 2, "ema")]}  # step 6 is a copy of step 4
+
+  # eval.timesteps: explicit lists, one row each keyed by its length; a row of that key sampled at other
+  # timesteps is a clear error, not a silent skip.
+  explicit = ema_only.copy_and_resolve_references()
+  explicit.eval.timesteps = ((899, 299),)
+  config_lib.validate(explicit)
+  with pytest.raises(ValueError, match=r"sampled at \[999, 495\], this job samples at \[899, 299\]"):
+    evaluate.run_eval(explicit, workdir, run)
+  other = str(root / "explicit_run")
+  shutil.copytree(ckpts, os.path.join(other, "checkpoints"))
+  explicit.eval.checkpoint_steps = (4,)
+  rows = evaluate.run_eval(explicit, other)
+  assert [(evaluate.row_key(r), r["timesteps"]) for r in rows] == [((4, 2, "ema"), [899, 299])]
+  assert rows[0]["fid"] != fids[(4, 2, "ema")]
 
 
 def test_clear_errors(setup, tmp_path):

@@ -91,7 +91,7 @@ def test_flax_export_round_trips_bit_for_bit(run):
 def test_diffusers_export_gives_our_images(run):
   """The exported folder in diffusers (DiffusionPipeline -> LatentConsistencyModelPipeline, torch) against our
   pipeline on the checkpoint: same latents and the LCMScheduler's between-step noise fed to ours. 1 step and 2
-  steps; float32 [0, 1] images agree to 2e-4."""
+  steps (the run's grid timesteps passed to diffusers as ``timesteps``); float32 [0, 1] images agree to 2e-4."""
   cfg, workdir, states, written = run
   torch_pipe = diffusers.DiffusionPipeline.from_pretrained(written["diffusers"])
   assert isinstance(torch_pipe, diffusers.LatentConsistencyModelPipeline)
@@ -105,9 +105,10 @@ def test_diffusers_export_gives_our_images(run):
     noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()
                        for _ in range(steps - 1)]) if steps > 1 else np.zeros((0, *shape), np.float32)
     sampler = pipeline.make_sampler(pipe, kind="student", steps=steps, height=32, output="float")
+    assert sampler.timesteps.tolist() == [999, 495][:steps]  # the run's skip-24 grid (consistency.timestep_rule)
     ours = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
     with torch.no_grad():
-      ref = torch_pipe(PROMPTS, height=32, width=32, num_inference_steps=steps, guidance_scale=6.0,
+      ref = torch_pipe(PROMPTS, height=32, width=32, timesteps=sampler.timesteps.tolist(), guidance_scale=6.0,
                        latents=torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), output_type="np",
                        generator=torch.Generator().manual_seed(9)).images
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
@@ -154,3 +155,100 @@ def test_checkpoint_listing_and_errors(run, tmp_path):
         open(os.path.join(root, f), "wb").close()
   with pytest.raises(export.CheckpointReadError, match="step 3 .* cannot be read"):
     export.restore_subtree(copy, 3, "ema")
+
+
+def lora_config(teacher: str, out_dir: str, embed: int = 0):
+  """The tiny config with an LCM-LoRA style student (`:student=lora,gan=off`: rank 4, alpha 4), exporting the
+  online student; ``embed`` > 0 keeps the guidance embedding (trained in full next to the overlay)."""
+  cfg = TINY["get_config"]("student=lora,gan=off")
+  cfg.model.teacher_path = teacher
+  cfg.consistency.guidance_embed_dim = embed
+  cfg.sample.params = "student"
+  cfg.export.out_dir = out_dir
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def lora_run(run, tmp_path_factory):
+  """Checkpoints of a LoRA student (train.init_state layout, overlay A and B perturbed) exported in every format."""
+  root = tmp_path_factory.mktemp("lora_export")
+  cfg = lora_config(run[0].model.teacher_path, str(root / "out"))
+  workdir = str(root / "run")
+  write_checkpoints(cfg, workdir)
+  return cfg, workdir, export.run_export(cfg, workdir)
+
+
+def check_lora_export(cfg, workdir: str, written: dict[str, str], step: int) -> None:
+  """Format (c) of a LoRA student: diffusers' `load_lora_weights` on the teacher's pipeline gives our merged
+  student U-Net (float32, 1e-4 of the output scale), which is not the teacher; the Flax export holds the merged
+  weights bit for bit and the skip-24 sampling grid; the EMA state merges as well; a full-student config
+  cannot read the run."""
+  from scott_jax.models import lora
+
+  assert set(written) == {"flax", "diffusers", "lora"}  # no guidance embedding: no guidance_projection file
+  trained = export.TrainedRun(cfg, workdir)
+  state = trained.student_state(step, "student")
+  b_max = max(float(np.abs(b).max()) for p, b in _leaves(state["lora"]).items() if p[-1] == lora.LORA_B)
+  assert export.is_lora(state) and b_max > 1e-3
+  merged = trained.student_params(step, "student")
+  models, frozen = trained.models()
+  sd = diffusers.StableDiffusionPipeline.from_pretrained(cfg.model.teacher_path, safety_checker=None,
+                                                         requires_safety_checker=False)
+  teacher_unet = diffusers.UNet2DConditionModel.from_pretrained(cfg.model.teacher_path, subfolder="unet").eval()
+  sd.load_lora_weights(written["lora"])
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+  t = np.asarray([999, 259], np.int64)
+  text = rng.standard_normal((2, 16, 32)).astype(np.float32)
+  ours = np.asarray(jax.jit(models.student.apply)(merged, jnp.asarray(z), jnp.asarray(t), jnp.asarray(text)))
+  args = (torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(text))
+  with torch.no_grad():
+    ref = sd.unet(*args).sample.permute(0, 2, 3, 1).numpy()
+    base = teacher_unet(*args).sample.permute(0, 2, 3, 1).numpy()
+  scale = np.abs(ref).max()
+  assert np.abs(ours - ref).max() <= 1e-4 * scale
+  assert np.abs(base - ref).max() > 1e-2 * scale  # the LoRA changes the U-Net
+  pipe, params = pipeline.load_exported(written["flax"])
+  got, want = _leaves(params["unet"]), _leaves(merged)
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  assert pipe.guidance_embed_dim is None and pipe.sampling_grid == tuple(range(15, 1000, 24))
+  _, ema_params = trained.pipeline(step, "ema")
+  expected = lora.merge(frozen["unet"], trained.student_state(step, "ema")["lora"], cfg.model.student_lora_alpha)
+  for a, b in zip(jax.tree.leaves(ema_params["unet"]), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  with pytest.raises(export.CheckpointReadError, match="LoRA student but config.model.student_lora_rank = 0"):
+    export.TrainedRun(tiny_config(cfg.model.teacher_path), workdir).student_params(step)
+
+
+def test_lora_student_exports_a_diffusers_lora(lora_run):
+  check_lora_export(*lora_run, step=3)
+
+
+def test_lora_student_with_guidance_embedding_exports_the_projection(run, tmp_path):
+  """With the guidance embedding the fully trained cond_proj goes to guidance_projection.safetensors (torch
+  layout, the checkpoint's kernel transposed) next to the LoRA file."""
+  from safetensors.numpy import load_file
+
+  cfg = lora_config(run[0].model.teacher_path, str(tmp_path / "out"), embed=256)
+  cfg.export.formats = ("lora",)
+  states = write_checkpoints(cfg, str(tmp_path / "run"))
+  written = export.run_export(cfg, str(tmp_path / "run"))
+  assert set(written) == {"lora", "lora_guidance"}
+  kernel = np.asarray(states[3].student["full"]["params"]["time_embedding"]["cond_proj"]["kernel"])
+  assert kernel.shape == (256, 32) and np.abs(kernel).max() > 0
+  sd = load_file(written["lora_guidance"])
+  assert list(sd) == ["time_embedding.cond_proj.weight"]
+  np.testing.assert_array_equal(sd["time_embedding.cond_proj.weight"], kernel.T)
+
+
+@pytest.mark.slow
+def test_lora_training_run_exports(run, tmp_path):
+  """A 2-step LCM-LoRA style training run through `train.train` (a sample grid at step 2 from the merged LoRA
+  student) exports a LoRA file that diffusers loads onto the teacher (`check_lora_export`)."""
+  cfg = lora_config(run[0].model.teacher_path, str(tmp_path / "out"))
+  cfg.train.update(dict(num_steps=2, checkpoint_every=2, sample_every=2, sample_steps=(1,)))
+  cfg.optim.update(dict(warmup_steps=0, student_lr=1e-2))  # B moves well away from 0 in two Adam steps
+  workdir = str(tmp_path / "run")
+  train.train(cfg, workdir)
+  assert os.path.isfile(os.path.join(workdir, "samples", "step0000002_1step.png"))
+  check_lora_export(cfg, workdir, export.run_export(cfg, workdir), step=2)

@@ -311,3 +311,14 @@ def test_merged_unet_matches_diffusers_with_lora_adapter(tmp_path):
   scale = np.abs(ref).max()
   assert np.abs(got - ref).max() <= 1e-4 * scale
   assert np.abs(ours(params) - ref).max() > 1e-2 * scale  # the overlay changes the output
+
+
+def test_init_shapes_match_init_and_trace():
+  """`init_shapes` gives `init`'s overlay shapes without a draw, also on abstract parameters (under eval_shape)."""
+  params = _toy_params(np.random.default_rng(7))
+  tree = lora.init(jax.random.key(0), params, ["attention", "conv"], 3)
+  shapes = jax.eval_shape(lambda p: lora.init_shapes(p, ["attention", "conv"], 3), params)
+  assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(tree)
+  assert all(s.shape == x.shape and s.dtype == x.dtype for s, x in
+             zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(tree), strict=True))
+  assert lora.overlay_size(params, ["attention", "conv"], 3) == lora.count_params(tree)

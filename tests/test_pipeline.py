@@ -138,8 +138,35 @@ def test_teacher_ddim_equals_diffusers(lcm_folder):
   ref = _diffusers_images(sd, z, num_inference_steps=4, guidance_scale=7.5)
   assert sampler.timesteps.tolist() == sd.scheduler.timesteps.tolist()
   np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
-  with pytest.raises(ValueError, match="time_cond_proj_dim"):
-    pipeline.make_sampler(pipe, kind="student", steps=1, height=32)
+
+
+def test_student_without_guidance_embedding_on_a_sampling_grid(lcm_folder):
+  """An LCM-LoRA style student (a U-Net without time_cond_proj_dim: w is not an input) on a pipeline with a
+  sampling grid (the skip-24 training grid: 2 steps -> [999, 495]) against diffusers' LCM-LoRA recipe on the same
+  U-Net with those ``timesteps``; the guidance scale then changes nothing."""
+  import dataclasses
+
+  from scott_jax import consistency
+
+  teacher = os.path.join(os.path.dirname(lcm_folder), "teacher")
+  pipe, params = pipeline.load_diffusers(teacher)
+  assert pipe.guidance_embed_dim is None
+  pipe = dataclasses.replace(pipe, sampling_grid=tuple(int(t) for t in consistency.skip_grid(24)))
+  # diffusers' LCM-LoRA recipe: StableDiffusionPipeline + LCMScheduler, CFG off (guidance_scale 1).
+  lcm = diffusers.StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+  lcm.scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+  shape = pipeline.latent_shape(pipe, 2, 32, 32)
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(4), shape), np.float32)
+  noises = _nhwc(torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(8)))[None]
+  sampler = pipeline.make_sampler(pipe, kind="student", steps=2, height=32, output="float")
+  assert sampler.timesteps.tolist() == [999, 495]
+  ids = pipe.tokenize(PROMPTS)
+  got = np.asarray(sampler(params, ids, jax.random.PRNGKey(0), 8.0, latents=z, noises=noises))
+  ref = _diffusers_images(lcm, z, timesteps=[999, 495], guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(8))
+  np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
+  np.testing.assert_array_equal(got, np.asarray(sampler(params, ids, jax.random.PRNGKey(0), 2.0, latents=z,
+                                                        noises=noises)))
 
 
 def test_read_prompts(tmp_path):

@@ -264,29 +264,67 @@ def test_resume_is_exact_after_sigterm(env, tiny):
 
 
 def test_sample_grids_are_written(tiny, tmp_path):
-  """The loop's sampler: LCM multistep consistency sampling (1 and 2 steps) with the student and the VAE decode,
-  written as one PNG grid per step count; deterministic given the key, and the steps differ."""
+  """The loop's sampler (scott_jax.pipeline's student sampler on the run's models): 1 and 2 steps on the skip-24
+  training grid, written as one PNG grid per step count; deterministic given the key, and the steps differ."""
   from PIL import Image
 
+  from scott_jax import pipeline as pipeline_lib
   from scott_jax.models.clip_text import tokenize
 
   config, models, frozen, state, _, _ = tiny
+  assert train_lib.student_timesteps(config, 2) == (999, 495)  # consistency.timestep_rule "grid", skip 24
+  assert pipeline_lib.make_sampler(train_lib.student_pipeline(config, models), steps=2,
+                                   height=32).timesteps.tolist() == [999, 495]
   sampler = train_lib.make_sampler(config, models)
-  ids = jnp.asarray(tokenize(models.tokenizer, list(config.train.sample_prompts), models.max_length))
-  text = models.text_encoder.apply(frozen["text_encoder"], ids).last_hidden_state
+  ids = tokenize(models.tokenizer, list(config.train.sample_prompts), models.max_length)
   out = {}
   for k in (1, 2):
-    out[k] = sampler(state.student, frozen, text, k, jax.random.PRNGKey(0))
-    train_lib.write_grid(str(tmp_path / f"{k}step.png"), out[k])
+    out[k] = sampler(state.student, frozen, ids, k, jax.random.PRNGKey(0))
+    pipeline_lib.write_grid(str(tmp_path / f"{k}step.png"), out[k])
     img = np.asarray(Image.open(tmp_path / f"{k}step.png"))
     assert img.shape == (32, 64, 3) and img.dtype == np.uint8 and img.std() > 0  # two 32x32 samples in a row
     np.testing.assert_array_equal(img[:, :32], out[k][0])
-  np.testing.assert_array_equal(sampler(state.student, frozen, text, 2, jax.random.PRNGKey(0)), out[2])
+  np.testing.assert_array_equal(sampler(state.student, frozen, ids, 2, jax.random.PRNGKey(0)), out[2])
   assert not np.array_equal(out[1], out[2])
 
 
+@pytest.mark.parametrize("embed", [0, 256])
+def test_lora_student_state(env, embed):
+  """model.student_lora_rank >= 1: the state holds a rank-4 overlay (+ the zero guidance projection when the
+  student has one), far smaller than the U-Net; abstract_state matches init_state leaf for leaf (checkpoint
+  restore); the merged student equals the teacher at step 0 (B = 0, cond_proj = 0) for any w."""
+  import flax.traverse_util as traverse_util
+
+  from scott_jax.models import lora
+
+  config = _config(env["folder"], "student=lora,gan=off")
+  config.consistency.guidance_embed_dim = embed
+  models, frozen = train_lib.load_models(config)
+  assert models.student.config.time_cond_proj_dim == (embed or None)
+  source = train_lib.make_source(config)
+  batch = train_lib.prepare_batch(source.batch(0), models)
+  state = train_lib.init_state(config, models, frozen, batch)
+  assert train_lib.is_lora_student(state.student) and set(state.student) == {"lora", "full"}
+  n = lora.count_params
+  assert n(state.student["full"]) == embed * 32 and n(state.student["lora"]) < 0.2 * n(frozen["unet"])
+  assert lora.select_targets(frozen["unet"], tuple(config.model.student_lora_targets)) == sorted(
+    "/".join(p[:-1]) for p in traverse_util.flatten_dict(state.student["lora"]) if p[-1] == "lora_A")
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(state)
+  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+             zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  t = jnp.asarray([999, 259], jnp.int32)
+  text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  student_fn = train_lib.make_student_fn(models, embed, frozen["unet"], config.model.student_lora_alpha)
+  out = jax.jit(lambda s, w: student_fn(s, z, t, {"text": text, "w": w}))(state.student, jnp.asarray([3.0, 12.0]))
+  ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
 VARIANTS = [("sd15_scott", a) for a in ("eta=0.2", "h=1", "gan=off", "teacher=lcm", "disc=full", "disc=no_cond",
-                                        "disc_time=paper", "disc_time=renoise")] + [("sd15_lcm", "lcm")]
+                                        "disc_time=paper", "disc_time=renoise", "student=lora")] + [("sd15_lcm", "lcm")]
 
 
 @pytest.mark.slow

@@ -90,6 +90,20 @@ def select_targets(params: PyTree, targets: Sequence[str] | str, scope: str | No
   return sorted(selected)
 
 
+def _overlay_shapes(params: PyTree, targets: Sequence[str] | str, rank: int,
+                    scope: str | None) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+  """[(kernel path, A shape, B shape, fan_in)] of the overlay `init` creates (shapes only; any array-like or
+  ShapeDtypeStruct leaves)."""
+  if rank < 1:
+    raise ValueError(f"rank must be >= 1, got {rank}")
+  flat = {_path_str(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  out = []
+  for name in select_targets(params, targets, scope):
+    *window, d_in, d_out = np.shape(flat[name])
+    out.append((name, (*window, d_in, rank), (1,) * len(window) + (rank, d_out), d_in * math.prod(window)))
+  return out
+
+
 def init(key: Array, params: PyTree, targets: Sequence[str] | str, rank: int, *, scope: str | None = None,
          init_a: str = "kaiming") -> PyTree:
   """A LoRA overlay tree for the kernels of ``params`` selected by ``targets`` (see `select_targets`).
@@ -97,31 +111,34 @@ def init(key: Array, params: PyTree, targets: Sequence[str] | str, rank: int, *,
   B = 0 (the overlay starts as the identity). A is initialised as PEFT does: ``"kaiming"`` is torch's
   kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in * kh * kw;
   ``"gaussian"`` is N(0, (1/r)^2). Arrays are float32. Returns the nested overlay dict (module docstring).
+  Not traceable (the draw is cut up on the host); `init_shapes` gives the shapes under tracing.
   """
-  if rank < 1:
-    raise ValueError(f"rank must be >= 1, got {rank}")
   if init_a not in INIT_KINDS:
     raise ValueError(f"unknown init_a '{init_a}'; allowed: {', '.join(INIT_KINDS)}")
-  flat = {_path_str(k): v for k, v in traverse_util.flatten_dict(params).items()}
-  names = select_targets(params, targets, scope)
-  a_shapes, b_shapes, scales = [], [], []
-  for name in names:
-    *window, d_in, d_out = np.shape(flat[name])
-    a_shapes.append((*window, d_in, rank))
-    b_shapes.append((1,) * len(window) + (rank, d_out))
-    scales.append(1.0 / math.sqrt(d_in * math.prod(window)) if init_a == "kaiming" else 1.0 / rank)
+  shapes = _overlay_shapes(params, targets, rank, scope)
   # One draw for all targets, cut up on the host: per-target draws would compile a kernel per shape.
-  sizes = [math.prod(s) for s in a_shapes]
+  sizes = [math.prod(a_shape) for _, a_shape, _, _ in shapes]
   if init_a == "kaiming":
     draw = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))
   else:
     draw = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))
   chunks = np.split(draw, np.cumsum(sizes)[:-1])
   out = {}
-  for name, chunk, a_shape, b_shape, scale in zip(names, chunks, a_shapes, b_shapes, scales, strict=True):
+  for (name, a_shape, b_shape, fan_in), chunk in zip(shapes, chunks, strict=True):
+    scale = 1.0 / math.sqrt(fan_in) if init_a == "kaiming" else 1.0 / rank
     path = tuple(name.split("/"))
     out[path + (LORA_A,)] = jnp.asarray((chunk * np.float32(scale)).reshape(a_shape))
     out[path + (LORA_B,)] = jnp.asarray(np.zeros(b_shape, np.float32))
+  return traverse_util.unflatten_dict(out)
+
+
+def init_shapes(params: PyTree, targets: Sequence[str] | str, rank: int, *, scope: str | None = None) -> PyTree:
+  """`init`'s overlay as float32 jax.ShapeDtypeStruct leaves (no draw; ``params`` may be abstract)."""
+  out = {}
+  for name, a_shape, b_shape, _ in _overlay_shapes(params, targets, rank, scope):
+    path = tuple(name.split("/"))
+    out[path + (LORA_A,)] = jax.ShapeDtypeStruct(a_shape, jnp.float32)
+    out[path + (LORA_B,)] = jax.ShapeDtypeStruct(b_shape, jnp.float32)
   return traverse_util.unflatten_dict(out)
 
 
@@ -131,12 +148,7 @@ def overlay_size(params: PyTree, targets: Sequence[str] | str, rank: int, *, sco
   Allocates nothing (shapes only), so it can size the rank for a target trainable share, e.g. the paper's
   ~3.6% of the U-Net for the discriminator: rank = round(share * count_params(params) / overlay_size(.., 1)).
   """
-  flat = {_path_str(k): v for k, v in traverse_util.flatten_dict(params).items()}
-  total = 0
-  for name in select_targets(params, targets, scope):
-    *window, d_in, d_out = np.shape(flat[name])
-    total += rank * (math.prod(window) * d_in + d_out)
-  return int(total)
+  return int(sum(math.prod(a) + math.prod(b) for _, a, b, _ in _overlay_shapes(params, targets, rank, scope)))
 
 
 def _delta(a: Array, b: Array) -> Array:
