@@ -267,3 +267,73 @@ def test_student_sample_fn_one_step_is_the_consistency_function_of_the_teacher()
   c_skip, c_out = (float(v) for v in consistency.boundary_scalings(999.0))
   np.testing.assert_allclose(got, c_skip * z + c_out * x0, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(fn(labels, key), got)  # deterministic in the key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2 settings and the report over seeds.
+
+def test_method_configs_are_the_paper_settings():
+  """SCott keeps the experiment's SD1.5 SCott teacher (ER-SDE noise fn 7, order 2, skip 24, h 3, GAN on); LCM is
+  DDIM eta 0 in one step of skip 20 without GAN; the ablations change one thing each; the result validates."""
+  from scott_jax.digits import distill
+
+  c = _config("default")
+  scott = distill.method_config(c, "scott", 2, "/teacher")
+  assert (scott.solver.name, scott.solver.noise_fn, scott.solver.order, scott.solver.skip, scott.solver.h) == (
+    "er_sde", 7, 2, 24, 3)
+  assert scott.gan.enabled and scott.gan.lambda_adv == c.gan.lambda_adv
+  assert (scott.seed, scott.model.teacher_path, scott.data.resolution) == (2, "/teacher", c.digits.resolution)
+  lcm = distill.method_config(c, "lcm", 0, "/teacher")
+  assert (lcm.solver.name, lcm.solver.eta, lcm.solver.h, lcm.solver.skip) == ("ddim", 0.0, 1, 20)
+  assert not lcm.gan.enabled and lcm.gan.lambda_adv == 0.0
+  # Everything else is shared: same steps, batch, optimizer, consistency settings.
+  for key in ("train", "optim", "consistency", "schedule"):
+    assert scott[key].to_dict() == lcm[key].to_dict()
+  assert distill.method_config(c, "lcm_gan", 0, "").gan.enabled
+  assert not distill.method_config(c, "scott_no_gan", 0, "").gan.enabled
+  assert distill.method_config(c, "scott_h1", 0, "").solver.h == 1
+  ddim = distill.method_config(c, "scott_ddim", 0, "")
+  assert (ddim.solver.name, ddim.solver.eta, ddim.solver.h) == ("ddim", c.digits.ablation_eta, 3)
+  for m in distill.METHODS:
+    config_lib.validate(distill.method_config(c, m, 0, "/t"))
+  assert c.solver.name == "er_sde"  # the experiment config itself is untouched
+  with pytest.raises(ValueError, match="'nope'"):
+    distill.method_config(c, "nope", 0, "")
+  with pytest.raises(config_lib.ConfigError, match="digits.distill_methods"):
+    config_lib.validate(config_lib.ConfigDict(dict(c.to_dict(), digits=dict(c.digits.to_dict(),
+                                                                               distill_methods=("sgd",)))))
+
+
+def test_report_aggregates_seeds_and_states_the_verdict(tmp_path):
+  """Mean and sample std over seeds equal numpy's; the verdict says better / worse and whether the gap is beyond
+  the seeds' spread; the table and plot are written."""
+  from scott_jax.digits import distill, report
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for method, base in (("scott", 0.9), ("lcm", 0.8)):
+    for seed in range(3):
+      m = {k: float(base + 0.01 * rng.standard_normal()) for k in ("accuracy", "min_digit_accuracy", "coverage",
+                                                                     "precision", "recall", "density")}
+      rows.append({"name": f"{method} 2-step seed {seed}", "method": method, "steps": 2, "seed": seed,
+                   "fid": float(10 * (2 - base) + rng.standard_normal()), "evals_per_image": 2, "seconds": 1.0,
+                   "grid": "x.png", **m})
+  teacher = dict(rows[0], name="teacher DDIM 50", method="teacher", steps=50, seed=None)
+  agg = report.aggregate([teacher, *rows])
+  assert set(agg) == {("scott", 2), ("lcm", 2)}
+  acc = [r["accuracy"] for r in rows if r["method"] == "scott"]
+  assert agg[("scott", 2)]["accuracy_mean"] == pytest.approx(np.mean(acc))
+  assert agg[("scott", 2)]["accuracy_std"] == pytest.approx(np.std(acc, ddof=1))
+  (line,) = report.verdict(agg)
+  assert line.startswith("- 2 steps: SCott is accuracy better") and "FID better" in line
+  assert "beyond the seed spread" in line
+  lcm_acc = agg[("lcm", 2)]["accuracy_mean"]
+  close = report.verdict({("scott", 2): dict(agg[("scott", 2)], accuracy_mean=lcm_acc + 1e-4),
+                          ("lcm", 2): agg[("lcm", 2)]})[0]
+  assert f"accuracy better ({lcm_acc + 1e-4:.3g} vs {lcm_acc:.3g}, within the seed spread)" in close
+  config = _config("quick")
+  stages = {"teacher": {"seconds": 10.0, "steps": 5}}
+  path = report.write_report(config, str(tmp_path), [teacher, *rows], stages, distill.TITLES)
+  text = open(path).read()
+  assert "| SCott | 2 | 3 |" in text and "| LCM | 2 | 3 |" in text and "| total | 10.0 |" in text
+  assert os.path.isfile(tmp_path / report.PLOT_FILE)

@@ -25,7 +25,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 from absl import logging
 
 from scott_jax.config import DIGITS_METHODS, ConfigDict
@@ -115,9 +114,10 @@ def load_student(config: ConfigDict, workdir: str, method: str, seed: int) -> tu
   return models.student, params
 
 
-def sampling_timesteps(config: ConfigDict, method: str, num_steps: int) -> np.ndarray:
-  """The student's ``num_steps`` sampling timesteps (descending): LCM's (`consistency.lcm_timesteps`)."""
-  from scott_jax import consistency
+def sampling_timesteps(config: ConfigDict, method: str, num_steps: int) -> tuple[int, ...]:
+  """The k-step sampling timesteps of ``method``'s students (descending): `scott_jax.train.student_timesteps`
+  of its training config (on its training grid under ``consistency.timestep_rule`` "grid": SCott's skip-24
+  grid gives [999, 495] for 2 steps, LCM's 50-step grid LCM's [999, 499])."""
+  from scott_jax import train
 
-  c = config.consistency
-  return consistency.lcm_timesteps(num_steps, c.num_ddim_timesteps, config.schedule.num_train_timesteps)
+  return train.student_timesteps(method_config(config, method, 0, ""), num_steps)
