@@ -138,7 +138,7 @@ def _tiny_config() -> config_lib.ConfigDict:
   c = _config("quick")
   c.digits.update(dict(unet_channels=(16, 32), teacher_steps=12, teacher_batch=16, teacher_warmup=1,
                        checkpoint_every=6, log_every=6, samples_per_digit=2, eval_batch=20,
-                       teacher_rows=("ddim:3", "er_sde:3")))
+                       teacher_rows=("ddim:3", "er_sde:3"), distill_methods=()))  # stage 2: the quick run
   return config_lib.validate(c)
 
 
