@@ -249,7 +249,8 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
       logging.info("digits: %s: accuracy %.3f FID %.2f coverage %.3f (%.1fs)", row.name, m["accuracy"], m["fid"],
                    m["coverage"], seconds)
       return {"name": row.name, "method": row.method, "steps": row.steps, "evals_per_image": row.evals_per_image,
-              "seed": row.seed, "seconds": round(seconds, 2), "num_samples": len(labels), "grid": f"eval/{row.slug}.png", **m}
+              "seed": row.seed, "seconds": round(seconds, 2), "num_samples": len(labels),
+              "grid": f"eval/{row.slug}.png", **m}
 
     results.append(cached(row.slug, compute))
   return results
