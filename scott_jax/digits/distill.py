@@ -101,23 +101,3 @@ def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, m
   with open(os.path.join(directory, DONE), "w") as fh:
     json.dump(info, fh, indent=2)
   return info
-
-
-def load_student(config: ConfigDict, workdir: str, method: str, seed: int) -> tuple[Any, Any]:
-  """(student U-Net module, EMA params) of a finished run, read from its last checkpoint like the eval job."""
-  from scott_jax import export
-
-  c = method_config(config, method, seed, os.path.join(workdir, "teacher_pipeline"))
-  run = export.TrainedRun(c, run_dir(workdir, method, seed))
-  params = run.student_params(run.latest_step(), config.digits.student_params)
-  models, _ = run.models()
-  return models.student, params
-
-
-def sampling_timesteps(config: ConfigDict, method: str, num_steps: int) -> tuple[int, ...]:
-  """The k-step sampling timesteps of ``method``'s students (descending): `scott_jax.train.student_timesteps`
-  of its training config (on its training grid under ``consistency.timestep_rule`` "grid": SCott's skip-24
-  grid gives [999, 495] for 2 steps, LCM's 50-step grid LCM's [999, 499])."""
-  from scott_jax import train
-
-  return train.student_timesteps(method_config(config, method, 0, ""), num_steps)
