@@ -283,8 +283,9 @@ def write_table(path: str, rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The job.
 
-# (jitted sampler, batch size) pairs already called once in this process (compiled): `Evaluator.images`.
-_WARM: set[tuple[Callable[..., Any], int]] = set()
+# (jitted sampler, batch size, number of steps) already called once in this process (compiled):
+# `Evaluator.images`.
+_WARM: set[tuple[Callable[..., Any], int, int]] = set()
 
 
 @functools.cache
@@ -366,9 +367,10 @@ class Evaluator:
       self._ids = pipe.tokenize(self.prompts)
     batch = min(self.ec.batch_size, len(self.prompts))
     key = jax.random.PRNGKey(self.ec.seed)
-    if (sampler.fn, batch) not in _WARM:  # compile outside the timed run (once per process and program)
+    program = (sampler.fn, batch, len(sampler.timesteps))  # the jitted function compiles once per shape
+    if program not in _WARM:  # compile outside the timed run (once per process and program)
       jax.block_until_ready(sampler(params, self._ids[:batch], key, self.ec.guidance_scale))
-      _WARM.add((sampler.fn, batch))
+      _WARM.add(program)
     t0 = time.time()
     images = pipeline.generate(sampler, params, self._ids, key, self.ec.guidance_scale, batch)
     return images, sampler.timesteps.tolist(), time.time() - t0
