@@ -315,7 +315,7 @@ def test_student_one_step_images_are_the_consistency_function(student_run):
   z = jax.random.normal(jax.random.split(key)[0], (n, 16, 16, 1), jnp.float32)
   w = consistency.guidance_embedding(jnp.full((n,), d.guidance_scale - 1.0), c.consistency.guidance_embed_dim)
   t = jnp.full((n,), 999)
-  eps = student.apply(params, z, t, jnp.asarray(table[labels[:n]]), timestep_cond=w)
+  eps = jax.jit(student.apply)(params, z, t, jnp.asarray(table[labels[:n]]), timestep_cond=w)
   abar = float(schedules.NoiseSchedule.from_config(config.schedule).abar[999])
   x0 = (z - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
   c_skip, c_out = (float(v) for v in consistency.boundary_scalings(999.0, c.consistency.timestep_scaling))
