@@ -4,8 +4,8 @@ Each (method, seed) is one ordinary SD-style training run of `scott_jax.train.tr
 discriminator, EMA, optimizers and orbax checkpoints) on the teacher folder WORKDIR/teacher_pipeline, whose
 ``vae/`` is the `PixelSpace` marker: the "latents" are the grey pixels. The data source is the digits training
 split with its prompts. Runs live in WORKDIR/distill/<method>_seed<k>/ and resume from their checkpoints; a
-finished run writes ``done.json`` and is not rebuilt (its EMA student is read back with
-`scott_jax.export.TrainedRun`, as the eval job reads SD1.5 runs).
+finished run writes ``done.json`` and is not rebuilt; stage 3 runs the eval job (`scott_jax.evaluate`) on its last
+checkpoint as on an SD1.5 run (`scott_jax.digits.run.student_results`).
 
 Methods (``config.digits.distill_methods``), each a set of overrides of the experiment config:
 
