@@ -310,6 +310,7 @@ def defaults() -> ConfigDict:
           feature_weights="",  # inception: the .npz of scott_jax.metrics.inception
           feature_batch_size=50,
           clip_model="",  # a transformers CLIPModel folder for the CLIP score; "" skips it
+          prompt_metric="",  # "package.module:factory" of a per-image prompt-agreement score; "" skips it
           coverage_k=5,
           watch=False,  # keep polling WORKDIR/checkpoints for new steps
           poll_seconds=60.0,
@@ -456,6 +457,7 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "eval.max_idle_seconds": lambda v: v >= 0,
     "eval.max_reference_features": lambda v: v >= 0,
     "eval.save_images": lambda v: v >= 0,
+    "eval.prompt_metric": lambda v: v == "" or (v.count(":") == 1 and all(v.split(":"))),
     "mesh.data": lambda v: v == -1 or v >= 1,
     "mesh.fsdp": lambda v: v == -1 or v >= 1,
     "mesh.tensor": lambda v: v == -1 or v >= 1,
@@ -543,6 +545,7 @@ _RANGE_TEXT: dict[str, str] = {
     "eval.max_idle_seconds": "a number >= 0",
     "eval.max_reference_features": "an integer >= 0",
     "eval.save_images": "an integer >= 0",
+    "eval.prompt_metric": "'' or 'package.module:factory'",
     "mesh.data": "-1 (fill) or an integer >= 1",
     "mesh.fsdp": "-1 (fill) or an integer >= 1",
     "mesh.tensor": "-1 (fill) or an integer >= 1",

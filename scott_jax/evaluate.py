@@ -9,7 +9,13 @@ every checkpoint) and computes
 
   FID       against the reference statistics ``eval.reference_stats`` (mu, sigma of the feature extractor),
   Coverage  (Naeem et al. 2020, k = ``eval.coverage_k``) against the reference features stored in that file,
-  CLIP score (mean raw cosine, `scott_jax.metrics.clip_score`) with ``eval.clip_model`` ("" skips it).
+  CLIP score (mean raw cosine, `scott_jax.metrics.clip_score`) with ``eval.clip_model`` ("" skips it),
+  prompt metric (optional, ``eval.prompt_metric`` = "package.module:factory"; "" skips it): the mean of a
+            plugged per-image prompt-agreement score, ``factory(eval_config)`` returning a function
+            (uint8 images (N, H, W, 3), prompts list[str] of length N) -> scores (N,) (e.g. a digit
+            classifier's accuracy against the prompted digit, the digits experiment's CLIP-score analogue),
+
+and, from the same k-nearest-neighbour balls as Coverage, precision, recall and density (`prdc`).
 
 Each result is one JSON row appended to WORKDIR/eval/results.jsonl, keyed by (step, steps, params); a restart
 skips the keys already there (resume without redoing work; a row of the same key with other timesteps is a
@@ -48,6 +54,7 @@ from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
+PromptMetricFn = Callable[[np.ndarray, list[str]], np.ndarray]
 
 EVAL_SUBDIR = "eval"
 RESULTS_FILE = "results.jsonl"
@@ -100,9 +107,24 @@ def make_feature_extractor(ec: Any) -> FeatureFn:
   if name in EXTRACTORS:
     return EXTRACTORS[name](ec)
   if ":" in name:
-    module, fn = name.split(":", 1)
-    return getattr(importlib.import_module(module), fn)(ec)
+    return _plugged(name, ec)
   raise ValueError(f"unknown feature extractor '{name}'; allowed: {', '.join(EXTRACTORS)} or 'module:factory'")
+
+
+def _plugged(name: str, ec: Any) -> Any:
+  """``factory(ec)`` of a "package.module:factory" name."""
+  module, fn = name.split(":", 1)
+  return getattr(importlib.import_module(module), fn)(ec)
+
+
+def make_prompt_metric(ec: Any) -> PromptMetricFn | None:
+  """The per-image prompt-agreement score of ``ec.prompt_metric`` ("package.module:factory"), or None for ""."""
+  name = ec.prompt_metric
+  if not name:
+    return None
+  if ":" not in name:
+    raise ValueError(f"eval.prompt_metric '{name}': expected '' or 'package.module:factory'")
+  return _plugged(name, ec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,21 +251,42 @@ def read_results(path: str, repair: bool = False) -> list[dict[str, Any]]:
   return rows
 
 
+def images_dir(workdir: str, step: int, params: str, steps: int) -> str:
+  """WORKDIR/eval/images/step<step>_<params>_<steps>step: the PNGs of one row (``eval.save_images``)."""
+  return os.path.join(workdir, EVAL_SUBDIR, "images", f"step{step}_{params}_{steps}step")
+
+
+def read_saved_images(workdir: str, step: int, params: str, steps: int) -> np.ndarray:
+  """The images saved for one row (uint8 (N, H, W, 3), in prompt order); FileNotFoundError when none were."""
+  from PIL import Image
+
+  folder = images_dir(workdir, step, params, steps)
+  names = sorted(f for f in os.listdir(folder) if f.endswith(".png")) if os.path.isdir(folder) else []
+  if not names:
+    raise FileNotFoundError(f"no saved images in {folder} (eval.save_images = 0 when that row was evaluated?)")
+  return np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in names])
+
+
 def write_table(path: str, rows: list[dict[str, Any]]) -> None:
   """A markdown table of the rows sorted by (step, params, steps)."""
   fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-  lines = ["| step | params | steps | FID | CLIP score | Coverage | images | timesteps |",
-           "|---:|---|---:|---:|---:|---:|---:|---|"]
+  lines = ["| step | params | steps | FID | CLIP score | prompt metric | Coverage | images | timesteps |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in sorted(rows, key=lambda r: (r["step"], r["params"], r["steps"])):
     lines.append(f"| {r['step']} | {r['params']} | {r['steps']} | {fmt(r.get('fid'), '.3f')} | "
-                 f"{fmt(r.get('clip_score'), '.4f')} | {fmt(r.get('coverage'), '.4f')} | {r['num_images']} | "
-                 f"{r['timesteps']} |")
+                 f"{fmt(r.get('clip_score'), '.4f')} | {fmt(r.get('prompt_metric'), '.4f')} | "
+                 f"{fmt(r.get('coverage'), '.4f')} | {r['num_images']} | {r['timesteps']} |")
   with open(path, "w") as fh:
     fh.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The job.
+
+# (jitted sampler, batch size, number of steps) already called once in this process (compiled):
+# `Evaluator.images`.
+_WARM: set[tuple[Callable[..., Any], int, int]] = set()
+
 
 @functools.cache
 def _clip_image_fn(model: Any) -> Callable[..., Any]:
@@ -270,6 +313,7 @@ class Evaluator:
     self.results_path = os.path.join(self.out_dir, RESULTS_FILE)
     self.rows = read_results(self.results_path, repair=True)
     self.extractor = make_feature_extractor(ec)
+    self.prompt_metric = make_prompt_metric(ec)
     self.run = run or export.TrainedRun(config, workdir)
     self.resolution = ec.resolution or config.data.resolution
     self.timesteps = run_timesteps(config)
@@ -311,8 +355,10 @@ class Evaluator:
       out.append(np.asarray(image_fn(params, x))[:valid])
     return np.concatenate(out)
 
-  def images(self, pipe: pipeline.Pipeline, params: dict[str, Any], steps: int) -> tuple[np.ndarray, list[int]]:
-    """One image per prompt with the student at ``steps`` steps (uint8 (N, H, W, 3)) and the timesteps used."""
+  def images(self, pipe: pipeline.Pipeline, params: dict[str, Any],
+             steps: int) -> tuple[np.ndarray, list[int], float]:
+    """One image per prompt with the student at ``steps`` steps (uint8 (N, H, W, 3)), the timesteps used and
+    the sampling seconds (wall time of the N images; a compilation happens in a warm-up call before it)."""
     if steps not in self._samplers:
       self._samplers[steps] = pipeline.make_sampler(pipe, kind="student", steps=list(self.timesteps[steps]),
                                                     height=self.resolution)
@@ -320,15 +366,29 @@ class Evaluator:
     if self._ids is None:
       self._ids = pipe.tokenize(self.prompts)
     batch = min(self.ec.batch_size, len(self.prompts))
-    images = pipeline.generate(sampler, params, self._ids, jax.random.PRNGKey(self.ec.seed),
-                               self.ec.guidance_scale, batch)
-    return images, sampler.timesteps.tolist()
+    key = jax.random.PRNGKey(self.ec.seed)
+    program = (sampler.fn, batch, len(sampler.timesteps))  # the jitted function compiles once per shape
+    if program not in _WARM:  # compile outside the timed run (once per process and program)
+      jax.block_until_ready(sampler(params, self._ids[:batch], key, self.ec.guidance_scale))
+      _WARM.add(program)
+    t0 = time.time()
+    images = pipeline.generate(sampler, params, self._ids, key, self.ec.guidance_scale, batch)
+    return images, sampler.timesteps.tolist(), time.time() - t0
 
   def metrics(self, images: np.ndarray) -> dict[str, float | None]:
+    """FID, precision / recall / density / coverage, CLIP score and prompt metric (None when not configured) of
+    one image per prompt (uint8 (N, H, W, 3), in prompt order)."""
     feats = np.asarray(self.extractor(images), np.float32)
     mu, sigma = fid.stats(feats)
     out: dict[str, float | None] = {"fid": fid.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
-    out["coverage"] = coverage_lib.coverage(self.ref_features, feats, self.ec.coverage_k)
+    out.update(coverage_lib.prdc(self.ref_features, feats, self.ec.coverage_k))
+    out["prompt_metric"] = None
+    if self.prompt_metric is not None:
+      scores = np.asarray(self.prompt_metric(images, self.prompts), np.float64)
+      if scores.shape != (len(images),):
+        raise ValueError(f"eval.prompt_metric {self.ec.prompt_metric} returned shape {scores.shape}, expected "
+                         f"({len(images)},): one score per image")
+      out["prompt_metric"] = float(scores.mean())
     clip = self._clip_text()
     out["clip_score"] = None
     if clip is not None:
@@ -347,21 +407,21 @@ class Evaluator:
       pipe, params = self.run.pipeline(step, which)
       for k in todo:
         t0 = time.time()
-        images, timesteps = self.images(pipe, params, k)
+        images, timesteps, sample_seconds = self.images(pipe, params, k)
         row = {"step": step, "steps": k, "params": which, "timesteps": timesteps, "num_images": len(images),
                "guidance_scale": self.ec.guidance_scale, "seed": self.ec.seed, "resolution": self.resolution,
-               "features": self.ec.features, "prompt_file": self.ec.prompt_file, **self.metrics(images),
-               "seconds": round(time.time() - t0, 3)}
+               "features": self.ec.features, "prompt_file": self.ec.prompt_file,
+               "prompt_metric_name": self.ec.prompt_metric, **self.metrics(images),
+               "sample_seconds": round(sample_seconds, 3), "seconds": round(time.time() - t0, 3)}
         if self.ec.save_images:
-          pipeline.write_images(os.path.join(self.out_dir, "images", f"step{step}_{which}_{k}step"),
-                                images[:self.ec.save_images])
+          pipeline.write_images(images_dir(self.workdir, step, which, k), images[:self.ec.save_images])
         with open(self.results_path, "a") as fh:
           fh.write(json.dumps(row) + "\n")
         self.rows.append(row)
         new.append(row)
         write_table(os.path.join(self.out_dir, TABLE_FILE), self.rows)
-        logging.info("eval step %d %s %d-step: FID %.3f coverage %.4f clip %s", step, which, k, row["fid"],
-                     row["coverage"], row["clip_score"])
+        logging.info("eval step %d %s %d-step: FID %.3f coverage %.4f clip %s prompt metric %s", step, which, k,
+                     row["fid"], row["coverage"], row["clip_score"], row["prompt_metric"])
     return new
 
   def complete(self, step: int) -> bool:

@@ -235,38 +235,94 @@ def test_config_variants():
     _config("nope")
 
 
-def test_student_sample_fn_one_step_is_the_consistency_function_of_the_teacher():
-  """With a zero guidance projection the student is the teacher: its 1-step sample from the documented initial
-  noise is c_skip(999) z + c_out(999) x0_teacher(z) (closed form, computed without the sampler)."""
-  import dataclasses
+@pytest.fixture(scope="module")
+def student_run(tiny_run, tmp_path_factory):
+  """The tiny run (teacher and classifier done) copied, then one LCM student of 2 training steps: stage 2 and the
+  eval job's student rows at 1 and 2 steps."""
+  import shutil
 
+  _, workdir, _, _ = tiny_run
+  work = str(tmp_path_factory.mktemp("digits_students"))
+  shutil.copytree(workdir, work, dirs_exist_ok=True)
+  c = _tiny_config()
+  c.digits.update(dict(distill_methods=("lcm",), distill_seeds=(0,), student_steps=(1, 2)))
+  c.train.update(dict(num_steps=2, checkpoint_every=2, log_every=1))
+  config = config_lib.validate(c)
+  return config, work, run_lib.run_digits(config, work)
+
+
+def test_student_rows_come_from_the_eval_job(student_run, digits):
+  """The student rows are the eval job's (results.jsonl of the distill run, one row per step count); its accuracy,
+  FID and prdc equal digits' own metrics (`evaluation.metrics`, the classifier in the model space) on the images
+  the job saved; a rerun redoes nothing."""
+  from scott_jax import evaluate
+  from scott_jax.digits import classifier, distill, evaluation
+
+  config, work, report = student_run
+  d = config.digits
+  run_dir = distill.run_dir(work, "lcm", 0)
+  eval_rows = evaluate.read_results(os.path.join(run_dir, "eval", evaluate.RESULTS_FILE))
+  assert sorted(evaluate.row_key(r) for r in eval_rows) == [(2, 1, "ema"), (2, 2, "ema")]
+  model, params = run_lib.load_classifier(config, work, digits)
+  apply = classifier.make_apply(model)
+  _, real_feats = apply(params, data_lib.to_model(digits.test_images))
+  labels = evaluation.eval_labels(d.samples_per_digit)
+  text = open(report).read()
+  for r in eval_rows:
+    k = r["steps"]
+    assert r["timesteps"] == {1: [999], 2: [999, 499]}[k]  # LCM's 50-step training grid
+    row = json.load(open(os.path.join(work, "eval", f"lcm_{k}_step_seed_0.json")))
+    assert (row["name"], row["method"], row["steps"], row["evals_per_image"], row["seed"]) == (
+      f"LCM {k}-step seed 0", "lcm", k, k, 0)
+    assert f"| LCM {k}-step seed 0 | {k} | {k} |" in text
+    assert os.path.isfile(os.path.join(work, row["grid"]))
+    images = evaluate.read_saved_images(run_dir, 2, "ema", k)
+    assert images.shape == (len(labels), 16, 16, 3) and row["num_samples"] == len(labels)
+    logits, feats = apply(params, data_lib.to_model(images))
+    want = evaluation.metrics(logits, feats, labels, real_feats, d.coverage_k)
+    assert row["accuracy"] == pytest.approx(want["accuracy"]) and row["accuracy"] == r["prompt_metric"]
+    assert row["min_digit_accuracy"] == pytest.approx(want["min_digit_accuracy"])
+    assert row["fid"] == pytest.approx(want["fid"], rel=1e-4) and row["fid"] == r["fid"]
+    for m in ("coverage", "precision", "recall", "density"):
+      assert row[m] == pytest.approx(want[m]), m
+  assert "| LCM | 1 | 1 |" in text  # the seeds table
+  # A rerun: every stage and row is done; the eval job is not even started.
+  before = open(os.path.join(run_dir, "eval", evaluate.RESULTS_FILE)).read()
+  assert run_lib.run_digits(config, work) == report
+  assert open(os.path.join(run_dir, "eval", evaluate.RESULTS_FILE)).read() == before
+
+
+def test_student_one_step_images_are_the_consistency_function(student_run):
+  """The eval job's 1-step image of the trained student from the documented initial noise (batch 0 of key
+  fold_in(key(eval_seed), 0), z = normal(split(key)[0])) equals c_skip(999) z + c_out(999) x0(z), x0 from the
+  student's eps prediction with the w = g - 1 embedding and the prompt's context (computed here without the
+  sampler, the text through digits' prompt table)."""
   import jax.numpy as jnp
 
-  from scott_jax import consistency, schedules
-  from scott_jax.digits import evaluation, teacher
-  from scott_jax.models.unet import UNet2DConditionModel, init_params
+  from scott_jax import consistency, evaluate, export, schedules
+  from scott_jax.digits import distill, evaluation
 
-  c = _tiny_config()
-  tcfg = teacher.unet_config(c.digits, cross_attention_dim=32)
-  t_params = init_params(jax.random.key(1), tcfg, context_length=8)
-  scfg = dataclasses.replace(tcfg, time_cond_proj_dim=256)
-  s_params = jax.tree_util.tree_map(lambda x: x, t_params)
-  s_params["params"]["time_embedding"] = dict(s_params["params"]["time_embedding"],
-                                              cond_proj={"kernel": jnp.zeros((256, tcfg.block_out_channels[0]))})
-  table = np.random.default_rng(0).standard_normal((11, 8, 32)).astype(np.float32)
-  schedule = schedules.sd15()
-  fn = evaluation.make_student_sample_fn(UNet2DConditionModel(scfg), s_params, table, schedule, num_steps=1,
-                                         guidance_scale=3.0)
-  labels = np.array([3, 7, 0])
-  key = jax.random.key(5)
-  got = fn(labels, key)
-  z = jax.random.normal(jax.random.split(key)[0], (3, 16, 16, 1), jnp.float32)
-  eps = jax.jit(UNet2DConditionModel(tcfg).apply)(t_params, z, jnp.full((3,), 999), jnp.asarray(table[labels]))
-  abar = float(schedule.abar[999])
+  config, work, _ = student_run
+  d = config.digits
+  c = run_lib.student_eval_config(config, work, "lcm", 0, 2)
+  run = export.TrainedRun(c, distill.run_dir(work, "lcm", 0))
+  params = run.student_params(2, "ema")
+  student = run.models()[0].student
+  _, _, _, table = run_lib.load_text(work)
+  labels = evaluation.eval_labels(d.samples_per_digit)
+  n = min(d.eval_batch, len(labels))
+  key = jax.random.fold_in(jax.random.key(d.eval_seed), 0)
+  z = jax.random.normal(jax.random.split(key)[0], (n, 16, 16, 1), jnp.float32)
+  w = consistency.guidance_embedding(jnp.full((n,), d.guidance_scale - 1.0), c.consistency.guidance_embed_dim)
+  t = jnp.full((n,), 999)
+  eps = jax.jit(student.apply)(params, z, t, jnp.asarray(table[labels[:n]]), timestep_cond=w)
+  abar = float(schedules.NoiseSchedule.from_config(config.schedule).abar[999])
   x0 = (z - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
-  c_skip, c_out = (float(v) for v in consistency.boundary_scalings(999.0))
-  np.testing.assert_allclose(got, c_skip * z + c_out * x0, rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(fn(labels, key), got)  # deterministic in the key
+  c_skip, c_out = (float(v) for v in consistency.boundary_scalings(999.0, c.consistency.timestep_scaling))
+  want = data_lib.to_uint8(c_skip * z + c_out * x0)
+  got = evaluate.read_saved_images(distill.run_dir(work, "lcm", 0), 2, "ema", 1)[:n]
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  assert np.mean(got == want) > 0.99
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def setup(tmp_path_factory):
   clip = write_tiny_clip(str(root / "clip"), os.path.join(teacher, "tokenizer"))
   cfg.eval.update(dict(prompt_file=str(prompts), reference_stats=str(root / "ref.npz"), features="random_projection",
                        image_folder=str(ref_dir), sample_steps=(1, 2), params=("ema", "student"), batch_size=4,
-                       save_images=NUM_PROMPTS, clip_model=clip, max_reference_features=10))
+                       save_images=NUM_PROMPTS, clip_model=clip, max_reference_features=10,
+                       prompt_metric="test_evaluate:red_times_number"))
   config_lib.validate(cfg)
   evaluate.run_fid_stats(cfg, workdir)
   return cfg, workdir, root
@@ -109,6 +110,12 @@ def test_eval_rows_metrics_resume_and_incomplete_checkpoint(setup):
     feats = extractor(images)
     assert r["fid"] == pytest.approx(fid.frechet_distance(*fid.stats(feats), ref_mu, ref_sigma), rel=1e-9)
     assert r["coverage"] == coverage_lib.coverage(ref_feats, feats, 5)
+    prdc = coverage_lib.prdc(ref_feats, feats, 5)
+    assert {m: r[m] for m in prdc} == prdc
+    # The plugged prompt metric, by hand: mean over images of (mean red / 255) * (the prompt's number + 1).
+    hand = np.mean([images[i, ..., 0].mean() / 255.0 * (i + 1) for i in range(NUM_PROMPTS)])
+    assert r["prompt_metric"] == pytest.approx(hand, rel=1e-5)
+    assert r["prompt_metric_name"] == "test_evaluate:red_times_number" and r["sample_seconds"] > 0
     assert r["timesteps"] == ([999] if r["steps"] == 1 else [999, 495])  # the run's skip-24 grid
     if r["steps"] == 2 and r["step"] == 4 and r["params"] == "ema":
       assert r["clip_score"] == pytest.approx(_clip_oracle(cfg.eval.clip_model, images, prompts), abs=1e-4)
@@ -203,6 +210,33 @@ def mean_colour_features(ec):
   """A plugged extractor ('module:factory'): mean colour per channel in [0, 1]."""
   del ec
   return lambda images: np.stack([np.asarray(i, np.float32).mean(axis=(0, 1)) / 255.0 for i in images])
+
+
+def red_times_number(ec):
+  """A plugged prompt metric ('module:factory'): mean red / 255 times (the number ending the prompt + 1)."""
+  del ec
+  return lambda images, prompts: np.asarray([np.asarray(im, np.float64)[..., 0].mean() / 255.0
+                                             * (int(p.rsplit(" ", 1)[1]) + 1) for im, p in zip(images, prompts,
+                                                                                                 strict=True)])
+
+
+def test_prompt_metric_config_and_shape_errors(setup, tmp_path):
+  cfg, workdir, _ = setup
+  c = cfg.copy_and_resolve_references()
+  c.eval.prompt_metric = "no_colon"
+  with pytest.raises(config_lib.ConfigError, match="eval.prompt_metric"):
+    config_lib.validate(c)
+  c = cfg.copy_and_resolve_references()
+  c.eval.update(dict(prompt_metric="test_evaluate:one_score", clip_model=""))
+  evaluator = evaluate.Evaluator(c, str(tmp_path))
+  with pytest.raises(ValueError, match=r"returned shape \(1,\), expected \(8,\)"):
+    evaluator.metrics(np.zeros((NUM_PROMPTS, 16, 16, 3), np.uint8))
+
+
+def one_score(ec):
+  """A broken prompt metric: one score for the whole batch."""
+  del ec
+  return lambda images, prompts: np.zeros(1)
 
 
 @pytest.mark.slow

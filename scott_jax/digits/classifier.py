@@ -176,6 +176,42 @@ def eval_features(ec: Any) -> Callable[[np.ndarray], np.ndarray]:
   """Feature extractor for the eval job (``eval.features = "scott_jax.digits.classifier:eval_features"``,
   ``eval.feature_weights`` = the `export` folder, e.g. WORKDIR/classifier/export): uint8 images (N, H, W, 3)
   -> the classifier's features (N, F) float32 (images scaled to [-1, 1], grey = channel mean)."""
-  model, params = load_export(ec.feature_weights)
+  apply = uint8_apply(ec.feature_weights)
+  return lambda images: apply(images)[1]
+
+
+def uint8_apply(folder: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """The classifier exported to ``folder`` on uint8 images (N, H, W, 3) (scaled to [-1, 1], grey = channel
+  mean) -> (logits (N, 10), features (N, F)) float32."""
+  model, params = load_export(folder)
   apply = make_apply(model)
-  return lambda images: apply(params, np.asarray(images, np.float32) / 127.5 - 1.0)[1]
+  return lambda images: apply(params, np.asarray(images, np.float32) / 127.5 - 1.0)
+
+
+def prompted_digits(prompts: list[str]) -> np.ndarray:
+  """The digit (N,) int32 of each prompt "a handwritten digit <word>" (`scott_jax.digits.data.prompt`); a prompt
+  of another form raises ValueError naming it."""
+  from scott_jax.digits.data import PROMPT_PREFIX, WORDS
+
+  out = []
+  for p in prompts:
+    head, _, word = p.strip().rpartition(" ")
+    if head != PROMPT_PREFIX or word not in WORDS:
+      raise ValueError(f"prompt {p!r} is not '{PROMPT_PREFIX} <word>' with a word of {', '.join(WORDS)}")
+    out.append(WORDS.index(word))
+  return np.asarray(out, np.int32)
+
+
+def prompt_accuracy(ec: Any) -> Callable[[np.ndarray, list[str]], np.ndarray]:
+  """Prompt metric for the eval job (``eval.prompt_metric = "scott_jax.digits.classifier:prompt_accuracy"``,
+  classifier folder ``eval.feature_weights`` as for `eval_features`): (uint8 images (N, H, W, 3), N prompts)
+  -> (N,) float32, 1 where the classifier's argmax class is the prompted digit, else 0 (its mean: the accuracy
+  against the prompted digit, the digits experiment's CLIP-score analogue)."""
+  apply = uint8_apply(ec.feature_weights)
+
+  def scores(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    digits = prompted_digits(prompts)
+    logits, _ = apply(images)
+    return (np.argmax(logits, axis=-1) == digits).astype(np.float32)
+
+  return scores

@@ -4,8 +4,8 @@ Each (method, seed) is one ordinary SD-style training run of `scott_jax.train.tr
 discriminator, EMA, optimizers and orbax checkpoints) on the teacher folder WORKDIR/teacher_pipeline, whose
 ``vae/`` is the `PixelSpace` marker: the "latents" are the grey pixels. The data source is the digits training
 split with its prompts. Runs live in WORKDIR/distill/<method>_seed<k>/ and resume from their checkpoints; a
-finished run writes ``done.json`` and is not rebuilt (its EMA student is read back with
-`scott_jax.export.TrainedRun`, as the eval job reads SD1.5 runs).
+finished run writes ``done.json`` and is not rebuilt; stage 3 runs the eval job (`scott_jax.evaluate`) on its last
+checkpoint as on an SD1.5 run (`scott_jax.digits.run.student_results`).
 
 Methods (``config.digits.distill_methods``), each a set of overrides of the experiment config:
 
@@ -101,23 +101,3 @@ def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, m
   with open(os.path.join(directory, DONE), "w") as fh:
     json.dump(info, fh, indent=2)
   return info
-
-
-def load_student(config: ConfigDict, workdir: str, method: str, seed: int) -> tuple[Any, Any]:
-  """(student U-Net module, EMA params) of a finished run, read from its last checkpoint like the eval job."""
-  from scott_jax import export
-
-  c = method_config(config, method, seed, os.path.join(workdir, "teacher_pipeline"))
-  run = export.TrainedRun(c, run_dir(workdir, method, seed))
-  params = run.student_params(run.latest_step(), config.digits.student_params)
-  models, _ = run.models()
-  return models.student, params
-
-
-def sampling_timesteps(config: ConfigDict, method: str, num_steps: int) -> tuple[int, ...]:
-  """The k-step sampling timesteps of ``method``'s students (descending): `scott_jax.train.student_timesteps`
-  of its training config (on its training grid under ``consistency.timestep_rule`` "grid": SCott's skip-24
-  grid gives [999, 495] for 2 steps, LCM's 50-step grid LCM's [999, 499])."""
-  from scott_jax import train
-
-  return train.student_timesteps(method_config(config, method, 0, ""), num_steps)

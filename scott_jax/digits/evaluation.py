@@ -4,7 +4,10 @@ A row is a way to generate digits from prompts: ``sample_fn(labels (n,), key) ->
 in [-1, 1], where by convention ``k_z, k_rest = split(key)`` and the initial noise is
 ``normal(k_z, (n, R, R, C))``, so rows evaluated with the same key start from the same noise ("same seeds").
 Every row generates ``samples_per_digit`` images of each digit (labels ``tile(arange(10), n)``) in chunks of
-``eval_batch``, chunk i with key ``fold_in(key(eval_seed), i)``.
+``min(eval_batch, N)``, chunk i with key ``fold_in(key(eval_seed), i)``. The student rows are sampled by the
+eval job (`scott_jax.evaluate`, `scott_jax.digits.run.student_results`), whose `scott_jax.pipeline` sampler
+follows the same convention (``k_latents, k_rest = split(key)``, batch i keyed ``fold_in(key, i)``), so every
+row, teacher or student, starts from the same noise.
 
 Metrics, all on the digit classifier (`scott_jax.digits.classifier`), generated vs the real TEST split:
 accuracy (argmax == prompted digit; the CLIP-score analogue), FID (Frechet distance of the classifier
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scott_jax import consistency, solvers
+from scott_jax import solvers
 from scott_jax.digits.data import NUM_CLASSES, UNCOND, to_uint8
 from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid as fid_lib
@@ -49,7 +52,12 @@ class Row:
 
   @property
   def slug(self) -> str:
-    return "".join(c if c.isalnum() else "_" for c in self.name.lower()).strip("_")
+    return slug(self.name)
+
+
+def slug(name: str) -> str:
+  """A row name as a file name stem: lower case, every non-alphanumeric character "_"."""
+  return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 def eval_labels(samples_per_digit: int) -> np.ndarray:
@@ -88,55 +96,12 @@ def make_teacher_sample_fn(unet: Any, params: PyTree, table: np.ndarray, schedul
   return lambda labels, key: np.asarray(run(jnp.asarray(labels, jnp.int32), key))
 
 
-def make_student_sampler(student: Any, table: np.ndarray, schedule: NoiseSchedule, *, guidance_scale: float,
-                         guidance_embed_dim: int = 256,
-                         timestep_scaling: float = 10.0) -> Callable[[PyTree, np.ndarray], SampleFn]:
-  """Student rows that share one compiled sampler: ``bind(params, timesteps) -> SampleFn``.
-
-  LCM multistep consistency sampling (`consistency.multistep_sample`) at the descending ``timesteps`` (K,) with
-  the w-conditioned student (w = g - 1 through the guidance embedding; one U-Net call per step). ``student`` is
-  the U-Net with ``time_cond_proj_dim``. Parameters and timesteps are traced arguments, so every student of one
-  architecture (methods, seeds) compiles once per number of steps."""
-  table = jnp.asarray(table)
-  w = float(guidance_scale) - 1.0
-
-  @jax.jit
-  def run(params: PyTree, timesteps: Array, labels: Array, key: Array) -> Array:
-    k_z, k_steps = jax.random.split(key)
-    res = student.config.sample_size
-    z = jax.random.normal(k_z, (labels.shape[0], res, res, student.config.in_channels), jnp.float32)
-    context = table[labels]
-    w_emb = consistency.guidance_embedding(jnp.full((labels.shape[0],), w, jnp.float32), guidance_embed_dim)
-
-    def f_fn(z: Array, t: Array) -> Array:
-      t_b = jnp.broadcast_to(t, (z.shape[0],))
-      out = student.apply(params, z, t_b, context, timestep_cond=w_emb).astype(jnp.float32)
-      return consistency.consistency_output(out, z, t_b, schedule, timestep_scaling=timestep_scaling)[0]
-
-    return consistency.multistep_sample(f_fn, z, timesteps, schedule, k_steps)
-
-  def bind(params: PyTree, timesteps: np.ndarray) -> SampleFn:
-    ts = jnp.asarray(timesteps, jnp.int32)
-    return lambda labels, key: np.asarray(run(params, ts, jnp.asarray(labels, jnp.int32), key))
-
-  return bind
-
-
-def make_student_sample_fn(student: Any, params: PyTree, table: np.ndarray, schedule: NoiseSchedule, *,
-                           num_steps: int, guidance_scale: float, guidance_embed_dim: int = 256,
-                           timestep_scaling: float = 10.0, num_ddim_timesteps: int = 50) -> SampleFn:
-  """One student row at `consistency.lcm_timesteps(num_steps, num_ddim_timesteps)` (see
-  `make_student_sampler`)."""
-  bind = make_student_sampler(student, table, schedule, guidance_scale=guidance_scale,
-                              guidance_embed_dim=guidance_embed_dim, timestep_scaling=timestep_scaling)
-  return bind(params, consistency.lcm_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps))
-
-
 def generate(sample_fn: SampleFn, labels: np.ndarray, seed: int, batch: int) -> tuple[np.ndarray, float]:
   """Runs ``sample_fn`` over ``labels`` in chunks of ``batch`` (chunk i: key fold_in(key(seed), i); the last
   chunk padded to the full batch so one compiled shape serves all). Returns (images (N, R, R, C) float32,
   seconds spent after the first chunk's compilation, scaled to all N images)."""
   out, seconds, timed = [], 0.0, 0
+  batch = min(batch, len(labels))  # as `scott_jax.pipeline.generate`: the same noise as the eval job's rows
   base = jax.random.key(seed)
   for i, start in enumerate(range(0, len(labels), batch)):
     chunk = labels[start:start + batch]

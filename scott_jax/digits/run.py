@@ -11,8 +11,12 @@ stages and resumes unfinished ones from their checkpoints):
               diffusers-format folder (no vae/: the model works in pixel space) that later stages load through
               scott_jax.models.loading like the SD1.5 folder
   classifier  the digit classifier (features for FID / coverage, accuracy against the prompted digit)
-  distill     stage 2 hook (`stage_distill`): returns the student rows (LCM and SCott at 1, 2, 4 steps)
-  eval        every row's metrics and sample grid -> WORKDIR/eval/<row>.json, .png
+  distill     stage 2 (`stage_distill`): a `scott_jax.train` run per method and seed -> WORKDIR/distill/<run>/
+  eval        the teacher rows and the real training images with `scott_jax.digits.evaluation`; the students
+              with the eval job (`scott_jax.evaluate`, mode eval) on each distill run's last checkpoint ->
+              WORKDIR/distill/<run>/eval/results.jsonl; every row's metrics and sample grid ->
+              WORKDIR/eval/<row>.json, .png (the eval job's prompts and reference: WORKDIR/eval/prompts.jsonl,
+              reference.npz)
   report      WORKDIR/report.md
 """
 
@@ -166,12 +170,11 @@ def teacher_rows(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
   return rows
 
 
-def stage_distill(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[evaluation.Row] | None:
+def stage_distill(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[dict[str, Any]] | None:
   """Stage 2: distils a student per (method, seed) of ``config.digits.distill_methods`` x ``distill_seeds`` with
-  `scott_jax.train` (`scott_jax.digits.distill`) and returns their rows (each method and seed at every
-  ``student_steps``), or None when a run was stopped early (rerun to resume)."""
+  `scott_jax.train` (`scott_jax.digits.distill`). Returns each run's done info (method, seed, steps, seconds),
+  or None when a run was stopped early (rerun to resume)."""
   from scott_jax.digits import distill
-  from scott_jax.schedules import NoiseSchedule
 
   d = config.digits
   t0 = time.time()
@@ -185,27 +188,131 @@ def stage_distill(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -
   if runs and read_done(workdir, "distill") is None:
     _mark_done(workdir, "distill", time.time() - t0, runs=len(runs),
                train_seconds=round(sum(r["seconds"] for r in runs), 1))
-  _, _, _, table = load_text(workdir)
-  schedule = NoiseSchedule.from_config(config.schedule)
-  c = config.consistency
-  rows, bind = [], None
-  for method in d.distill_methods:
-    for seed in d.distill_seeds:
-      student, params = distill.load_student(config, workdir, method, seed)
-      if bind is None:  # every student has the teacher's architecture: one sampler for all
-        bind = evaluation.make_student_sampler(student, table, schedule, guidance_scale=d.guidance_scale,
-                                               guidance_embed_dim=c.guidance_embed_dim,
-                                               timestep_scaling=c.timestep_scaling)
-      for k in d.student_steps:
-        fn = bind(params, distill.sampling_timesteps(config, method, k))
-        rows.append(evaluation.Row(f"{distill.TITLES[method]} {k}-step seed {seed}", method, k, k, fn, seed))
-  return rows
+  return runs
 
 
-def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
-               rows: list[evaluation.Row]) -> list[dict[str, Any]]:
-  """Evaluates each row (cached per row in WORKDIR/eval/<slug>.json with its grid <slug>.png), plus the
-  reference row "real (train split)". Returns the row results in order (reference first)."""
+EVAL_PROMPTS, EVAL_REFERENCE = "prompts.jsonl", "reference.npz"
+CLASSIFIER_EXPORT = os.path.join("classifier", "export")
+
+
+def write_eval_inputs(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> tuple[str, str]:
+  """The eval job's inputs for the student runs: WORKDIR/eval/prompts.jsonl (the prompt of every label of
+  `evaluation.eval_labels`, in order) and WORKDIR/eval/reference.npz (mu, sigma and all feature rows of the
+  classifier on the TEST split, `scott_jax.evaluate.write_reference`). Returns their paths."""
+  from scott_jax import evaluate
+  from scott_jax.digits import classifier
+
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  prompts = os.path.join(out_dir, EVAL_PROMPTS)
+  with open(prompts, "w") as fh:
+    fh.write("".join(json.dumps({"caption": data_lib.prompt(label)}) + "\n"
+                     for label in evaluation.eval_labels(config.digits.samples_per_digit)))
+  reference = os.path.join(out_dir, EVAL_REFERENCE)
+  if not os.path.isfile(reference):
+    _, feats = classifier.uint8_apply(os.path.join(workdir, CLASSIFIER_EXPORT))(data.test_images)
+    evaluate.write_reference(reference, feats, len(feats))
+  return prompts, reference
+
+
+def student_eval_config(config: ConfigDict, workdir: str, method: str, seed: int, step: int) -> ConfigDict:
+  """The eval-job config of one student run (its training config, `distill.method_config`): checkpoint ``step``
+  at every ``digits.student_steps`` with the ``digits.student_params`` parameters, the digit classifier as
+  feature extractor (FID, prdc against the test split) and as prompt metric (accuracy against the prompted
+  digit), no CLIP; CFG scale, batch and seed of the digits rows (so the initial noise is the teacher rows'),
+  every image saved (the grids)."""
+  from scott_jax import config as config_lib
+  from scott_jax.digits import distill
+
+  d = config.digits
+  c = distill.method_config(config, method, seed, os.path.join(workdir, PIPELINE))
+  n = data_lib.NUM_CLASSES * d.samples_per_digit
+  c.eval.update(dict(prompt_file=os.path.join(workdir, "eval", EVAL_PROMPTS), num_prompts=0,
+                     reference_stats=os.path.join(workdir, "eval", EVAL_REFERENCE),
+                     sample_steps=tuple(d.student_steps), timesteps=(), params=(d.student_params,),
+                     checkpoint_steps=(int(step),), guidance_scale=float(d.guidance_scale), resolution=d.resolution,
+                     batch_size=d.eval_batch, seed=d.eval_seed, features="scott_jax.digits.classifier:eval_features",
+                     feature_weights=os.path.join(workdir, CLASSIFIER_EXPORT), clip_model="",
+                     prompt_metric="scott_jax.digits.classifier:prompt_accuracy", coverage_k=d.coverage_k,
+                     watch=False, save_images=n))
+  return config_lib.validate(c)
+
+
+def student_name(method: str, seed: int, steps: int) -> str:
+  """The row name of a student: "<method title> <steps>-step seed <seed>"."""
+  from scott_jax.digits import distill
+
+  return f"{distill.TITLES[method]} {steps}-step seed {seed}"
+
+
+def student_row(config: ConfigDict, workdir: str, method: str, seed: int, eval_row: dict[str, Any]) -> dict[str, Any]:
+  """The digits row of one eval-job row of a student run: its metrics (accuracy = the prompt metric), the
+  per-digit minimum accuracy and the sample grid WORKDIR/eval/<slug>.png from the images the job saved."""
+  from scott_jax import evaluate
+  from scott_jax.digits import classifier, distill
+
+  d = config.digits
+  k, step, which = int(eval_row["steps"]), int(eval_row["step"]), str(eval_row["params"])
+  name = student_name(method, seed, k)
+  slug = evaluation.slug(name)
+  images = evaluate.read_saved_images(distill.run_dir(workdir, method, seed), step, which, k)
+  labels = evaluation.eval_labels(d.samples_per_digit)
+  if len(images) != len(labels):
+    raise ValueError(f"{method} seed {seed} step {step}: {len(images)} saved images, expected {len(labels)}")
+  hits = classifier.prompt_accuracy(student_eval_config(config, workdir, method, seed, step).eval)(
+    images, [data_lib.prompt(label) for label in labels])
+  evaluation.write_grid(os.path.join(workdir, "eval", f"{slug}.png"), images, labels)
+  return {"name": name, "method": method, "steps": k, "evals_per_image": k, "seed": int(seed),
+          "seconds": float(eval_row["sample_seconds"]), "num_samples": int(eval_row["num_images"]),
+          "grid": f"eval/{slug}.png", "accuracy": float(eval_row["prompt_metric"]),
+          "min_digit_accuracy": min(float(np.mean(hits[labels == c])) for c in range(data_lib.NUM_CLASSES)),
+          **{m: float(eval_row[m]) for m in ("fid", "coverage", "precision", "recall", "density")},
+          "checkpoint_step": step, "timesteps": list(eval_row["timesteps"]),
+          "source": os.path.relpath(os.path.join(distill.run_dir(workdir, method, seed), "eval",
+                                                 evaluate.RESULTS_FILE), workdir)}
+
+
+def student_results(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
+                    runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The student rows, from the eval job (`scott_jax.evaluate.Evaluator`) on each finished distill run's last
+  checkpoint (the run's WORKDIR/distill/<method>_seed<k>/eval/results.jsonl). Each converted row is cached as
+  WORKDIR/eval/<slug>.json; a rerun skips cached rows and the eval job skips the rows it already has. Samplers
+  compile once per method and step count (`scott_jax.pipeline` caches jitted functions by pipeline value)."""
+  from scott_jax import evaluate
+  from scott_jax.digits import distill
+
+  d = config.digits
+  write_eval_inputs(config, workdir, data)
+  out = []
+  for info in runs:
+    method, seed, step = info["method"], int(info["seed"]), int(info["steps"])
+    paths = {k: os.path.join(workdir, "eval", evaluation.slug(student_name(method, seed, k)) + ".json")
+             for k in d.student_steps}
+    if not all(os.path.isfile(p) for p in paths.values()):
+      c = student_eval_config(config, workdir, method, seed, step)
+      logging.info("digits: eval job on %s seed %d (step %d)", method, seed, step)
+      evaluator = evaluate.Evaluator(c, distill.run_dir(workdir, method, seed))
+      evaluator.run_once()
+      by_key = {evaluate.row_key(r): r for r in evaluator.rows}
+      for k, path in paths.items():
+        if not os.path.isfile(path):
+          row = student_row(config, workdir, method, seed, by_key[(step, k, d.student_params)])
+          logging.info("digits: %s: accuracy %.3f FID %.2f coverage %.3f (%.1fs)", row["name"], row["accuracy"],
+                       row["fid"], row["coverage"], row["seconds"])
+          with open(path, "w") as fh:
+            json.dump(row, fh, indent=2)
+    for path in paths.values():
+      with open(path) as fh:
+        out.append(json.load(fh))
+  return out
+
+
+def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData, rows: list[evaluation.Row],
+               runs: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+  """Evaluates the reference row "real (train split)" and each row of ``rows`` (teacher rows, sampled here;
+  cached per row in WORKDIR/eval/<slug>.json with its grid <slug>.png), then the student ``runs`` (the done infos
+  of `stage_distill`) through the eval job (`student_results`). Returns the row results in order (reference,
+  ``rows``, students by method, seed and steps)."""
   from scott_jax.digits import classifier
 
   d = config.digits
@@ -253,7 +360,7 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
               "grid": f"eval/{row.slug}.png", **m}
 
     results.append(cached(row.slug, compute))
-  return results
+  return results + student_results(config, workdir, data, list(runs))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,14 +388,13 @@ def run_digits(config: ConfigDict, workdir: str) -> str:
     logging.warning("digits: teacher training stopped early; rerun to resume.")
     return ""
   stage_classifier(config, workdir, data)
-  student_rows = stage_distill(config, workdir, data)
-  if student_rows is None:
+  runs = stage_distill(config, workdir, data)
+  if runs is None:
     logging.warning("digits: distillation stopped early; rerun to resume.")
     return ""
   t0 = time.time()
-  rows = teacher_rows(config, workdir) + student_rows
   previous = read_done(workdir, "eval")
-  results = stage_eval(config, workdir, data, rows)
+  results = stage_eval(config, workdir, data, teacher_rows(config, workdir), runs)
   if previous is None or previous.get("rows") != len(results):
     _mark_done(workdir, "eval", time.time() - t0 + (previous or {}).get("seconds", 0.0), rows=len(results))
   return write_report(config, workdir, results)
