@@ -75,6 +75,13 @@ def defaults() -> ConfigDict:
           vae_path="",  # a folder with vae/ to use instead of the teacher's (e.g. RV5.1 "noVAE"); "" = teacher's
           dtype="float32",  # compute dtype of every network (parameters stay float32)
           vae_sample=True,  # encode images with a posterior sample (LCM script) rather than its mean
+          # U-Nets (teacher, student, discriminator base): attention xla (plain, (B, N, T, S) logits) | cudnn
+          # (fused flash attention, GPU with bfloat16/float16 only) | chunked (query blocks of
+          # attention_chunk_size: one block's logits live at a time); remat recomputes each block's activations
+          # in the backward pass (less memory, ~1 more forward of compute).
+          attention="xla",
+          attention_chunk_size=1024,
+          remat=False,
       )
   )
 
@@ -337,6 +344,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "consistency.distance": ("l2", "pseudo_huber"),
     "consistency.grid": ("skip", "ddim"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla", "cudnn", "chunked"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
     "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
@@ -380,6 +388,7 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "train.sample_every": lambda v: v >= 0,
     "train.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "train.sample_guidance_scale": lambda v: v >= 1.0,
+    "model.attention_chunk_size": lambda v: v >= 1,
     "data.resolution": lambda v: v >= 8 and v % 8 == 0,
     "data.num_examples": lambda v: v >= 1,
     "data.num_threads": lambda v: v >= 0,
@@ -458,6 +467,7 @@ _RANGE_TEXT: dict[str, str] = {
     "train.sample_every": "an integer >= 0 (0 disables sampling)",
     "train.sample_steps": "a non-empty tuple of integers >= 1",
     "train.sample_guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
+    "model.attention_chunk_size": "an integer >= 1 (query positions per attention block)",
     "data.resolution": "an integer >= 8, a multiple of 8",
     "data.num_examples": "an integer >= 1",
     "data.num_threads": "an integer >= 0",

@@ -20,7 +20,6 @@ and schedules differently from the GPU/TPU compilers: treat them as indicative, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -77,11 +76,9 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
 
   The Models' tokenizer is None (the step never tokenizes).
   """
-  from scott_jax import discriminator as disc_lib
   from scott_jax.models import unet as unet_lib
   from scott_jax.models.clip_text import CLIPTextModel
   from scott_jax.models.vae import AutoencoderKL
-  from scott_jax.schedules import NoiseSchedule
 
   arch = config.mesh.plan_architecture
   if arch == "sd15":
@@ -91,18 +88,9 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
   else:
     raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15")
   dtype = jnp.dtype(config.model.dtype)
-  teacher = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dtype)
-  student = unet_lib.UNet2DConditionModel(
-    dataclasses.replace(unet_cfg, time_cond_proj_dim=config.consistency.guidance_embed_dim), dtype=dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
-  disc = None
-  if config.gan.enabled:
-    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
-                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
-                                  norm_groups=unet_cfg.norm_num_groups, dtype=dtype)
-  models = train_lib.Models(teacher, student, vae, text, None, NoiseSchedule.from_config(config.schedule), disc,
-                            max_length)
+  models = train_lib.build_models(config, unet_cfg, vae, text, None, max_length)
   key = jax.random.key(0)
   f = vae_cfg.downsample_factor
   text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
