@@ -231,17 +231,27 @@ def _assemble_state(config: ConfigDict, models: Models, frozen: PyTree, disc: Py
                     opt_student=tx_s.init(student), opt_disc=opt_disc, key=k_train)
 
 
-def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
+def init_disc(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> PyTree:
+  """A fresh discriminator ({} without GAN) for encoded batches of ``batch_spec``; host-side (not traceable)."""
+  if models.disc is None:
+    return {}
+  shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
+  k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  return models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
+
+
+def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any],
+               shardings: PyTree = None) -> TrainState:
   """The initial train state: student = EMA = teacher + zero guidance projection, fresh discriminator.
 
   ``batch_spec``: a batch (arrays or ShapeDtypeStructs) fixing the latent / text shapes the head is built for.
+  ``shardings``: the state's shardings (`scott_jax.parallel.state_shardings`): the state is then assembled by a
+  jit with those output shardings, so no device holds more than its shards (else on the default device).
   """
-  disc = {}
-  if models.disc is not None:
-    shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
-    k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-    disc = models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
-  return _assemble_state(config, models, frozen, disc)
+  disc = init_disc(config, models, frozen, batch_spec)
+  if shardings is None:
+    return _assemble_state(config, models, frozen, disc)
+  return jax.jit(lambda f, d: _assemble_state(config, models, f, d), out_shardings=shardings)(frozen, disc)
 
 
 def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
@@ -631,7 +641,7 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
                                        save_every=tc.checkpoint_every)
   restored = checkpointer.restore_latest(parallel.with_shardings(abstract, state_sh))
   if restored is None:
-    state = jax.jit(lambda f: init_state(config, models, f, batch_spec), out_shardings=state_sh)(frozen)
+    state = init_state(config, models, frozen, batch_spec, state_sh)
     data.set_state(fresh_data_state)
     logging.info("Starting from the teacher's weights (no checkpoint in %s).", checkpointer.directory)
   else:
