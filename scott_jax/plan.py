@@ -167,7 +167,8 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "batch_size": config.train.batch_size,
     "batch_per_device": config.train.batch_size // math.prod(shape[a] for a in batch_axes),
     "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
-    "dtype": config.model.dtype, "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
+    "dtype": config.model.dtype, "attention": config.model.attention, "remat": bool(config.model.remat),
+    "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
     "params": {"student": _count(state.student), "disc_trainable": _count(state.disc),
                "teacher_unet": _count(frozen["unet"]), "vae": _count(frozen["vae"]),
                "text_encoder": _count(frozen["text_encoder"])},
@@ -191,7 +192,8 @@ def format_plan(plan: dict[str, Any]) -> str:
   p = plan["params"]
   lines = [
     f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
-    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']})",
+    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']}, "
+    f"attention {plan['attention']}{', remat' if plan['remat'] else ''})",
     f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
     f"teacher U-Net {p['teacher_unet'] / 1e6:.1f}M, VAE {p['vae'] / 1e6:.1f}M, text encoder "
     f"{p['text_encoder'] / 1e6:.1f}M",
