@@ -87,6 +87,13 @@ def defaults() -> ConfigDict:
           student_lora_alpha=64.0,
           # LCM-LoRA's targets: attention, feed-forward, transformer in/out, resnet convs and time projections.
           student_lora_targets=("attention", "feed_forward", "proj", "conv", r"(^|/)resnets_\d+/time_emb_proj/kernel$"),
+          # U-Nets (teacher, student, discriminator base): attention xla (plain, (B, N, T, S) logits) | cudnn
+          # (fused flash attention, GPU with bfloat16/float16 only) | chunked (query blocks of
+          # attention_chunk_size: one block's logits live at a time); remat recomputes each block's activations
+          # in the backward pass (less memory, ~1 more forward of compute).
+          attention="xla",
+          attention_chunk_size=1024,
+          remat=False,
       )
   )
 
@@ -361,6 +368,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "consistency.grid": ("skip", "ddim"),
     "consistency.timestep_rule": ("grid", "lcm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla", "cudnn", "chunked"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
     "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
@@ -408,6 +416,7 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "train.sample_every": lambda v: v >= 0,
     "train.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "train.sample_guidance_scale": lambda v: v >= 1.0,
+    "model.attention_chunk_size": lambda v: v >= 1,
     "data.resolution": lambda v: v >= 8 and v % 8 == 0,
     "data.num_examples": lambda v: v >= 1,
     "data.num_threads": lambda v: v >= 0,
@@ -500,6 +509,7 @@ _RANGE_TEXT: dict[str, str] = {
     "train.sample_every": "an integer >= 0 (0 disables sampling)",
     "train.sample_steps": "a non-empty tuple of integers >= 1",
     "train.sample_guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
+    "model.attention_chunk_size": "an integer >= 1 (query positions per attention block)",
     "data.resolution": "an integer >= 8, a multiple of 8",
     "data.num_examples": "an integer >= 1",
     "data.num_threads": "an integer >= 0",

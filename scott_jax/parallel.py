@@ -31,6 +31,7 @@ global array)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -263,6 +264,21 @@ def gather_tree(tree: PyTree) -> PyTree:
   from jax.experimental import multihost_utils
 
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-able ``value``, in process order (a collective in multi-process runs: every process
+  must call it), e.g. the per-process data-iterator states a checkpoint keeps."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(rows[i, :int(n)].tobytes().decode("utf-8")) for i, n in enumerate(sizes)]
 
 
 def describe_shardings(tree: PyTree, shardings: PyTree, limit: int = 0) -> list[str]:

@@ -20,7 +20,6 @@ and schedules differently from the GPU/TPU compilers: treat them as indicative, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -77,11 +76,9 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
 
   The Models' tokenizer is None (the step never tokenizes).
   """
-  from scott_jax import discriminator as disc_lib
   from scott_jax.models import unet as unet_lib
   from scott_jax.models.clip_text import CLIPTextModel
   from scott_jax.models.vae import AutoencoderKL
-  from scott_jax.schedules import NoiseSchedule
 
   arch = config.mesh.plan_architecture
   if arch == "sd15":
@@ -91,18 +88,9 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
   else:
     raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15")
   dtype = jnp.dtype(config.model.dtype)
-  teacher = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dtype)
-  student = unet_lib.UNet2DConditionModel(
-    dataclasses.replace(unet_cfg, time_cond_proj_dim=config.consistency.guidance_embed_dim or None), dtype=dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
-  disc = None
-  if config.gan.enabled:
-    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
-                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
-                                  norm_groups=unet_cfg.norm_num_groups, dtype=dtype)
-  models = train_lib.Models(teacher, student, vae, text, None, NoiseSchedule.from_config(config.schedule), disc,
-                            max_length)
+  models = train_lib.build_models(config, unet_cfg, vae, text, None, max_length)
   key = jax.random.key(0)
   f = vae_cfg.downsample_factor
   text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
@@ -179,7 +167,8 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "batch_size": config.train.batch_size,
     "batch_per_device": config.train.batch_size // math.prod(shape[a] for a in batch_axes),
     "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
-    "dtype": config.model.dtype, "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
+    "dtype": config.model.dtype, "attention": config.model.attention, "remat": bool(config.model.remat),
+    "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
     "params": {"student": _count(state.student), "disc_trainable": _count(state.disc),
                "teacher_unet": _count(frozen["unet"]), "vae": _count(frozen["vae"]),
                "text_encoder": _count(frozen["text_encoder"])},
@@ -203,7 +192,8 @@ def format_plan(plan: dict[str, Any]) -> str:
   p = plan["params"]
   lines = [
     f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
-    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']})",
+    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']}, "
+    f"attention {plan['attention']}{', remat' if plan['remat'] else ''})",
     f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
     f"teacher U-Net {p['teacher_unet'] / 1e6:.1f}M, VAE {p['vae'] / 1e6:.1f}M, text encoder "
     f"{p['text_encoder'] / 1e6:.1f}M",

@@ -33,7 +33,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.struct
@@ -45,7 +45,7 @@ import optax
 from absl import logging
 
 from scott_jax import checkpoint as ckpt_lib
-from scott_jax import consistency, losses, solvers
+from scott_jax import consistency, losses, parallel, solvers
 from scott_jax import discriminator as disc_lib
 from scott_jax import pipeline as pipeline_lib
 from scott_jax.config import ConfigDict
@@ -114,6 +114,40 @@ def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None
                        "set config.schedule to the teacher's values")
 
 
+def unet_options(config: ConfigDict) -> dict[str, Any]:
+  """The U-Net module options of ``config.model``: attention implementation, its chunk size, remat."""
+  m = config.model
+  if m.attention == "cudnn" and m.dtype == "float32":
+    raise ValueError("config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16 (cuDNN's fused "
+                     "attention has no float32 kernel); use attention='chunked' or 'xla' in float32")
+  return {"attention": m.attention, "attention_chunk_size": int(m.attention_chunk_size), "remat": bool(m.remat)}
+
+
+def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: Any, tokenizer: Any,
+                 max_length: int) -> Models:
+  """The Models around a teacher U-Net architecture (``UNetConfig``) and given VAE / text encoder modules.
+
+  Teacher and student get ``config.model``'s dtype and `unet_options`; the student adds the guidance embedding
+  (``time_cond_proj_dim``); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
+  (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
+  """
+  from scott_jax.models.unet import UNet2DConditionModel
+
+  dtype = _dtype(config.model.dtype)
+  options = unet_options(config)
+  teacher = UNet2DConditionModel(unet_config, dtype=dtype, **options)
+  student = UNet2DConditionModel(
+    dataclasses.replace(unet_config, time_cond_proj_dim=config.consistency.guidance_embed_dim or None), dtype=dtype,
+    **options)
+  disc = None
+  if config.gan.enabled:
+    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
+                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
+                                  norm_groups=unet_config.norm_num_groups, dtype=dtype)
+  schedule = NoiseSchedule.from_config(config.schedule)
+  return Models(teacher, student, vae, text_encoder, tokenizer, schedule, disc, int(max_length))
+
+
 def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   """Loads the teacher pipeline named by ``config.model`` -> (Models, frozen params pytree).
 
@@ -122,33 +156,22 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   """
   from scott_jax.models import loading
   from scott_jax.models.clip_text import tokenize
-  from scott_jax.models.unet import UNet2DConditionModel
 
   path = config.model.teacher_path
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
                             "diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)")
   dtype = _dtype(config.model.dtype)
-  parts = loading.load_pipeline(path, dtype=dtype)
+  parts = loading.load_pipeline(path, dtype=dtype, **unet_options(config))
   vae, vae_params = parts.vae, parts.vae_params
   if config.model.vae_path:
     if not os.path.isdir(config.model.vae_path):
       raise FileNotFoundError(f"VAE folder config.model.vae_path='{config.model.vae_path}' does not exist")
     vae, vae_params = loading.load_vae(config.model.vae_path, dtype=dtype)
   check_schedule(config, dict(parts.scheduler_config))
-  schedule = NoiseSchedule.from_config(config.schedule)
-  teacher = parts.unet
-  student = UNet2DConditionModel(
-    dataclasses.replace(teacher.config, time_cond_proj_dim=config.consistency.guidance_embed_dim or None),
-    dtype=dtype)
-  disc = None
-  if config.gan.enabled:
-    disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
-                                  lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
-                                  norm_groups=teacher.config.norm_num_groups, dtype=dtype)
   tokenizer = parts.tokenizer
   max_length = int(min(tokenizer.model_max_length, parts.text_encoder.config.max_position_embeddings))
-  models = Models(teacher, student, vae, parts.text_encoder, tokenizer, schedule, disc, max_length)
+  models = build_models(config, parts.unet.config, vae, parts.text_encoder, tokenizer, max_length)
   empty = jnp.asarray(tokenize(tokenizer, [""], max_length))
   out = parts.text_encoder.apply(parts.text_encoder_params, empty)
   frozen = {"unet": parts.unet_params, "vae": vae_params, "text_encoder": parts.text_encoder_params,
@@ -262,17 +285,31 @@ def _assemble_state(config: ConfigDict, models: Models, student: PyTree, disc: P
                     opt_student=tx_s.init(student), opt_disc=opt_disc, key=k_train)
 
 
-def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
+def init_disc(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> PyTree:
+  """A fresh discriminator ({} without GAN) for encoded batches of ``batch_spec``; host-side (not traceable)."""
+  if models.disc is None:
+    return {}
+  shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
+  k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  return models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
+
+
+def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any],
+               shardings: PyTree = None) -> TrainState:
   """The initial train state: student = EMA = teacher + zero guidance projection, fresh discriminator.
 
   ``batch_spec``: a batch (arrays or ShapeDtypeStructs) fixing the latent / text shapes the head is built for.
+  ``shardings``: the state's shardings (`scott_jax.parallel.state_shardings`): the state is then assembled by a
+  jit with those output shardings, so no device holds more than its shards (else on the default device).
   """
-  disc = {}
-  if models.disc is not None:
-    shapes = _disc_example_shapes(models, frozen["unet"], encode_shapes(models, frozen, batch_spec))
-    k_disc = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-    disc = models.disc.init(k_disc, frozen["unet"], *(jnp.zeros(s.shape, s.dtype) for s in shapes))
-  return _assemble_state(config, models, init_student_params(models, frozen["unet"], config), disc)
+  disc = init_disc(config, models, frozen, batch_spec)
+  if shardings is None:
+    return _assemble_state(config, models, init_student_params(models, frozen["unet"], config), disc)
+  if config.model.student_lora_rank:  # lora.init runs on the host (as the discriminator's): pass it in
+    student = init_student_params(models, frozen["unet"], config)
+    return jax.jit(lambda s, d: _assemble_state(config, models, s, d), out_shardings=shardings)(student, disc)
+  return jax.jit(lambda f, d: _assemble_state(config, models, init_student_params(models, f["unet"]), d),
+                 out_shardings=shardings)(frozen, disc)
 
 
 def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> TrainState:
@@ -485,14 +522,13 @@ def make_sampler(config: ConfigDict, models: Models) -> Callable:
 # Data.
 
 def make_source(config: ConfigDict) -> arrays.ArraySource:
-  """The in-memory data source named by ``config.data`` (batch at step k depends on (seed, k) only)."""
+  """The in-memory source of ``data.source = "synthetic"``: global batches of train.batch_size, batch k a pure
+  function of (seed, k). The other sources are read by `scott_jax.data.make_pipeline` (see `make_data`)."""
   d = config.data
-  if d.source == "folder":
-    images, captions = arrays.load_folder(d.path, d.resolution)
-  elif d.source == "synthetic":
-    images, captions = arrays.synthetic(d.num_examples, d.resolution, config.seed)
-  else:
-    raise ValueError(f"unknown data.source '{d.source}'; allowed: folder, synthetic")
+  if d.source != "synthetic":
+    raise ValueError(f"make_source builds only the in-memory 'synthetic' source; data.source '{d.source}' is read "
+                     "by scott_jax.data.make_pipeline (train.make_data)")
+  images, captions = arrays.synthetic(d.num_examples, d.resolution, config.seed)
   return arrays.ArraySource(images, captions, config.train.batch_size, config.seed)
 
 
@@ -502,6 +538,88 @@ def prepare_batch(raw: dict[str, Any], models: Models) -> dict[str, np.ndarray]:
 
   images = np.asarray(raw["images"], np.float32) / 127.5 - 1.0
   return {"images": images, "input_ids": tokenize(models.tokenizer, raw["captions"], models.max_length)}
+
+
+class ArrayBatches(Iterator[dict[str, np.ndarray]]):
+  """This process's rows of an `arrays.ArraySource`'s global batches, prepared (`prepare_batch`), behind the
+  interface the loop uses of `scott_jax.data.pipeline.Pipeline`: next, ``batches``, get_state / set_state, close.
+
+  Process i of n takes rows [i b, (i + 1) b) of every global batch (b = batch size / n), so every process's
+  state is the same (step, seed, num_examples, batch_size) dict.
+  """
+
+  def __init__(self, source: arrays.ArraySource, models: Models, global_batch: int) -> None:
+    if source.batch_size != global_batch:
+      raise ValueError(f"the in-memory source's batch_size {source.batch_size} != train.batch_size {global_batch} "
+                       "(it must yield global batches)")
+    n = parallel.local_batch_size(global_batch)
+    self._rows = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+    self._iter = source.iterator()
+    self.models = models
+
+  @property
+  def batches(self) -> int:
+    """Batches produced so far (over resumptions)."""
+    return self._iter.step
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    raw = next(self._iter)
+    return prepare_batch({"images": raw["images"][self._rows], "captions": raw["captions"][self._rows]},
+                         self.models)
+
+  def get_state(self) -> dict[str, int]:
+    return self._iter.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iter.set_state(state)
+
+  def close(self) -> None:
+    pass
+
+
+def make_data(config: ConfigDict, models: Models, source: Any = None) -> Any:
+  """This process's stream of prepared batches for the loop (next, ``batches``, get_state / set_state, close).
+
+  ``source``: None -> ``config.data`` (synthetic: `make_source` in memory; folder / tar / tfds / latent_cache:
+  `scott_jax.data.make_pipeline`, sharded by process); an `arrays.ArraySource` (or anything with
+  ``iterator()``) of global batches -> `ArrayBatches`; a random-access source (``len`` and ``[i]`` -> {"image",
+  "caption"}, e.g. `scott_jax.data.sources.InMemorySource`) -> make_pipeline over it. Batches hold "images"
+  float32 (b, R, R, 3) in [-1, 1] and "input_ids" int32 (b, L), or the latent cache's arrays; b = train.batch_size
+  / process count.
+  """
+  from scott_jax.data import pipeline as data_pipeline
+
+  if source is None and config.data.source == "synthetic":
+    source = make_source(config)
+  if source is not None and hasattr(source, "iterator"):
+    return ArrayBatches(source, models, config.train.batch_size)
+  return data_pipeline.make_pipeline(config.data, batch_size=parallel.local_batch_size(config.train.batch_size),
+                                     seed=config.seed, tokenizer=models.tokenizer, max_length=models.max_length,
+                                     source=source)
+
+
+def global_batch_spec(local_batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs of the global batch of which ``local_batch`` is this process's part (leading dimension
+  times the process count)."""
+  n = jax.process_count()
+  return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * n, *np.shape(v)[1:]), np.asarray(v).dtype)
+          for k, v in local_batch.items()}
+
+
+def _data_state_to_save(data: Any) -> Any:
+  """The data state to checkpoint: this process's, or every process's ({"processes": [...]}, a collective)."""
+  if jax.process_count() == 1:
+    return data.get_state()
+  return {"processes": parallel.allgather_json(data.get_state())}
+
+
+def _restore_data_state(data: Any, saved: Any) -> None:
+  n = jax.process_count()
+  if n > 1:
+    if not isinstance(saved, dict) or len(saved.get("processes", ())) != n:
+      raise ValueError(f"the checkpoint's data state was not saved by {n} processes: {str(saved)[:200]}")
+    saved = saved["processes"][jax.process_index()]
+  data.set_state(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,62 +640,90 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s"
 
 
-def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = None) -> TrainState:
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.2f} MiB"
+
+
+def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   """Trains (or resumes) under ``workdir``: checkpoints in WORKDIR/checkpoints, metrics (clu), sample PNGs in
   WORKDIR/samples. Returns the final train state. SIGTERM saves a checkpoint and returns early.
 
-  ``source``: an in-memory data source (default: `make_source(config)`), e.g. the digits training split."""
+  The step runs on the mesh of ``config.mesh`` over all devices of all processes (`scott_jax.parallel`; the
+  distributed runtime is started first when the environment asks for it): the train state and the frozen models
+  are sharded by the config's rules, each process feeds its part of every global batch of train.batch_size.
+  Metrics, logs, config.json and sample grids come from process 0; every process saves its checkpoint shards.
+  ``source``: the data instead of ``config.data`` (see `make_data`), e.g. an in-memory `arrays.ArraySource`.
+  """
   from clu import metric_writers, periodic_actions
 
   from scott_jax.models.clip_text import tokenize
 
   tc = config.train
+  parallel.initialize_distributed(config.mesh)  # before any other JAX computation
+  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as fh:
-    fh.write(config.to_json_best_effort(indent=2))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+      fh.write(config.to_json_best_effort(indent=2))
   t_start = time.time()
   models, frozen = load_models(config)
   logging.info("Loaded the teacher from %s in %.1f s.", config.model.teacher_path, time.time() - t_start)
-  source = source if source is not None else make_source(config)
-  if source.images.shape[1] % models.vae.config.downsample_factor:
-    raise ValueError(f"image resolution {source.images.shape[1]} is not a multiple of the VAE's downsampling "
-                     f"factor {models.vae.config.downsample_factor}")
-  data_iter = source.iterator()
-  batch_spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                                      prepare_batch(source.batch(0), models))
+  mesh = parallel.make_mesh(config.mesh)
+  data = make_data(config, models, source)
+  fresh_data_state = data.get_state()
+  batch_spec = global_batch_spec(next(data))  # GLOBAL shapes; the batch is read again after set_state below
+  if "images" in batch_spec and batch_spec["images"].shape[1] % models.vae.config.downsample_factor:
+    raise ValueError(f"image resolution {batch_spec['images'].shape[1]} is not a multiple of the VAE's "
+                     f"downsampling factor {models.vae.config.downsample_factor}")
 
   abstract = abstract_state(config, models, frozen, batch_spec)
+  state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, abstract, frozen, batch_spec)
+  sample_frozen = None  # multi-process sampling runs on process 0 from host copies (the state is global)
+  if tc.sample_every and jax.process_count() > 1:
+    needed = ("vae", "text_encoder") + (("unet",) if config.model.student_lora_rank else ())  # LoRA: its base
+    sample_frozen = jax.device_get({k: frozen[k] for k in needed})
+  frozen = parallel.put_tree(frozen, frozen_sh)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints,
                                        save_every=tc.checkpoint_every)
-  restored = checkpointer.restore_latest(abstract)
+  restored = checkpointer.restore_latest(parallel.with_shardings(abstract, state_sh))
   if restored is None:
-    state = init_state(config, models, frozen, batch_spec)
+    state = init_state(config, models, frozen, batch_spec, state_sh)
+    data.set_state(fresh_data_state)
     logging.info("Starting from the teacher's weights (no checkpoint in %s).", checkpointer.directory)
   else:
     step, state, data_state = restored
-    data_iter.set_state(data_state)
-    if int(state.step) != step or data_iter.step != step:
-      raise ValueError(f"checkpoint step {step} holds state step {int(state.step)} and data step {data_iter.step}")
+    _restore_data_state(data, data_state)
+    if int(state.step) != step or data.batches != step:
+      raise ValueError(f"checkpoint step {step} holds state step {int(state.step)} and data batch count "
+                       f"{data.batches}")
     logging.info("Resumed from checkpoint step %d.", step)
   start = int(state.step)
+  shape = dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape), strict=True))
+  state_local = parallel.bytes_per_device(abstract, state_sh)
+  state_total = parallel.bytes_per_device(abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+  logging.info("Mesh %s on %d devices, %d process(es); train state bytes per device %d of %d (%s of %s), frozen "
+               "models %s per device; batch %d, %d per process.", shape, mesh.devices.size, jax.process_count(),
+               state_local, state_total, _mib(state_local), _mib(state_total),
+               _mib(parallel.bytes_per_device(frozen, frozen_sh)), tc.batch_size,
+               parallel.local_batch_size(tc.batch_size))
 
-  step_fn = jax.jit(make_train_step(config, models), donate_argnums=(0,))
+  step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
   t_compile = time.time()
-  compiled = step_fn.lower(state, batch_spec, frozen).compile()
+  compiled = step_fn.lower(parallel.with_shardings(abstract, state_sh), parallel.with_shardings(batch_spec, batch_sh),
+                           parallel.with_shardings(frozen, frozen_sh)).compile()
   logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
                time.time() - t_start)
   sampler = make_sampler(config, models) if tc.sample_every else None
   sample_ids = tokenize(models.tokenizer, list(tc.sample_prompts), models.max_length)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   pending: tuple[int, Any] | None = None
   stopped = False
   t_last, step_last = time.time(), start
   with ckpt_lib.PreemptionGuard() as guard:
     for step in range(start + 1, tc.num_steps + 1):
-      batch = prepare_batch(next(data_iter), models)
-      state, metrics = compiled(state, batch, frozen)
+      state, metrics = compiled(state, parallel.make_global_batch(next(data), batch_sh), frozen)
       if pending is not None:
         _check_finite(*pending)
       pending = (step, metrics)
@@ -594,12 +740,17 @@ def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = 
                      values["loss_cd"], values["loss_g"], values.get("loss_d", 0.0),
                      _format_eta((tc.num_steps - step) / max(sps, 1e-9)))
       if sampler is not None and (step % tc.sample_every == 0 or step == tc.num_steps):
-        for k in tc.sample_steps:
-          images = sampler(state.student, frozen, sample_ids, k, jax.random.PRNGKey(tc.sample_seed))
-          pipeline_lib.write_grid(os.path.join(workdir, "samples", f"step{step:07d}_{k}step.png"), images)
+        if sample_frozen is None:
+          params, vae_frozen = state.student, frozen
+        else:  # every process takes part in the gather; process 0 samples on its own devices
+          params, vae_frozen = parallel.gather_tree(state.student), sample_frozen
+        if primary:
+          for k in tc.sample_steps:
+            images = sampler(params, vae_frozen, sample_ids, k, jax.random.PRNGKey(tc.sample_seed))
+            pipeline_lib.write_grid(os.path.join(workdir, "samples", f"step{step:07d}_{k}step.png"), images)
       if checkpointer.should_save(step) or step == tc.num_steps or stop:
         _check_finite(*pending)
-        checkpointer.save(step, state, data_state=data_iter.get_state(), force=True)
+        checkpointer.save(step, state, data_state=_data_state_to_save(data), force=True)
       if stop:
         logging.warning("Stopped by signal after step %d; checkpoint saved.", step)
         stopped = True
@@ -608,6 +759,7 @@ def train(config: ConfigDict, workdir: str, source: arrays.ArraySource | None = 
     _check_finite(*pending)
   writer.flush()
   checkpointer.close()
+  data.close()
   if not stopped:
     logging.info("Training done: %d steps.", int(state.step))
   return state

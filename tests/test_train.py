@@ -23,6 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cc
 
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
+from scott_jax import parallel
 from scott_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,8 +81,19 @@ def tiny(env):
   source = train_lib.make_source(config)
   batch = train_lib.prepare_batch(source.batch(0), models)
   state = train_lib.init_state(config, models, frozen, batch)
-  step = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,)).lower(state, batch, frozen).compile()
-  return config, models, frozen, state, batch, step
+  return config, models, frozen, state, batch, _compile_like_train(config, models, state, batch, frozen)
+
+
+def _compile_like_train(config, models, state, batch, frozen):
+  """The step compiled as `train_lib.train` compiles it (sharded jit on the config's 1-device mesh), so the
+  `python -m scott_jax.main` runs below find it in the persistent compilation cache."""
+  mesh = parallel.make_mesh(config.mesh)
+  spec = train_lib.global_batch_spec(batch)
+  abstract = train_lib.abstract_state(config, models, frozen, spec)
+  state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, abstract, frozen, spec)
+  step = parallel.jit_train_step(train_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+  return step.lower(parallel.with_shardings(abstract, state_sh), parallel.with_shardings(spec, batch_sh),
+                    parallel.with_shardings(frozen, frozen_sh)).compile()
 
 
 def _copy(tree):
@@ -197,6 +209,125 @@ def test_missing_teacher_folder_is_a_clear_error(tmp_path):
   c.model.teacher_path = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="missing"):
     train_lib.load_models(c)
+
+
+def test_unet_options_reach_the_modules(env, tiny):
+  """config.model.attention / attention_chunk_size / remat reach teacher, student and discriminator base, in
+  load_models and in the plan's abstract models (one build_models); cudnn in float32 and unknown names are clear
+  errors (the numerics: the slow test below)."""
+  from scott_jax import plan
+
+  config, models, frozen, state, batch, _ = tiny
+  c = _config(env["folder"])
+  c.model.update(dict(attention="chunked", attention_chunk_size=64, remat=True))
+  opt_models, _ = train_lib.load_models(c)
+  c.mesh.plan_architecture = "teacher"
+  abstract_models, _ = plan.abstract_models(c)
+  for m in (opt_models, abstract_models):
+    for unet in (m.teacher, m.student, m.disc.unet):
+      assert (unet.attention, unet.attention_chunk_size, unet.remat) == ("chunked", 64, True)
+  assert (models.student.attention, models.student.remat) == ("xla", False)
+  assert abstract_models.student == opt_models.student and abstract_models.disc.unet == opt_models.teacher
+  c.model.attention = "cudnn"
+  with pytest.raises(ValueError, match="attention='cudnn' needs config.model.dtype bfloat16"):
+    train_lib.build_models(c, models.teacher.config, models.vae, models.text_encoder, None, 16)
+  with pytest.raises(config_lib.ConfigError, match="model.attention"):
+    c.model.attention = "flash"
+    config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_chunked_attention_and_remat_keep_loss_and_gradients(env, tiny):
+  """The student with config.model.attention = chunked (a 16x16 latent: 256 query positions in 4 blocks of 64)
+  and remat gives the plain student's loss and parameter gradients."""
+  config, models, frozen, state, batch, _ = tiny
+  c = _config(env["folder"])
+  c.model.update(dict(attention="chunked", attention_chunk_size=64, remat=True))
+  opt_models, _ = train_lib.load_models(c)
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  cond = {"text": jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32), "w": jnp.asarray([3.0, 9.0])}
+  t = jnp.asarray([999, 499], jnp.int32)
+
+  def loss_and_grad(m):
+    fn = train_lib.make_student_fn(m, config.consistency.guidance_embed_dim)
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(fn(p, z, t, cond) ** 2)))(state.student)
+
+  (l0, g0), (l1, g1) = loss_and_grad(models), loss_and_grad(opt_models)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def _write_folder(path, images, captions):
+  from PIL import Image
+
+  os.makedirs(path)
+  for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
+    Image.fromarray(img).save(os.path.join(path, f"{i:03d}.png"))
+    with open(os.path.join(path, f"{i:03d}.txt"), "w") as fh:
+      fh.write(cap)
+
+
+def _folder_config(env, tmp_path, num_steps, source="folder"):
+  c = _config(env["folder"])
+  c.data.update(dict(source=source, path=str(tmp_path / "photos"), num_threads=2))
+  c.train.update(dict(num_steps=num_steps, checkpoint_every=100))
+  return c
+
+
+def _pipeline_state(config, models, num_batches):
+  """The state of a fresh data pipeline of ``config.data`` after ``num_batches`` batches (and its first batch)."""
+  from scott_jax.data import pipeline as data_pipeline
+
+  p = data_pipeline.make_pipeline(config.data, batch_size=config.train.batch_size, seed=config.seed,
+                                  tokenizer=models.tokenizer, max_length=models.max_length)
+  batches = [next(p) for _ in range(num_batches)]
+  state = p.get_state()
+  p.close()
+  return state, batches[0]
+
+
+def test_train_reads_the_grain_pipeline_and_in_memory_sources(env, tiny, tmp_path):
+  """`train` on data.source = folder reads scott_jax.data.make_pipeline (grain): after 2 steps the checkpointed
+  data state is a fresh pipeline's own state after 2 batches. ``train(..., source=ArraySource)`` trains on the
+  given in-memory source instead of config.data (its state is checkpointed). Both run the fixture's program."""
+  from scott_jax.data import arrays
+
+  config, models, frozen, _, batch, _ = tiny
+  images, captions = arrays.synthetic(6, 32, seed=3)
+  _write_folder(tmp_path / "photos", images, captions)
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  train_lib.train(_folder_config(env, tmp_path, 2), str(tmp_path / "folder"))
+  state, data_state = _final_state(tmp_path / "folder", abstract, 2)
+  expected, first = _pipeline_state(_folder_config(env, tmp_path, 2), models, 2)
+  assert data_state == expected and data_state["source"] == "folder" and data_state["batches"] == 2
+  assert first["images"].shape == (2, 32, 32, 3) and first["input_ids"].dtype == np.int32
+  assert int(state.step) == 2
+
+  source = arrays.ArraySource(images[:5], captions[:5], batch_size=2, seed=11)
+  train_lib.train(_folder_config(env, tmp_path, 1, source="synthetic"), str(tmp_path / "array"), source=source)
+  _, data_state = _final_state(tmp_path / "array", abstract, 1)
+  assert data_state == {"step": 1, "seed": 11, "num_examples": 5, "batch_size": 2}
+
+
+@pytest.mark.slow
+def test_resume_through_the_grain_pipeline_is_exact(env, tiny, tmp_path):
+  """data.source = folder: 2 steps, then a resume to 3 (a second `train` call) equals 3 straight steps bit for
+  bit, and both end with the pipeline's own state after 3 batches."""
+  from scott_jax.data import arrays
+
+  config, models, frozen, _, batch, _ = tiny
+  _write_folder(tmp_path / "photos", *arrays.synthetic(6, 32, seed=3))
+  train_lib.train(_folder_config(env, tmp_path, 2), str(tmp_path / "resumed"))
+  train_lib.train(_folder_config(env, tmp_path, 3), str(tmp_path / "resumed"))
+  train_lib.train(_folder_config(env, tmp_path, 3), str(tmp_path / "straight"))
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  a, data_a = _final_state(tmp_path / "straight", abstract, 3)
+  b, data_b = _final_state(tmp_path / "resumed", abstract, 3)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert data_a == data_b == _pipeline_state(_folder_config(env, tmp_path, 3), models, 3)[0]
 
 
 def _wait(proc, log, timeout=600):
