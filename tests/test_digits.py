@@ -214,7 +214,8 @@ def test_quick_report_is_complete_and_sane(quick_run):
   names += [f"{t} {k}-step seed {s}" for t in ("SCott", "LCM") for k in (1, 2, 4) for s in (0, 1)]
   for name in names:
     assert f"| {name} |" in text, name
-    row = json.load(open(os.path.join(workdir, "eval", f"{evaluation_slug(name)}.json")))
+    slug = "real_train" if name.startswith("real") else evaluation_slug(name)
+    row = json.load(open(os.path.join(workdir, "eval", f"{slug}.json")))
     assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["fid"]) and 0.0 <= row["coverage"] <= 1.0
     assert os.path.isfile(os.path.join(workdir, row["grid"]))
   for t in ("SCott", "LCM"):
