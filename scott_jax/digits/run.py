@@ -397,4 +397,16 @@ def run_digits(config: ConfigDict, workdir: str) -> str:
   results = stage_eval(config, workdir, data, teacher_rows(config, workdir), runs)
   if previous is None or previous.get("rows") != len(results):
     _mark_done(workdir, "eval", time.time() - t0 + (previous or {}).get("seconds", 0.0), rows=len(results))
-  return write_report(config, workdir, results)
+  path = write_report(config, workdir, results)
+  print(_summary(path))
+  return path
+
+
+def _summary(report_path: str) -> str:
+  """What the mode prints at the end: the report's total time, the students-over-seeds table and the verdict."""
+  with open(report_path) as fh:
+    text = fh.read()
+  section = text.split("## Students over seeds", 1)[1].split("\n## ", 1)[0] if "## Students over seeds" in text else ""
+  total = [ln for ln in text.splitlines() if ln.startswith("| total")]
+  body = [ln for ln in section.splitlines() if ln.startswith(("|", "- "))]
+  return "\n".join([f"digits: report {report_path}", *total, *body])
