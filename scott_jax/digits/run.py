@@ -6,10 +6,10 @@
 Stages (each writes ``WORKDIR/<stage>/done.json`` with its wall time and results; a rerun skips finished
 stages and resumes unfinished ones from their checkpoints):
 
-  setup       tokenizer and frozen random text encoder -> WORKDIR/teacher_pipeline/{tokenizer,text_encoder}
-  teacher     stage 1, the eps-prediction teacher U-Net -> WORKDIR/teacher_pipeline/{unet,scheduler}: a
-              diffusers-format folder (no vae/: the model works in pixel space) that later stages load through
-              scott_jax.models.loading like the SD1.5 folder
+  setup       tokenizer, frozen random text encoder, scheduler config and the `PixelSpace` marker vae/ (the model
+              works in pixel space) -> WORKDIR/teacher_pipeline/{tokenizer,text_encoder,scheduler,vae}
+  teacher     stage 1, the eps-prediction teacher U-Net -> WORKDIR/teacher_pipeline/unet: the folder is then a
+              diffusers-style pipeline that later stages load through scott_jax.models.loading like SD1.5's
   classifier  the digit classifier (features for FID / coverage, accuracy against the prompted digit)
   distill     stage 2 (`stage_distill`): a `scott_jax.train` run per method and seed -> WORKDIR/distill/<run>/
   eval        the teacher rows and the real training images with `scott_jax.digits.evaluation`; the students
