@@ -107,6 +107,14 @@ def defaults() -> ConfigDict:
           lora_targets=("attention", "conv"),  # lora.PRESETS names or regexes, inside the up blocks
           lora_rank=64,  # attention + conv of the SD1.5 up blocks at rank 64 + head: 3.64% of the U-Net
           lora_alpha=64.0,
+          # DECISION: the head's logit conv and text/time projection start at zero ("zero": every logit starts at
+          # 0, both hinges have gradient) or as before ("normal": logits start near +1.3, no real-side gradient)
+          head_init="zero",
+          # DECISION: weight of L_G in Eq. 7: "fixed" = lambda_adv (the paper); "adaptive" = lambda_adv *
+          # ||dL_CD/dx|| / ||dL_G/dx|| at the student's output x, clipped to max_weight (the VQGAN rule)
+          weighting="fixed",
+          max_weight=10.0,
+          start_step=0,  # DECISION: L_G is off until the discriminator has trained this many steps
       )
   )
 
@@ -371,6 +379,8 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.attention": ("xla", "cudnn", "chunked"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
+    "gan.head_init": ("zero", "normal"),  # discriminator.HEAD_INITS
+    "gan.weighting": ("fixed", "adaptive"),  # losses.WEIGHTINGS
     "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
     "data.crop": ("center", "random"),
     "sample.params": ("ema", "student"),
@@ -403,6 +413,8 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "gan.lambda_adv": lambda v: v >= 0,
     "gan.lora_rank": lambda v: v >= 1,
     "gan.lora_alpha": lambda v: v > 0,
+    "gan.max_weight": lambda v: v > 0,
+    "gan.start_step": lambda v: v >= 0,
     "optim.student_lr": lambda v: v > 0,
     "optim.disc_lr": lambda v: v > 0,
     "optim.warmup_steps": lambda v: v >= 0,
@@ -496,6 +508,8 @@ _RANGE_TEXT: dict[str, str] = {
     "gan.lambda_adv": "a number >= 0",
     "gan.lora_rank": "an integer >= 1",
     "gan.lora_alpha": "a number > 0",
+    "gan.max_weight": "a number > 0 (the adaptive weighting's upper clip of lambda_eff)",
+    "gan.start_step": "an integer >= 0 (steps of discriminator training before L_G is on)",
     "optim.student_lr": "a number > 0",
     "optim.disc_lr": "a number > 0",
     "optim.warmup_steps": "an integer >= 0",

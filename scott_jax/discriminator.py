@@ -8,7 +8,10 @@ D_phi(x, t, c) for latents x (B, h, w, C) at integer timesteps t (B,) with text 
      features of the last up block (B, h, w, C0) (C0 = block_out_channels[0], 320 for SD1.5);
   3. head (trainable): GroupNorm, SiLU, conv3x3 to one logit per position, plus a projection term
      <mean_pos(SiLU(GN(features))), W [pooled text embedding; time embedding]> / sqrt(C0) (projection
-     discriminator, Miyato and Koyama 2018) added to every position.
+     discriminator, Miyato and Koyama 2018) added to every position. ``head_init`` (config ``gan.head_init``,
+     DECISION): "zero" starts the logit conv and W at zero, so every logit starts at 0, on the steep part of
+     both hinges; "normal" is lecun-normal conv and N(0, 1/D) W, whose logits start near +1.3 (the conv of
+     positive SiLU features plus the projection), where the real hinge has no gradient.
 
 The output is a logit map (B, h, w); the hinge losses (`losses.hinge_d_loss`, `hinge_g_loss`) average over all
 positions. Variants (config ``gan.variant``):
@@ -40,6 +43,7 @@ Array = jax.Array
 PyTree = Any
 
 VARIANTS = ("lora", "full", "no_cond")
+HEAD_INITS = ("zero", "normal")
 DECODER_SCOPE = r"(^|/)up_blocks_\d+/"  # the LoRA overlay lives on the decoder only
 
 
@@ -51,17 +55,23 @@ class DiscHead(nn.Module):
 
   num_groups: int
   dtype: Any = jnp.float32
+  init_kind: str = "zero"  # one of HEAD_INITS
 
   @nn.compact
   def __call__(self, features: Array, temb: Array, pooled: Array) -> Array:
+    if self.init_kind not in HEAD_INITS:
+      raise ValueError(f"unknown discriminator head init '{self.init_kind}'; allowed: {', '.join(HEAD_INITS)}")
+    zero = self.init_kind == "zero"
     c = features.shape[-1]
     h = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=jnp.float32, name="norm")(
       features.astype(jnp.float32))
     h = nn.silu(h)
-    logit_map = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, name="conv")(h.astype(self.dtype))[..., 0]
+    conv_init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+    logit_map = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, kernel_init=conv_init, name="conv")(
+      h.astype(self.dtype))[..., 0]
     cond = jnp.concatenate([pooled.astype(jnp.float32), temb.astype(jnp.float32)], axis=-1)
-    e = nn.Dense(c, use_bias=False, dtype=jnp.float32, name="cond_proj",
-                 kernel_init=nn.initializers.normal(1.0 / math.sqrt(cond.shape[-1])))(cond)
+    proj_init = nn.initializers.zeros_init() if zero else nn.initializers.normal(1.0 / math.sqrt(cond.shape[-1]))
+    e = nn.Dense(c, use_bias=False, dtype=jnp.float32, name="cond_proj", kernel_init=proj_init)(cond)
     proj = jnp.sum(jnp.mean(h, axis=(1, 2)) * e, axis=-1) / math.sqrt(c)
     return logit_map.astype(jnp.float32) + proj[:, None, None]
 
@@ -72,7 +82,8 @@ class Discriminator:
 
   unet: the teacher's ``UNet2DConditionModel`` module (its ``encode`` / ``decode`` methods); variant one of
   `VARIANTS`; lora_targets / lora_rank / lora_alpha the overlay on the up blocks (``lora.PRESETS`` names or
-  regexes); norm_groups of the head's GroupNorm (the U-Net's own ``norm_num_groups``).
+  regexes); norm_groups of the head's GroupNorm (the U-Net's own ``norm_num_groups``); head_init one of
+  `HEAD_INITS` (see the module docstring).
   """
 
   unet: nn.Module
@@ -82,14 +93,17 @@ class Discriminator:
   lora_alpha: float = 64.0
   norm_groups: int = 32
   dtype: Any = jnp.float32
+  head_init: str = "zero"
 
   def __post_init__(self) -> None:
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown discriminator variant '{self.variant}'; allowed: {', '.join(VARIANTS)}")
+    if self.head_init not in HEAD_INITS:
+      raise ValueError(f"unknown discriminator head init '{self.head_init}'; allowed: {', '.join(HEAD_INITS)}")
 
   @property
   def head(self) -> DiscHead:
-    return DiscHead(self.norm_groups, self.dtype)
+    return DiscHead(self.norm_groups, self.dtype, self.head_init)
 
   def init(self, key: Array, unet_params: PyTree, features: Array, temb: Array, pooled: Array) -> PyTree:
     """Fresh trainable parameters.

@@ -26,6 +26,7 @@ from scott_jax.schedules import NoiseSchedule
 PyTree = Any
 DISTANCES = ("l2", "pseudo_huber")
 DISC_TIMES = ("shared", "paper", "renoise")
+WEIGHTINGS = ("fixed", "adaptive")
 
 
 def distance(pred: jax.Array, target: jax.Array, kind: str = "l2", huber_c: float = 0.001) -> jax.Array:
@@ -54,6 +55,36 @@ def make_consistency_fn(student_fn: Callable, schedule: NoiseSchedule, *,
   return f
 
 
+def make_cd_target(target_fn: Callable, teacher_eps_fn: Callable, schedule: NoiseSchedule, *, solver: str,
+                   solver_kwargs: dict[str, Any] | None = None, skip: int, h: int, grid: str = "skip",
+                   num_ddim_timesteps: int = 50) -> Callable:
+  """The student-independent half of paper Eq. 1: where the student is evaluated and what it must match.
+
+  ``target_fn(target_params, z, t, cond) -> (f (B, ...), x0_hat)`` is the consistency function of the EMA target
+  (`make_consistency_fn`). Returns ``problem(target_params, z0, cond, key) -> dict`` with t_n (B,) drawn
+  uniformly from ``consistency.training_grid(grid, ...)``, t_m = max(t_n - skip, 0), eps (B, ...), z_tn =
+  alpha_tn z0 + sigma_tn eps, and target = sg(f_theta^-(Phi_SDE(z_tn, t_n, t_m, h), t_m)) (B, ...).
+  """
+  grid = consistency.training_grid(grid, skip=skip, num_ddim_timesteps=num_ddim_timesteps,
+                                   num_train=schedule.num_train_timesteps)
+  solver_kwargs = dict(solver_kwargs or {})
+
+  def problem(target_params: PyTree, z0: jax.Array, cond: PyTree, key: jax.Array) -> dict[str, jax.Array]:
+    k_t, k_eps, k_solver = jax.random.split(key, 3)
+    batch = z0.shape[0]
+    t_n = grid[jax.random.randint(k_t, (batch,), 0, grid.shape[0])]
+    t_m = jnp.maximum(t_n - skip, 0)  # DECISION (notes section 3): t_m = max(t_n - skip, 0)
+    eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
+    z_tn = schedule.add_noise(z0, eps, t_n)
+    # Teacher: z_tm_hat = Phi_SDE(eps_teacher, z_tn, t_n, t_m, h), no gradient (paper Fig. 3).
+    z_tm = solvers.sde_multistep(lambda z, t: teacher_eps_fn(z, t, cond), z_tn, t_n, t_m, h,
+                                 solver=solver, schedule=schedule, key=k_solver, **solver_kwargs)
+    target, _ = target_fn(target_params, jax.lax.stop_gradient(z_tm), t_m, cond)
+    return {"t_n": t_n, "t_m": t_m, "eps": eps, "z_tn": z_tn, "target": jax.lax.stop_gradient(target)}
+
+  return problem
+
+
 def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: NoiseSchedule, *,
                  solver: str, solver_kwargs: dict[str, Any] | None = None, skip: int, h: int,
                  grid: str = "skip", num_ddim_timesteps: int = 50, distance_kind: str = "l2",
@@ -63,35 +94,21 @@ def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: Noise
   Returns ``loss_fn(params, target_params, z0, cond, key) -> (loss, aux)`` where z0 (B, ...) is clean data
   (latents), ``target_params`` the EMA parameters theta^- (no gradient flows into them) and aux a dict with
   the per-batch diagnostics and the student's prediction ``x_fake`` = f_theta(z_tn, t_n) for the GAN loss.
-  t_n is drawn uniformly from ``consistency.training_grid(grid, ...)``.
+  t_n is drawn uniformly from ``consistency.training_grid(grid, ...)`` (`make_cd_target`).
   """
   if distance_kind not in DISTANCES:
     raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
-  grid = consistency.training_grid(grid, skip=skip, num_ddim_timesteps=num_ddim_timesteps,
-                                   num_train=schedule.num_train_timesteps)
   f = make_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
-  solver_kwargs = dict(solver_kwargs or {})
+  problem_fn = make_cd_target(f, teacher_eps_fn, schedule, solver=solver, solver_kwargs=solver_kwargs, skip=skip,
+                              h=h, grid=grid, num_ddim_timesteps=num_ddim_timesteps)
 
   def loss_fn(params: PyTree, target_params: PyTree, z0: jax.Array, cond: PyTree,
               key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    k_t, k_eps, k_solver = jax.random.split(key, 3)
-    batch = z0.shape[0]
-    t_n = grid[jax.random.randint(k_t, (batch,), 0, grid.shape[0])]
-    t_m = jnp.maximum(t_n - skip, 0)  # DECISION (notes section 3): t_m = max(t_n - skip, 0)
-    eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
-    z_tn = schedule.add_noise(z0, eps, t_n)
-
-    # Teacher: z_tm_hat = Phi_SDE(eps_teacher, z_tn, t_n, t_m, h), no gradient (paper Fig. 3).
-    z_tm = solvers.sde_multistep(lambda z, t: teacher_eps_fn(z, t, cond), z_tn, t_n, t_m, h,
-                                 solver=solver, schedule=schedule, key=k_solver, **solver_kwargs)
-    z_tm = jax.lax.stop_gradient(z_tm)
-    target, _ = f(target_params, z_tm, t_m, cond)
-    target = jax.lax.stop_gradient(target)
-
-    pred, x0_pred = f(params, z_tn, t_n, cond)
-    per_example = distance(pred, target, distance_kind, huber_c)
-    loss = jnp.mean(per_example)
-    aux = {"loss_cd": loss, "t_n": t_n, "x_fake": pred, "x0_pred": x0_pred, "z_tn": z_tn, "eps": eps}
+    problem = problem_fn(target_params, z0, cond, key)
+    pred, x0_pred = f(params, problem["z_tn"], problem["t_n"], cond)
+    loss = jnp.mean(distance(pred, problem["target"], distance_kind, huber_c))
+    aux = {"loss_cd": loss, "t_n": problem["t_n"], "x_fake": pred, "x0_pred": x0_pred, "z_tn": problem["z_tn"],
+           "eps": problem["eps"]}
     return loss, aux
 
   return loss_fn
@@ -126,6 +143,31 @@ def disc_inputs(x_real: jax.Array, x_fake: jax.Array, t_n: jax.Array, eps: jax.A
   raise ValueError(f"unknown disc_time '{disc_time}'; allowed: {', '.join(DISC_TIMES)}")
 
 
-def total_student_loss(loss_cd: jax.Array, loss_g: jax.Array, lambda_adv: float) -> jax.Array:
+def total_student_loss(loss_cd: jax.Array, loss_g: jax.Array, lambda_adv: float | jax.Array) -> jax.Array:
   """L_SCott = L_CD + lambda_adv * L_G (paper Eq. 7, student side)."""
   return loss_cd + lambda_adv * loss_g
+
+
+def disc_accuracy(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  """Share of the (real_i, fake_i) pairs with D(real) > D(fake), averaged over the batch and the logit positions.
+
+  real_logits, fake_logits: (B, ...) logits of the batch's real samples and of the student's samples for the
+  same examples (same t and prompt). 0.5 is chance; 1.0 every pair separated."""
+  return jnp.mean((real_logits > fake_logits).astype(jnp.float32))
+
+
+def adversarial_weight(g_cd: jax.Array, g_adv: jax.Array, lambda_adv: float, weighting: str,
+                       max_weight: float) -> jax.Array:
+  """lambda_eff of Eq. 7: the weight of L_G in the student's loss, a scalar with no gradient.
+
+  g_cd = dL_CD/dx and g_adv = dL_G/dx at the student's output x (same shape). ``fixed``: lambda_adv (the paper).
+  ``adaptive`` (DECISION, the VQGAN rule taken at the student's output): lambda_adv ||g_cd|| / (||g_adv|| +
+  1e-8), clipped to [0, max_weight], so the adversarial gradient reaching the student is lambda_adv times the
+  consistency gradient whatever the discriminator's scale.
+  """
+  if weighting == "fixed":
+    return jnp.asarray(lambda_adv, jnp.float32)
+  if weighting != "adaptive":
+    raise ValueError(f"unknown GAN weighting '{weighting}'; allowed: {', '.join(WEIGHTINGS)}")
+  ratio = jnp.linalg.norm(g_cd.astype(jnp.float32)) / (jnp.linalg.norm(g_adv.astype(jnp.float32)) + 1e-8)
+  return jax.lax.stop_gradient(jnp.clip(lambda_adv * ratio, 0.0, max_weight))

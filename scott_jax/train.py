@@ -143,7 +143,8 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   if config.gan.enabled:
     disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
                                   lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
-                                  norm_groups=unet_config.norm_num_groups, dtype=dtype)
+                                  norm_groups=unet_config.norm_num_groups, dtype=dtype,
+                                  head_init=config.gan.head_init)
   schedule = NoiseSchedule.from_config(config.schedule)
   return Models(teacher, student, vae, text_encoder, tokenizer, schedule, disc, int(max_length))
 
@@ -393,75 +394,108 @@ def make_teacher_eps_fn(models: Models, teacher_params: PyTree, uncond_text: Arr
   return teacher_eps_fn
 
 
-def make_train_step(config: ConfigDict, models: Models) -> Callable:
-  """train_step(state, batch, frozen) -> (new state, metrics): pure; jit it with ``donate_argnums=(0,)``.
+def make_gradients(config: ConfigDict, models: Models) -> Callable:
+  """gradients(state, batch, frozen) -> (student gradient, discriminator gradient ({} without GAN), metrics, next
+  key): the part of `make_train_step` before the optimizers; pure.
+
+  One pass of each network: the student's prediction x = f_theta(z_tn, t_n) by `jax.vjp`; L_CD and dL_CD/dx
+  at x; with the GAN, one discriminator forward on the real and one on the fake sample (each by `jax.vjp`), whose
+  pullbacks give both L_D's gradient for the discriminator and L_G's gradient dL_G/dx for the student; the
+  student's gradient is the pullback of dL_CD/dx + lambda_eff dL_G/dx (Eq. 7, lambda_eff by `gan.weighting`
+  and `gan.start_step`, `losses.adversarial_weight`).
 
   metrics: float32 scalars loss (student total), loss_cd, loss_g, loss_d, d_real, d_fake (mean logits),
-  grad_norm_student, grad_norm_disc (before clipping), lr_student, lr_disc, w (mean guidance weight).
+  disc_accuracy (`losses.disc_accuracy`), grad_ratio = ||lambda_eff dL_G/dx|| / ||dL_CD/dx|| at the student's
+  output, lambda_eff, grad_norm_disc (before clipping), lr_disc, w (mean guidance weight).
   """
   c = config
   schedule = models.schedule
   gan = models.disc is not None
   disc = models.disc
-  tx_s, lr_s = make_optimizer(c.optim.student_lr, c.optim)
-  tx_d, lr_d = make_optimizer(c.optim.disc_lr, c.optim)
+  _, lr_d = make_optimizer(c.optim.disc_lr, c.optim)
   solver_kwargs = solvers.solver_kwargs(c.solver.name, c.solver)
-  mu = c.consistency.ema_decay
+  cc = c.consistency
 
   def disc_logits(dparams: PyTree, frozen: PyTree, x: Array, t: Array, text: Array, pooled: Array) -> Array:
     t, text, pooled = disc.condition(t, text, pooled, frozen["uncond_text"], frozen["uncond_pooled"])
     return disc.apply(dparams, frozen["unet"], x, t, text, pooled)
 
-  def train_step(state: TrainState, batch: dict[str, Array], frozen: PyTree) -> tuple[TrainState, dict[str, Array]]:
+  def gradients(state: TrainState, batch: dict[str, Array],
+                frozen: PyTree) -> tuple[PyTree, PyTree, dict[str, Array], Array]:
     key, k_vae, k_w, k_cd = jax.random.split(state.key, 4)
     z0, text, pooled = encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
     b = z0.shape[0]
-    w = jax.random.uniform(k_w, (b,), jnp.float32, c.consistency.w_min, c.consistency.w_max)
+    w = jax.random.uniform(k_w, (b,), jnp.float32, cc.w_min, cc.w_max)
     cond = {"text": text, "w": w}
     uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
-    student_fn = make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
-    teacher_eps_fn = make_teacher_eps_fn(models, frozen["unet"], uncond)
-    cd_loss = losses.make_cd_loss(
-      student_fn, teacher_eps_fn, schedule, solver=c.solver.name, solver_kwargs=solver_kwargs,
-      skip=c.solver.skip, h=c.solver.h, grid=c.consistency.grid, num_ddim_timesteps=c.consistency.num_ddim_timesteps,
-      distance_kind=c.consistency.distance, huber_c=c.consistency.huber_c,
-      timestep_scaling=c.consistency.timestep_scaling)
+    student_fn = make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
+    f = losses.make_consistency_fn(student_fn, schedule, timestep_scaling=cc.timestep_scaling)
+    problem = losses.make_cd_target(
+      f, make_teacher_eps_fn(models, frozen["unet"], uncond), schedule, solver=c.solver.name,
+      solver_kwargs=solver_kwargs, skip=c.solver.skip, h=c.solver.h, grid=cc.grid,
+      num_ddim_timesteps=cc.num_ddim_timesteps)(state.ema, z0, cond, k_cd)
+    t_n = problem["t_n"]
 
-    def student_objective(params: PyTree) -> tuple[Array, dict[str, Array]]:
-      loss_cd, aux = cd_loss(params, state.ema, z0, cond, k_cd)
-      loss_g = jnp.zeros((), jnp.float32)
-      if gan:
-        x_real, t_real, x_fake, t_fake = losses.disc_inputs(z0, aux["x_fake"], aux["t_n"], aux["eps"], schedule,
-                                                            c.gan.disc_time)
-        loss_g = losses.hinge_g_loss(disc_logits(state.disc, frozen, x_fake, t_fake, text, pooled))
-        aux = dict(aux, x_real=x_real, t_real=t_real, x_fake_d=x_fake, t_fake=t_fake)
-      total = losses.total_student_loss(loss_cd, loss_g, c.gan.lambda_adv if gan else 0.0)
-      return total, dict(aux, loss_cd=loss_cd, loss_g=loss_g)
+    # Eq. 1: the student's prediction and the consistency loss's gradient at it.
+    x_fake, pull_student = jax.vjp(lambda p: f(p, problem["z_tn"], t_n, cond)[0], state.student)
+    loss_cd, g_cd = jax.value_and_grad(
+      lambda x: jnp.mean(losses.distance(x, problem["target"], cc.distance, cc.huber_c)))(x_fake)
+    metrics = {"loss_cd": loss_cd, "w": jnp.mean(w)}
 
-    (loss, aux), g_student = jax.value_and_grad(student_objective, has_aux=True)(state.student)
+    g_x, g_disc = g_cd, {}
+    if gan:
+      # Eq. 6: one discriminator forward per side; the fake side's pullback serves L_D and L_G.
+      def on_fake(dparams: PyTree, x: Array) -> Array:
+        _, _, xf, tf = losses.disc_inputs(z0, x, t_n, problem["eps"], schedule, c.gan.disc_time)
+        return disc_logits(dparams, frozen, xf, tf, text, pooled)
+
+      def on_real(dparams: PyTree) -> Array:
+        xr, tr, _, _ = losses.disc_inputs(z0, x_fake, t_n, problem["eps"], schedule, c.gan.disc_time)
+        return disc_logits(dparams, frozen, jax.lax.stop_gradient(xr), tr, text, pooled)
+
+      fake, pull_fake = jax.vjp(on_fake, state.disc, x_fake)
+      real, pull_real = jax.vjp(on_real, state.disc)
+      loss_d, (ct_real, ct_fake) = jax.value_and_grad(losses.hinge_d_loss, argnums=(0, 1))(real, fake)
+      g_disc = jax.tree_util.tree_map(jnp.add, pull_real(ct_real)[0], pull_fake(ct_fake)[0])
+      loss_g, ct_g = jax.value_and_grad(losses.hinge_g_loss)(fake)
+      g_adv = pull_fake(ct_g)[1]  # dL_G/dx; its parameter half is dead code XLA removes
+      lam = losses.adversarial_weight(g_cd, g_adv, c.gan.lambda_adv, c.gan.weighting, c.gan.max_weight)
+      lam = jnp.where(state.step >= c.gan.start_step, lam, 0.0)
+      g_x = g_cd + lam * g_adv
+      metrics.update(loss_g=loss_g, loss=losses.total_student_loss(loss_cd, loss_g, lam), loss_d=loss_d,
+                     d_real=jnp.mean(real), d_fake=jnp.mean(fake), disc_accuracy=losses.disc_accuracy(real, fake),
+                     grad_ratio=jnp.linalg.norm(lam * g_adv) / (jnp.linalg.norm(g_cd) + 1e-12), lambda_eff=lam,
+                     grad_norm_disc=optax.tree.norm(g_disc), lr_disc=lr_d(state.step))
+    else:
+      metrics.update(loss_g=jnp.zeros(()), loss=loss_cd)
+    (g_student,) = pull_student(g_x.astype(x_fake.dtype))
+    return g_student, g_disc, metrics, key
+
+  return gradients
+
+
+def make_train_step(config: ConfigDict, models: Models) -> Callable:
+  """train_step(state, batch, frozen) -> (new state, metrics): pure; jit it with ``donate_argnums=(0,)``.
+
+  The gradients of `make_gradients`, then one AdamW update of the student and one of the discriminator and the
+  EMA update theta^- <- mu theta^- + (1 - mu) theta. metrics: `make_gradients`' plus grad_norm_student (before
+  clipping) and lr_student.
+  """
+  gradients = make_gradients(config, models)
+  tx_s, lr_s = make_optimizer(config.optim.student_lr, config.optim)
+  tx_d, _ = make_optimizer(config.optim.disc_lr, config.optim)
+  mu = config.consistency.ema_decay
+
+  def train_step(state: TrainState, batch: dict[str, Array], frozen: PyTree) -> tuple[TrainState, dict[str, Array]]:
+    g_student, g_disc, metrics, key = gradients(state, batch, frozen)
     updates, opt_student = tx_s.update(g_student, state.opt_student, state.student)
     student = optax.apply_updates(state.student, updates)
     ema = jax.tree_util.tree_map(lambda e, p: (mu * e + (1.0 - mu) * p).astype(e.dtype), state.ema, student)
-    metrics = {"loss": loss, "loss_cd": aux["loss_cd"], "loss_g": aux["loss_g"],
-               "grad_norm_student": optax.tree.norm(g_student), "lr_student": lr_s(state.step),
-               "w": jnp.mean(w)}
-
     new_disc, opt_disc = state.disc, state.opt_disc
-    if gan:
-      x = jax.lax.stop_gradient(jnp.concatenate([aux["x_real"], aux["x_fake_d"]], axis=0))
-      t = jnp.concatenate([aux["t_real"], aux["t_fake"]], axis=0)
-
-      def disc_objective(dparams: PyTree) -> tuple[Array, tuple[Array, Array]]:
-        logits = disc_logits(dparams, frozen, x, t, jnp.concatenate([text, text]),
-                             jnp.concatenate([pooled, pooled]))
-        real, fake = jnp.split(logits, 2, axis=0)
-        return losses.hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
-
-      (loss_d, (d_real, d_fake)), g_disc = jax.value_and_grad(disc_objective, has_aux=True)(state.disc)
+    if models.disc is not None:
       d_updates, opt_disc = tx_d.update(g_disc, state.opt_disc, state.disc)
       new_disc = optax.apply_updates(state.disc, d_updates)
-      metrics.update(loss_d=loss_d, d_real=d_real, d_fake=d_fake, grad_norm_disc=optax.tree.norm(g_disc),
-                     lr_disc=lr_d(state.step))
+    metrics = dict(metrics, grad_norm_student=optax.tree.norm(g_student), lr_student=lr_s(state.step))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     new_state = TrainState(step=state.step + 1, student=student, ema=ema, disc=new_disc, opt_student=opt_student,
                            opt_disc=opt_disc, key=key)
@@ -735,10 +769,13 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
         sps = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
         writer.write_scalars(step, dict(values, steps_per_sec=sps, images_per_sec=sps * tc.batch_size))
-        logging.info("step %d/%d (%.1f%%) | %.3f steps/s, %.2f images/s | loss %.5f cd %.5f g %.4f d %.4f | ETA %s",
+        gan_text = ""
+        if "loss_d" in values:
+          gan_text = (f" g {values['loss_g']:.4f} d {values['loss_d']:.4f} acc {values['disc_accuracy']:.3f} "
+                      f"ratio {values['grad_ratio']:.3g}")
+        logging.info("step %d/%d (%.1f%%) | %.3f steps/s, %.2f images/s | loss %.5f cd %.5f%s | ETA %s",
                      step, tc.num_steps, 100.0 * step / tc.num_steps, sps, sps * tc.batch_size, values["loss"],
-                     values["loss_cd"], values["loss_g"], values.get("loss_d", 0.0),
-                     _format_eta((tc.num_steps - step) / max(sps, 1e-9)))
+                     values["loss_cd"], gan_text, _format_eta((tc.num_steps - step) / max(sps, 1e-9)))
       if sampler is not None and (step % tc.sample_every == 0 or step == tc.num_steps):
         if sample_frozen is None:
           params, vae_frozen = state.student, frozen

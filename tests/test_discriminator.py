@@ -54,8 +54,11 @@ def tiny():
   return unet, params, x, t, text, pooled
 
 
-def _init(unet, params, variant, x, t, text, pooled, rank=4):
-  disc = disc_lib.Discriminator(unet, variant=variant, lora_rank=rank, lora_alpha=float(rank), norm_groups=16)
+def _init(unet, params, variant, x, t, text, pooled, rank=4, head_init="normal"):
+  """A discriminator and fresh parameters. The architecture tests use the "normal" head (nonzero logit conv and
+  projection, as after some training); the default "zero" head has its own test."""
+  disc = disc_lib.Discriminator(unet, variant=variant, lora_rank=rank, lora_alpha=float(rank), norm_groups=16,
+                                head_init=head_init)
   feats, temb = disc.feature_shapes(params, x, t, text)
   dparams = disc.init(jax.random.PRNGKey(2), params, jnp.zeros(feats.shape), jnp.zeros(temb.shape), pooled)
   shapes = disc.init_shapes(params, feats, temb, pooled)
@@ -179,6 +182,30 @@ def test_frozen_encoder_gets_no_update_and_no_optimizer_state(tiny):
   changed = ["/".join(k) for k in teacher if not np.array_equal(np.asarray(merged[k]), np.asarray(teacher[k]))]
   assert changed and all(re.search(r"(^|/)up_blocks_\d+/.*/kernel$", k) for k in changed)
   assert float(loss) < float(loss0)
+
+
+def test_zero_head_starts_every_logit_at_zero_and_learns_from_step_zero(tiny):
+  """gan.head_init="zero" (the default): D = 0 at every position for any input, so both hinges have gradient
+  (-1/N real, +1/N fake); that gradient reaches the head's conv and projection at once (and the LoRA factors
+  one step later, through the conv); the "normal" head's logits start away from 0."""
+  unet, params, x, t, text, pooled = tiny
+  disc, dparams = _init(unet, params, "lora", x, t, text, pooled, head_init="zero")
+  fake = x + 0.5
+  logits = jax.jit(disc.apply)(dparams, params, jnp.concatenate([x, fake]), jnp.concatenate([t, t]),
+                               jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled]))
+  np.testing.assert_array_equal(np.asarray(logits), 0.0)
+
+  def loss_fn(p):
+    real, fk = jnp.split(disc.apply(p, params, jnp.concatenate([x, fake]), jnp.concatenate([t, t]),
+                                    jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled])), 2)
+    return losses.hinge_d_loss(real, fk)
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(dparams)
+  assert float(loss) == 2.0
+  head = grads["head"]["params"]
+  assert float(jnp.abs(head["conv"]["kernel"]).max()) > 0 and float(jnp.abs(head["cond_proj"]["kernel"]).max()) > 0
+  _, normal = _init(unet, params, "lora", x, t, text, pooled, head_init="normal")
+  assert float(jnp.abs(jax.jit(disc.apply)(normal, params, x, t, text, pooled)).mean()) > 0.1
 
 
 def test_generator_gradient_reaches_the_input(tiny):

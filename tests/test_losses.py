@@ -106,6 +106,26 @@ def test_hinge_losses_closed_form():
   np.testing.assert_allclose(losses.total_student_loss(jnp.float32(1.0), jnp.float32(-2.0), 0.4), 0.2, rtol=1e-6)
 
 
+def test_disc_accuracy_and_adversarial_weight_closed_form():
+  """disc_accuracy is the share of (real_i, fake_i) pairs ordered right, per logit position; the adaptive weight
+  is lambda ||g_cd|| / (||g_adv|| + 1e-8) clipped to [0, max_weight] (numpy float64 reference); fixed is lambda."""
+  real = jnp.array([[[1.0, -0.5]], [[0.2, 0.3]]])  # (B=2, 1, 2) logit maps
+  fake = jnp.array([[[0.0, 0.5]], [[-1.0, 0.3]]])
+  assert float(losses.disc_accuracy(real, fake)) == 0.5  # 1 > 0, -0.5 < 0.5, 0.2 > -1, 0.3 == 0.3 (not >)
+  rng = np.random.default_rng(0)
+  g_cd, g_adv = rng.standard_normal((2, 4, 4, 3)), 30.0 * rng.standard_normal((2, 4, 4, 3))
+  want = 0.4 * np.linalg.norm(g_cd) / (np.linalg.norm(g_adv) + 1e-8)
+  got = losses.adversarial_weight(jnp.asarray(g_cd, jnp.float32), jnp.asarray(g_adv, jnp.float32), 0.4, "adaptive",
+                                  10.0)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert float(losses.adversarial_weight(jnp.asarray(g_cd), jnp.asarray(g_adv), 0.4, "adaptive", 0.5 * want)) == (
+    pytest.approx(0.5 * want, rel=1e-6))
+  assert float(losses.adversarial_weight(jnp.asarray(g_cd), jnp.asarray(g_adv), 0.4, "fixed", 1e-3)) == (
+    pytest.approx(0.4))
+  with pytest.raises(ValueError, match="fixed, adaptive"):
+    losses.adversarial_weight(jnp.asarray(g_cd), jnp.asarray(g_adv), 0.4, "vqgan", 1.0)
+
+
 def test_disc_inputs_modes():
   schedule = schedules.sd15()
   x_real, x_fake = jnp.ones((2, 3)), -jnp.ones((2, 3))

@@ -469,3 +469,111 @@ def test_every_variant_runs_one_step(env, name, arg):
   state, metrics = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
   assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
   assert ("loss_d" in metrics) == config.gan.enabled
+
+
+def _perturbed_disc(state, seed=0, scale=0.05):
+  """The state with every discriminator leaf moved by N(0, scale^2) noise (LoRA B and the zero head too), so the
+  discriminator's input gradient is not zero as it is at its zero-initialised head."""
+  leaves, tree = jax.tree_util.tree_flatten(state.disc)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  moved = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+  return state.replace(disc=jax.tree_util.tree_unflatten(tree, moved))
+
+
+def _two_pass_gradients(config, models, state, batch, frozen):
+  """The reference: the SCott gradients as two separate passes (the step before the fused discriminator pass):
+  jax.value_and_grad of L_CD + lambda L_G(D(x_fake)) for the student, then of L_D on the concatenated [real;
+  sg(fake)] batch for the discriminator, written with the public pieces of `losses` and `discriminator`."""
+  from scott_jax import losses, solvers
+
+  c = config
+  key, k_vae, k_w, k_cd = jax.random.split(state.key, 4)
+  z0, text, pooled = train_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
+  w = jax.random.uniform(k_w, (z0.shape[0],), jnp.float32, c.consistency.w_min, c.consistency.w_max)
+  cond = {"text": text, "w": w}
+  uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape)
+  cd_loss = losses.make_cd_loss(
+    train_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha),
+    train_lib.make_teacher_eps_fn(models, frozen["unet"], uncond), models.schedule, solver=c.solver.name,
+    solver_kwargs=solvers.solver_kwargs(c.solver.name, c.solver), skip=c.solver.skip, h=c.solver.h,
+    grid=c.consistency.grid, num_ddim_timesteps=c.consistency.num_ddim_timesteps)
+
+  def logits(d, x, t, tx, pl):
+    t, tx, pl = models.disc.condition(t, tx, pl, frozen["uncond_text"], frozen["uncond_pooled"])
+    return models.disc.apply(d, frozen["unet"], x, t, tx, pl)
+
+  def student_objective(params):
+    loss_cd, aux = cd_loss(params, state.ema, z0, cond, k_cd)
+    xr, tr, xf, tf = losses.disc_inputs(z0, aux["x_fake"], aux["t_n"], aux["eps"], models.schedule, c.gan.disc_time)
+    loss_g = losses.hinge_g_loss(logits(state.disc, xf, tf, text, pooled))
+    return losses.total_student_loss(loss_cd, loss_g, c.gan.lambda_adv), (loss_cd, loss_g, xr, tr, xf, tf)
+
+  (_, (loss_cd, loss_g, xr, tr, xf, tf)), g_student = jax.value_and_grad(student_objective, has_aux=True)(
+    state.student)
+  x = jax.lax.stop_gradient(jnp.concatenate([xr, xf]))
+
+  def disc_objective(d):
+    real, fake = jnp.split(logits(d, x, jnp.concatenate([tr, tf]), jnp.concatenate([text, text]),
+                                  jnp.concatenate([pooled, pooled])), 2)
+    return losses.hinge_d_loss(real, fake)
+
+  loss_d, g_disc = jax.value_and_grad(disc_objective)(state.disc)
+  return g_student, g_disc, {"loss_cd": loss_cd, "loss_g": loss_g, "loss_d": loss_d}
+
+
+def test_fused_discriminator_pass_weighting_and_start_step(tiny):
+  """One discriminator forward per side, its pullback serving both L_D and L_G (`make_gradients`), gives the
+  losses and both gradients of the two-pass reference (1e-5) at the paper's fixed lambda. gan.weighting=adaptive
+  scales L_G's output gradient to lambda_adv times the consistency gradient (grad_ratio == lambda_adv, the rule's
+  closed form); before gan.start_step lambda_eff is 0 and the student's gradient is the no-GAN gradient."""
+  config, models, frozen, state, batch, _ = tiny
+  state = _perturbed_disc(state)
+
+  def run(cfg, m=models):
+    return jax.jit(lambda s: train_lib.make_gradients(cfg, m)(s, batch, frozen))(state)
+
+  def with_gan(**gan):
+    cfg = config_lib.ConfigDict(config.to_dict())
+    cfg.gan.update(gan)
+    return cfg
+
+  g_s, g_d, m_fixed, _ = run(config)
+  r_s, r_d, ref = jax.jit(lambda s: _two_pass_gradients(config, models, s, batch, frozen))(state)
+  for k in ("loss_cd", "loss_g", "loss_d"):
+    np.testing.assert_allclose(float(m_fixed[k]), float(ref[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+  assert float(m_fixed["grad_ratio"]) > 0.0  # the GAN gradient reaches the student
+  for got, want in ((g_s, r_s), (g_d, r_d)):
+    flat_want = jax.tree_util.tree_leaves(want)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in flat_want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), flat_want, strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale)
+
+  _, _, m_adapt, _ = run(with_gan(weighting="adaptive", max_weight=1e6))
+  lam = config.gan.lambda_adv
+  np.testing.assert_allclose(float(m_adapt["grad_ratio"]), lam, rtol=1e-4)
+  # lambda_eff ||g_adv|| = lambda ||g_cd||, and the fixed run's grad_ratio is lambda ||g_adv|| / ||g_cd||
+  np.testing.assert_allclose(float(m_adapt["lambda_eff"]) * float(m_fixed["grad_ratio"]) / lam, lam, rtol=1e-4)
+
+  g_off, _, m_off, _ = run(with_gan(start_step=1))  # the state is at step 0
+  assert float(m_off["lambda_eff"]) == 0.0 and float(m_off["grad_ratio"]) == 0.0
+  assert float(m_off["loss"]) == float(m_off["loss_cd"])
+  nogan = with_gan(enabled=False)
+  nogan_models = train_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
+                                        models.tokenizer, models.max_length)
+  g_cd, _, _, _ = run(nogan, nogan_models)
+  for a, b in zip(jax.tree_util.tree_leaves(g_off), jax.tree_util.tree_leaves(g_cd), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("key,value,match", [
+  ("gan.weighting", "vqgan", "allowed: 'fixed', 'adaptive'"),
+  ("gan.max_weight", 0.0, "a number > 0"),
+  ("gan.start_step", -1, "an integer >= 0"),
+  ("gan.head_init", "xavier", "allowed: 'zero', 'normal'"),
+])
+def test_gan_weighting_fields_are_validated(key, value, match):
+  c = TINY.get_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=f"'{key}' has value .*{match}"):
+    config_lib.validate(c)
