@@ -9,15 +9,21 @@ tokenizer, solvers, losses, discriminator, train step and checkpoints are the SD
 Stage 2 uses the SD1.5 SCott settings below (ER-SDE noise fn 7, order 2, skip 24, h = 3, GAN on); the
 teacher's diffusers folder is WORKDIR/teacher_pipeline. Writes WORKDIR/report.md.
 
-Variants: ``default``, ``quick`` (fewer steps and samples; the CI test and a first look) and ``ablations``
-(the default plus SCott without GAN, with the DDIM-eta teacher, with h = 1, and LCM + GAN).
+Variants: ``default``, ``quick`` (fewer steps and samples; the CI test and a first look), ``ablations``
+(the default plus SCott without GAN, with the DDIM-eta teacher, with h = 1, and LCM + GAN), ``evidence`` (mode
+evidence, `scott_jax.digits.evidence`: the decisive experiment behind docs/evidence.md; same teacher and
+classifier as the default, 8 arms x 5 seeds, learning curves, 2,000 samples per row) and ``evidence_quick``
+(the same pipeline at CI size).
+
+  python -m scott_jax.main --config configs/digits.py:evidence --workdir runs/evidence \
+      --config.digits.evidence_doc=docs/evidence.md
 """
 
 from __future__ import annotations
 
 from scott_jax import config as config_lib
 
-VARIANTS = ("default", "quick", "ablations")
+VARIANTS = ("default", "quick", "ablations", "evidence", "evidence_quick")
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
@@ -51,6 +57,26 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                          eval_batch=100, checkpoint_every=150, log_every=100, teacher_rows=("ddim:10", "er_sde:10"),
                          distill_seeds=(0, 1)))
     c.train.update(dict(num_steps=20, log_every=10, checkpoint_every=10))
+  if variant in ("evidence", "evidence_quick"):
+    c.default_mode = "evidence"
+    # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h; (a) is every run's step 0.
+    c.digits.update(dict(distill_methods=("lcm", "scott_no_gan", "scott_fixed_gan", "scott", "ode", "lcm_gan",
+                                          "scott_h1"), first_methods=4, distill_seeds=(0, 1, 2, 3, 4),
+                         samples_per_digit=200, eval_batch=500, eval_guidance_scales=(1.0,),
+                         # on both training grids (skip 20 and 24): 999 - 120 k
+                         eval_timesteps=((999,), (999, 519), (999, 759, 519, 279)), evidence_teacher_steps=50,
+                         bootstrap=1000))
+    c.consistency.w_min = 0.0  # CFG 1 (w = 0), the second evaluation scale, inside every student's training range
+    # The working GAN of docs/evidence.md ("scott_fixed_gan" is the paper's fixed lambda from step 0).
+    c.gan.update(dict(head_init="zero", weighting="adaptive", max_weight=10.0, start_step=50))
+    c.optim.update(dict(disc_lr=2.5e-4))  # the paper's disc / student learning-rate ratio, 2.5
+    c.train.update(dict(num_steps=600, log_every=10, checkpoint_every=150, keep_checkpoints=10, save_initial=True))
+  if variant == "evidence_quick":  # the CI test's size: the quick teacher, 2 arms x 2 seeds, a few steps
+    c.digits.update(dict(teacher_steps=300, classifier_steps=150, distill_methods=("lcm", "scott"), first_methods=1,
+                         distill_seeds=(0, 1), samples_per_digit=10, eval_batch=100, evidence_teacher_steps=10,
+                         bootstrap=20, checkpoint_every=150, log_every=100))
+    c.gan.start_step = 2
+    c.train.update(dict(num_steps=6, log_every=2, checkpoint_every=3))
   if variant == "ablations":  # the default run plus Tables 5-7's ablations at digits size (about 3x the time)
     c.digits.distill_methods = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan")
   return c

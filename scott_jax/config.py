@@ -150,6 +150,7 @@ def defaults() -> ConfigDict:
               "a bowl of ramen with a soft-boiled egg, top view",
           ),
           sample_seed=0,
+          save_initial=False,  # also checkpoint the initial state as step 0 (the untrained student)
       )
   )
 
@@ -254,6 +255,15 @@ def defaults() -> ConfigDict:
           student_params="ema",  # the sampled student: the EMA target (as LCM) or the online student
           lcm_skip=20,  # the LCM baseline's teacher: DDIM eta 0, h 1, skip lcm_skip (LCM's 50-step grid)
           ablation_eta=0.2,  # the scott_ddim ablation's DDIM eta (Table 5)
+          # Mode evidence (scott_jax.digits.evidence): extra CFG scales evaluated at step 0 and the last checkpoint,
+          # the sampling timesteps of every arm (() = each method's own grid), the methods trained first for every
+          # seed, the teacher reference rows' DDIM steps, bootstrap replicates, and an extra copy of the report.
+          eval_guidance_scales=(),
+          eval_timesteps=(),
+          first_methods=4,
+          evidence_teacher_steps=50,
+          bootstrap=1000,
+          evidence_doc="",  # e.g. docs/evidence.md (figures in docs/evidence/); "" = WORKDIR/evidence/report.md only
       )
   )
 
@@ -333,6 +343,7 @@ def defaults() -> ConfigDict:
           image_folder="",  # fid_stats: the reference images (jpg/png, recursive)
           max_reference_features=10000,  # fid_stats: feature rows kept in the npz for coverage (0: none)
           save_images=0,  # eval: PNGs kept per (step, steps, params) under WORKDIR/eval/images
+          save_features=False,  # eval: per-image features and prompt metric per row, WORKDIR/eval/features/*.npz
       )
   )
   # Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan).
@@ -361,7 +372,8 @@ def defaults() -> ConfigDict:
 # Schema: allowed values per key. Keys absent here are checked for type only (same type as the default).
 
 SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
-DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan")  # scott_jax.digits.distill
+DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan", "ode",
+                  "scott_fixed_gan")  # scott_jax.digits.distill
 
 _ALLOWED: dict[str, tuple[Any, ...]] = {
     "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
@@ -454,6 +466,13 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "digits.student_params": lambda v: v in ("ema", "student"),
     "digits.lcm_skip": lambda v: v >= 1,
     "digits.ablation_eta": lambda v: 0.0 <= v <= 1.0,
+    "digits.eval_guidance_scales": lambda v: all(isinstance(g, (int, float)) and g >= 1.0 for g in v),
+    "digits.eval_timesteps": lambda v: all(isinstance(ts, (tuple, list)) and len(ts) >= 1 and all(
+        isinstance(k, int) and k >= 0 for k in ts) and list(ts) == sorted(set(ts))[::-1] for ts in v)
+        and len({len(ts) for ts in v}) == len(v),
+    "digits.first_methods": lambda v: v >= 0,
+    "digits.evidence_teacher_steps": lambda v: v >= 1,
+    "digits.bootstrap": lambda v: v >= 10,
     "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
     "sample.guidance_scale": lambda v: v >= 1.0,
@@ -546,6 +565,11 @@ _RANGE_TEXT: dict[str, str] = {
     "digits.student_params": "'ema' or 'student'",
     "digits.lcm_skip": "an integer >= 1",
     "digits.ablation_eta": "a number in [0, 1]",
+    "digits.eval_guidance_scales": "a tuple of CFG scales >= 1",
+    "digits.eval_timesteps": "a tuple of strictly descending integer tuples of different lengths (or empty)",
+    "digits.first_methods": "an integer >= 0",
+    "digits.evidence_teacher_steps": "an integer >= 1",
+    "digits.bootstrap": "an integer >= 10 (bootstrap replicates)",
     "sample.steps": "a non-empty tuple of integers >= 1",
     "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
     "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",

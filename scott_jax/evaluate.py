@@ -256,6 +256,12 @@ def images_dir(workdir: str, step: int, params: str, steps: int) -> str:
   return os.path.join(workdir, EVAL_SUBDIR, "images", f"step{step}_{params}_{steps}step")
 
 
+def features_path(workdir: str, step: int, params: str, steps: int) -> str:
+  """WORKDIR/eval/features/step<step>_<params>_<steps>step.npz: one row's per-image arrays (``eval.save_features``):
+  "features" (N, F) of the feature extractor and "prompt_metric" (N,) when one is configured, in prompt order."""
+  return os.path.join(workdir, EVAL_SUBDIR, "features", f"step{step}_{params}_{steps}step.npz")
+
+
 def read_saved_images(workdir: str, step: int, params: str, steps: int) -> np.ndarray:
   """The images saved for one row (uint8 (N, H, W, 3), in prompt order); FileNotFoundError when none were."""
   from PIL import Image
@@ -375,10 +381,13 @@ class Evaluator:
     images = pipeline.generate(sampler, params, self._ids, key, self.ec.guidance_scale, batch)
     return images, sampler.timesteps.tolist(), time.time() - t0
 
-  def metrics(self, images: np.ndarray) -> dict[str, float | None]:
+  def metrics(self, images: np.ndarray, per_image: dict[str, np.ndarray] | None = None) -> dict[str, float | None]:
     """FID, precision / recall / density / coverage, CLIP score and prompt metric (None when not configured) of
-    one image per prompt (uint8 (N, H, W, 3), in prompt order)."""
+    one image per prompt (uint8 (N, H, W, 3), in prompt order). ``per_image``: a dict that receives the
+    per-image arrays behind them ("features" (N, F), "prompt_metric" (N,) when configured)."""
     feats = np.asarray(self.extractor(images), np.float32)
+    per_image = {} if per_image is None else per_image
+    per_image["features"] = feats
     mu, sigma = fid.stats(feats)
     out: dict[str, float | None] = {"fid": fid.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
     out.update(coverage_lib.prdc(self.ref_features, feats, self.ec.coverage_k))
@@ -389,6 +398,7 @@ class Evaluator:
         raise ValueError(f"eval.prompt_metric {self.ec.prompt_metric} returned shape {scores.shape}, expected "
                          f"({len(images)},): one score per image")
       out["prompt_metric"] = float(scores.mean())
+      per_image["prompt_metric"] = scores
     clip = self._clip_text()
     out["clip_score"] = None
     if clip is not None:
@@ -408,13 +418,18 @@ class Evaluator:
       for k in todo:
         t0 = time.time()
         images, timesteps, sample_seconds = self.images(pipe, params, k)
+        per_image: dict[str, np.ndarray] = {}
         row = {"step": step, "steps": k, "params": which, "timesteps": timesteps, "num_images": len(images),
                "guidance_scale": self.ec.guidance_scale, "seed": self.ec.seed, "resolution": self.resolution,
                "features": self.ec.features, "prompt_file": self.ec.prompt_file,
-               "prompt_metric_name": self.ec.prompt_metric, **self.metrics(images),
+               "prompt_metric_name": self.ec.prompt_metric, **self.metrics(images, per_image),
                "sample_seconds": round(sample_seconds, 3), "seconds": round(time.time() - t0, 3)}
         if self.ec.save_images:
           pipeline.write_images(images_dir(self.workdir, step, which, k), images[:self.ec.save_images])
+        if self.ec.save_features:
+          path = features_path(self.workdir, step, which, k)
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          np.savez(path, **per_image)
         with open(self.results_path, "a") as fh:
           fh.write(json.dumps(row) + "\n")
         self.rows.append(row)

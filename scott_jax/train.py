@@ -30,6 +30,7 @@ and ``pooled_text_embeds`` (B, D).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -59,6 +60,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 LATENT_KEYS = ("latents", "text_embeds", "pooled_text_embeds")
 STUDENT_LORA, STUDENT_FULL = "lora", "full"  # the two parts of a LoRA student state
 IMAGE_KEYS = ("images", "input_ids")
+METRICS_FILE = "metrics.jsonl"  # WORKDIR/metrics.jsonl: one JSON object of the logged scalars per log step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,6 +669,23 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
   return values
 
 
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops the entries of a metrics.jsonl past ``step`` (a run resumed from checkpoint ``step`` logs them again)."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as fh:
+    lines = [ln for ln in fh if ln.strip()]
+  keep = []
+  for ln in lines:
+    try:
+      if json.loads(ln)["step"] <= step:
+        keep.append(ln)
+    except (json.JSONDecodeError, KeyError):  # a line cut by a kill mid-write
+      continue
+  with open(path, "w") as fh:
+    fh.writelines(keep)
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -723,6 +742,8 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   if restored is None:
     state = init_state(config, models, frozen, batch_spec, state_sh)
     data.set_state(fresh_data_state)
+    if tc.save_initial:  # the untrained student as step 0 (a valid resume point: no batch consumed yet)
+      checkpointer.save(0, state, data_state=_data_state_to_save(data), force=True)
     logging.info("Starting from the teacher's weights (no checkpoint in %s).", checkpointer.directory)
   else:
     step, state, data_state = restored
@@ -732,6 +753,8 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
                        f"{data.batches}")
     logging.info("Resumed from checkpoint step %d.", step)
   start = int(state.step)
+  if primary:
+    _truncate_metrics(os.path.join(workdir, METRICS_FILE), start)
   shape = dict(zip(mesh.axis_names, (int(n) for n in mesh.devices.shape), strict=True))
   state_local = parallel.bytes_per_device(abstract, state_sh)
   state_total = parallel.bytes_per_device(abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
@@ -768,7 +791,11 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
         now = time.time()
         sps = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
-        writer.write_scalars(step, dict(values, steps_per_sec=sps, images_per_sec=sps * tc.batch_size))
+        scalars = dict(values, steps_per_sec=sps, images_per_sec=sps * tc.batch_size)
+        writer.write_scalars(step, scalars)
+        if primary:
+          with open(os.path.join(workdir, METRICS_FILE), "a") as fh:
+            fh.write(json.dumps({"step": step, **scalars}) + "\n")
         gan_text = ""
         if "loss_d" in values:
           gan_text = (f" g {values['loss_g']:.4f} d {values['loss_d']:.4f} acc {values['disc_accuracy']:.3f} "

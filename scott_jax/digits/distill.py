@@ -16,6 +16,9 @@ Methods (``config.digits.distill_methods``), each a set of overrides of the expe
   scott_ddim    SCott with the DDIM-eta teacher (eta ``digits.ablation_eta``, Table 5)
   scott_h1      SCott in one SDE step (h = 1, Table 6)
   lcm_gan       LCM + GAN (Table 7)
+  ode           the ODE control with SCott's settings: ER-SDE noise fn 1 (the deterministic ODE solver), order,
+                skip and h as SCott, no GAN (Table 5's teacher comparison, one change from scott_no_gan)
+  scott_fixed_gan  SCott with the paper's fixed lambda_adv from step 0 (gan.weighting fixed, start_step 0)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from scott_jax.digits import data as data_lib
 
 METHODS = DIGITS_METHODS
 TITLES = {"scott": "SCott", "lcm": "LCM", "scott_no_gan": "SCott w/o GAN", "scott_ddim": "SCott DDIM-eta",
-          "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN"}
+          "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN", "ode": "ODE control", "scott_fixed_gan": "SCott fixed GAN"}
 DONE = "done.json"
 
 
@@ -54,14 +57,20 @@ def method_config(config: ConfigDict, method: str, seed: int, teacher_path: str)
     c.solver.update(dict(name="ddim", eta=d.ablation_eta, order=1))
   if method == "scott_h1":
     c.solver.h = 1
-  if method in ("lcm", "scott_no_gan"):
+  if method == "ode":
+    c.solver.noise_fn = 1
+  if method == "scott_fixed_gan":
+    c.gan.update(dict(weighting="fixed", start_step=0))
+  if method in ("lcm", "scott_no_gan", "ode"):
     c.gan.enabled = False
     c.gan.lambda_adv = 0.0
   return c
 
 
-def run_dir(workdir: str, method: str, seed: int) -> str:
-  return os.path.join(workdir, "distill", f"{method}_seed{seed}")
+def run_dir(workdir: str, method: str, seed: int, runs: str = "distill") -> str:
+  """WORKDIR/<runs>/<method>_seed<seed>: one student run (``runs``: "distill" for mode digits, another folder
+  for another experiment on the same teacher, e.g. mode evidence's)."""
+  return os.path.join(workdir, runs, f"{method}_seed{seed}")
 
 
 def read_done(directory: str) -> dict[str, Any] | None:
@@ -81,12 +90,12 @@ def source(config: ConfigDict, data: data_lib.DigitsData) -> Any:
 
 
 def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, method: str,
-                  seed: int) -> dict[str, Any] | None:
-  """Trains (or resumes, or skips when done) one student; returns its done info (method, seed, steps, seconds),
-  or None when training stopped early (a signal)."""
+                  seed: int, runs: str = "distill") -> dict[str, Any] | None:
+  """Trains (or resumes, or skips when done) one student in `run_dir` (``runs``); returns its done info (method,
+  seed, steps, seconds), or None when training stopped early (a signal)."""
   from scott_jax import train
 
-  directory = run_dir(workdir, method, seed)
+  directory = run_dir(workdir, method, seed, runs)
   done = read_done(directory)
   if done is not None:
     return done

@@ -1,0 +1,191 @@
+"""Mode ``evidence``: the decisive digits experiment (``configs/digits.py:evidence``, issue "evidence").
+
+  python -m scott_jax.main --config configs/digits.py:evidence --workdir runs/evidence
+
+The same data, teacher, classifier and eval job as the default digits run (`scott_jax.digits.run` stages setup,
+teacher, classifier), then per arm and seed one `scott_jax.train` run (`scott_jax.digits.distill`) whose
+checkpoints, the initial one included (``train.save_initial``: step 0 is the untrained student, arm (a)), are
+evaluated by the eval job (`scott_jax.evaluate.Evaluator`) on ``digits.samples_per_digit`` x 10 prompts with
+the same evaluation noise and the same sampling timesteps (``digits.eval_timesteps``) for every arm:
+
+  - at the experiment's CFG scale ``digits.guidance_scale``: every checkpoint (the learning curves), 1 / 2 / 4
+    steps;
+  - at every other scale of ``digits.eval_guidance_scales`` (CFG 1): step 0 and the last checkpoint.
+
+Each row keeps its per-image classifier features and hits (``eval.save_features``), so `scott_jax.digits.
+evidence_report` can bootstrap paired differences over seeds and samples. The teacher's reference rows (DDIM at
+``digits.evidence_teacher_steps`` steps) are sampled at every scale on the same prompts. Runs go in the order
+of ``digits.distill_methods``: the first ``digits.first_methods`` methods for every seed, then the rest; every
+(method, seed) is trained, evaluated and recorded before the next starts, and everything resumes: rerunning
+the command finishes an interrupted experiment, and on a finished one only rewrites the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from scott_jax.config import ConfigDict
+from scott_jax.digits import data as data_lib
+from scott_jax.digits import distill, evaluation
+from scott_jax.digits import run as run_lib
+
+EVIDENCE = "evidence"  # WORKDIR/evidence: the teacher rows, the eval inputs, the report
+RUNS = "evidence_runs"  # WORKDIR/evidence_runs/<method>_seed<k>: the student runs (`distill.run_dir`)
+TEACHER_ROWS = "teacher_rows"
+
+
+def scale_tag(scale: float) -> str:
+  """The file-name tag of a CFG scale: 2.0 -> "g2", 1.5 -> "g1.5"."""
+  return f"g{float(scale):g}"
+
+
+def scales(config: ConfigDict) -> tuple[float, ...]:
+  """The CFG scales evaluated: the experiment's ``digits.guidance_scale`` first, then the other
+  ``digits.eval_guidance_scales``."""
+  d = config.digits
+  return (float(d.guidance_scale),) + tuple(float(g) for g in d.eval_guidance_scales if g != d.guidance_scale)
+
+
+def run_order(config: ConfigDict) -> list[tuple[str, int]]:
+  """(method, seed) in training order: the first ``digits.first_methods`` methods seed by seed, then the rest."""
+  d = config.digits
+  first, rest = list(d.distill_methods[:d.first_methods]), list(d.distill_methods[d.first_methods:])
+  return [(m, s) for group in (first, rest) for s in d.distill_seeds for m in group]
+
+
+def write_inputs(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> tuple[str, str]:
+  """The eval job's prompts (``samples_per_digit`` per digit, `evaluation.eval_labels` order) and reference
+  (classifier features of the test split) under WORKDIR/evidence; returns their paths."""
+  from scott_jax import evaluate
+  from scott_jax.digits import classifier
+
+  out = os.path.join(workdir, EVIDENCE)
+  os.makedirs(out, exist_ok=True)
+  prompts = os.path.join(out, run_lib.EVAL_PROMPTS)
+  labels = evaluation.eval_labels(config.digits.samples_per_digit)
+  with open(prompts, "w") as fh:
+    fh.write("".join(json.dumps({"caption": data_lib.prompt(label)}) + "\n" for label in labels))
+  reference = os.path.join(out, run_lib.EVAL_REFERENCE)
+  if not os.path.isfile(reference):
+    _, feats = classifier.uint8_apply(os.path.join(workdir, run_lib.CLASSIFIER_EXPORT))(data.test_images)
+    evaluate.write_reference(reference, feats, len(feats))
+  return prompts, reference
+
+
+def eval_config(config: ConfigDict, workdir: str, method: str, seed: int, scale: float,
+                checkpoint_steps: tuple[int, ...]) -> ConfigDict:
+  """The eval-job config of one run at one CFG scale: the digits student eval config (`run.student_eval_config`)
+  on the evidence prompts, at ``digits.eval_timesteps`` (the same for every arm), with per-image features kept
+  and the first 80 images saved (8 per digit: the grids)."""
+  from scott_jax import config as config_lib
+
+  d = config.digits
+  c = run_lib.student_eval_config(config, workdir, method, seed, 0)
+  c.eval.update(dict(prompt_file=os.path.join(workdir, EVIDENCE, run_lib.EVAL_PROMPTS),
+                     reference_stats=os.path.join(workdir, EVIDENCE, run_lib.EVAL_REFERENCE),
+                     timesteps=tuple(tuple(ts) for ts in d.eval_timesteps), checkpoint_steps=checkpoint_steps,
+                     guidance_scale=float(scale), save_images=8 * data_lib.NUM_CLASSES, save_features=True))
+  return config_lib.validate(c)
+
+
+def eval_dir(workdir: str, method: str, seed: int, scale: float) -> str:
+  """The eval job's WORKDIR for one run and scale: WORKDIR/evidence_runs/<method>_seed<k>/evidence_<tag>."""
+  return os.path.join(distill.run_dir(workdir, method, seed, RUNS), f"evidence_{scale_tag(scale)}")
+
+
+def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> None:
+  """The eval job on one finished run: every checkpoint at the experiment's scale, step 0 and the last step at
+  the other scales (rows already in a results.jsonl are skipped)."""
+  from scott_jax import evaluate, export
+
+  run_wd = distill.run_dir(workdir, method, seed, RUNS)
+  base = distill.method_config(config, method, seed, os.path.join(workdir, run_lib.PIPELINE))
+  run = export.TrainedRun(base, run_wd)
+  steps, _ = run.steps()
+  for i, scale in enumerate(scales(config)):
+    wanted = tuple(steps) if i == 0 else (steps[0], steps[-1])
+    c = eval_config(config, workdir, method, seed, scale, wanted)
+    evaluator = evaluate.Evaluator(c, eval_dir(workdir, method, seed, scale), run=run)
+    if all(evaluator.complete(s) for s in wanted):
+      continue
+    logging.info("evidence: eval job on %s seed %d at CFG %g (steps %s)", method, seed, scale, list(wanted))
+    evaluator.run_once()
+
+
+def teacher_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[dict[str, Any]]:
+  """The teacher's DDIM rows at every scale on the evidence prompts and noise seed: metrics, per-image features
+  and hits in WORKDIR/evidence/teacher_rows/<tag>.json / .npz, grids <tag>.png (cached)."""
+  from scott_jax.digits import classifier
+  from scott_jax.models import loading
+  from scott_jax.schedules import NoiseSchedule
+
+  d = config.digits
+  out_dir = os.path.join(workdir, EVIDENCE, TEACHER_ROWS)
+  os.makedirs(out_dir, exist_ok=True)
+  labels = evaluation.eval_labels(d.samples_per_digit)
+  rows, fns = [], None
+  for scale in scales(config):
+    path = os.path.join(out_dir, f"ddim{d.evidence_teacher_steps}_{scale_tag(scale)}")
+    if not os.path.isfile(path + ".json"):
+      if fns is None:
+        unet, params = loading.load_unet(os.path.join(workdir, run_lib.PIPELINE), "unet")
+        _, _, _, table = run_lib.load_text(workdir)
+        model, cparams = run_lib.load_classifier(config, workdir, data)
+        apply = classifier.make_apply(model)
+        _, real_feats = apply(cparams, data_lib.to_model(data.test_images))
+        fns = (unet, params, table, apply, cparams, real_feats)
+      unet, params, table, apply, cparams, real_feats = fns
+      fn = evaluation.make_teacher_sample_fn(unet, params, table, NoiseSchedule.from_config(config.schedule),
+                                             solver="ddim", num_steps=d.evidence_teacher_steps, guidance_scale=scale,
+                                             solver_options=dict(config.solver))
+      logging.info("evidence: teacher DDIM %d at CFG %g (%d samples)", d.evidence_teacher_steps, scale, len(labels))
+      images, seconds = evaluation.generate(fn, labels, d.eval_seed, d.eval_batch)
+      logits, feats = apply(cparams, images)
+      hits = (np.argmax(np.asarray(logits), -1) == labels).astype(np.float64)
+      evaluation.write_grid(path + ".png", images, labels)
+      np.savez(path + ".npz", features=np.asarray(feats, np.float32), prompt_metric=hits)
+      m = evaluation.metrics(logits, feats, labels, real_feats, d.coverage_k)
+      with open(path + ".json", "w") as fh:
+        json.dump({"name": f"teacher DDIM {d.evidence_teacher_steps}", "guidance_scale": scale,
+                   "steps": d.evidence_teacher_steps, "seconds": round(seconds, 2), "num_samples": len(labels),
+                   **m}, fh, indent=2)
+    with open(path + ".json") as fh:
+      rows.append(json.load(fh))
+  return rows
+
+
+def run_evidence(config: ConfigDict, workdir: str) -> str:
+  """Mode ``evidence``: stages setup, teacher, classifier (shared with mode digits), the teacher rows, then every
+  run of `run_order` trained and evaluated in turn, then the report (`evidence_report.write`). Returns the
+  report's path ("" when a run stopped early: rerun to resume)."""
+  from scott_jax.digits import evidence_report
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as fh:
+    fh.write(config.to_json_best_effort(indent=2))
+  data = run_lib._data(config)
+  run_lib.stage_setup(config, workdir)
+  if run_lib.stage_teacher(config, workdir, data) is None:
+    logging.warning("evidence: teacher training stopped early; rerun to resume.")
+    return ""
+  run_lib.stage_classifier(config, workdir, data)
+  write_inputs(config, workdir, data)
+  teacher_rows(config, workdir, data)
+  t0 = time.time()
+  for method, seed in run_order(config):
+    if distill.train_student(config, workdir, data, method, seed, RUNS) is None:
+      logging.warning("evidence: %s seed %d stopped early; rerun to resume.", method, seed)
+      return ""
+    evaluate_run(config, workdir, method, seed)
+    evidence_report.write(config, workdir)  # the report so far, after every run
+    logging.info("evidence: %s seed %d done (%.0f s since this invocation started)", method, seed,
+                 time.time() - t0)
+  path = evidence_report.write(config, workdir)
+  print(f"evidence: report {path}")
+  return path

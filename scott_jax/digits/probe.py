@@ -1,0 +1,52 @@
+"""The discriminator probe: the SCott train step's discriminator update alone, against a frozen student.
+
+Each probe step runs the real jitted `scott_jax.train.make_train_step` on the next batch of the run's data and
+keeps only the discriminator's half of the update: the student, its EMA and its optimizer state are put back to
+their initial values (the untrained student: the teacher with a zero guidance projection), so the
+discriminator always sees the same generator. It answers "can this discriminator, at these settings, tell the
+data from the student's samples?" apart from the game with the student, and it is the evidence behind
+``gan.head_init`` and the digits discriminator learning rate (``docs/evidence.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from scott_jax.config import ConfigDict
+
+PROBE_METRICS = ("loss_d", "disc_accuracy", "d_real", "d_fake")
+
+
+def run_probe(config: ConfigDict, source: Any, num_steps: int, log_every: int = 10) -> list[dict[str, float]]:
+  """Runs ``num_steps`` probe steps -> [{"step", "loss_d", "disc_accuracy", "d_real", "d_fake"}] every
+  ``log_every`` steps and at the last one; each value is the mean over the steps since the previous entry.
+
+  ``config``: a train config with the GAN on (its model.teacher_path a pipeline folder); ``source``: the data
+  as for `scott_jax.train.make_data` (e.g. an `arrays.ArraySource` of global batches). Runs on one device.
+  """
+  from scott_jax import train
+
+  if not config.gan.enabled:
+    raise ValueError("the discriminator probe needs config.gan.enabled = True")
+  models, frozen = train.load_models(config)
+  data = train.make_data(config, models, source)
+  batch = next(data)
+  state = train.init_state(config, models, frozen, batch)
+  student = jax.device_get((state.student, state.ema, state.opt_student))
+  step = jax.jit(train.make_train_step(config, models), donate_argnums=(0,))
+  out, window = [], []
+  for k in range(1, num_steps + 1):
+    state, metrics = step(state, batch, frozen)
+    s, e, o = jax.device_put(student)
+    state = state.replace(student=s, ema=e, opt_student=o)
+    window.append({m: metrics[m] for m in PROBE_METRICS})
+    if k % log_every == 0 or k == num_steps:
+      values = jax.device_get(window)
+      out.append({"step": k, **{m: float(np.mean([v[m] for v in values])) for m in PROBE_METRICS}})
+      window = []
+    batch = next(data)
+  data.close()
+  return out
