@@ -353,7 +353,8 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[s
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
   cdtype = _DTYPES[dtype]
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
-  vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]), dtype=cdtype)
+  vae_config = VAEConfig.from_dict(meta["vae"])
+  vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))
   text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
   params = {}
   for name, file in EXPORT_PARAMS.items():
