@@ -4,6 +4,7 @@ CLIP BPE vocabulary from open_clip): the two-encoder prompt encoding vs `StableD
 whole folder written by diffusers' save_pretrained read back by `loading.load_pipeline`. The SDXL U-Net's
 forward parity is in test_unet.py (case "sdxl")."""
 
+import functools
 import json
 
 import diffusers
@@ -15,6 +16,7 @@ import torch
 import transformers
 from test_clip_text import _open_clip_tokenizer_module, _write_clip_tokenizer
 
+from scott_jax import pipeline
 from scott_jax.models import loading, unet
 from scott_jax.models.clip_text import CLIPTextModelWithProjection, SDXLTextEncoders, tokenize
 
@@ -87,13 +89,25 @@ def sdxl(tmp_path_factory):
   return root / "pipe", pipe, loading.load_pipeline(root / "pipe")
 
 
-def _ours(parts, encoders: SDXLTextEncoders, prompts, negative=None, clip_skip: int = 0):
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _encode(text_encoder, text_encoder_2, params, ids, ids_2, clip_skip):
+  """`SDXLTextEncoders.encode`, compiled once per encoder pair and clip_skip (shared by the tests)."""
+  return SDXLTextEncoders(text_encoder, text_encoder_2).encode(params, ids, ids_2, clip_skip)
+
+
+def _ours(parts, force_zeros: bool, prompts, negative=None, clip_skip: int = 0):
+  """Our (states, negative states, pooled, negative pooled), in the order of diffusers' encode_prompt."""
+  encoders = SDXLTextEncoders(parts.text_encoder, parts.text_encoder_2, force_zeros)
   params = {"text_encoder": parts.text_encoder_params, "text_encoder_2": parts.text_encoder_2_params}
   ids = [tokenize(parts.tokenizer, prompts), tokenize(parts.tokenizer_2, prompts)]
-  states, pooled = jax.jit(encoders.encode, static_argnums=3)(params, *ids, clip_skip)
+  states, pooled = _encode(parts.text_encoder, parts.text_encoder_2, params, *ids, clip_skip)
   neg = [""] * len(prompts) if negative is None else negative
   neg_ids = [tokenize(parts.tokenizer, neg), tokenize(parts.tokenizer_2, neg)]
-  neg_states, neg_pooled = encoders.encode_negative(params, *neg_ids, negative_given=negative is not None)
+  if negative is None and force_zeros:
+    neg_states, neg_pooled = encoders.encode_negative(params, *neg_ids, negative_given=False)
+  else:  # what encode_negative computes then, through the compiled function
+    assert not force_zeros or negative is not None
+    neg_states, neg_pooled = _encode(parts.text_encoder, parts.text_encoder_2, params, *neg_ids, 0)
   return states, neg_states, pooled, neg_pooled
 
 
@@ -120,26 +134,28 @@ def test_encode_prompt_matches_diffusers(sdxl):
   assert parts.force_zeros_for_empty_prompt and isinstance(parts.text_encoder_2, CLIPTextModelWithProjection)
   encoders = parts.text_encoders
   assert encoders.hidden_size == 48 and encoders.pooled_size == 24
-  ours, ref = _ours(parts, encoders, PROMPTS), _diffusers(pipe, PROMPTS)
+  ours, ref = _ours(parts, True, PROMPTS), _diffusers(pipe, PROMPTS)
   assert ours[0].shape == (3, 77, 48) and ours[2].shape == (3, 24)
   for a, b in zip(ours, ref, strict=True):
     _close(a, b)
   assert not np.any(np.asarray(ours[1])) and not np.any(np.asarray(ours[3]))
   # A negative prompt is encoded whatever the flag; clip_skip moves both encoders one layer further back.
-  for a, b in zip(_ours(parts, encoders, PROMPTS, NEGATIVE, clip_skip=1),
+  for a, b in zip(_ours(parts, True, PROMPTS, NEGATIVE, clip_skip=1),
                   _diffusers(pipe, PROMPTS, NEGATIVE, clip_skip=1), strict=True):
     _close(a, b)
-
-
-def test_empty_prompt_without_force_zeros(sdxl):
-  """force_zeros_for_empty_prompt False: the unconditional input is the encoded empty prompt."""
-  folder, pipe, parts = sdxl
+  # force_zeros_for_empty_prompt False: the unconditional input is the encoded empty prompt.
   off = diffusers.StableDiffusionXLPipeline(**{**pipe.components, "force_zeros_for_empty_prompt": False})
-  encoders = SDXLTextEncoders(parts.text_encoder, parts.text_encoder_2, force_zeros_for_empty_prompt=False)
-  ours, ref = _ours(parts, encoders, PROMPTS[:1]), _diffusers(off, PROMPTS[:1])
+  ours, ref = _ours(parts, False, PROMPTS), _diffusers(off, PROMPTS)
   assert np.abs(ref[1]).max() > 0.1
   for a, b in zip(ours, ref, strict=True):
     _close(a, b)
+  # encode_negative itself (uncompiled) with a given negative prompt: the encoded negative prompt.
+  neg_ids = [tokenize(parts.tokenizer, NEGATIVE), tokenize(parts.tokenizer_2, NEGATIVE)]
+  params = {"text_encoder": parts.text_encoder_params, "text_encoder_2": parts.text_encoder_2_params}
+  states, pooled = encoders.encode_negative(params, *neg_ids, negative_given=True)
+  _, neg_ref, _, neg_pooled_ref = _diffusers(pipe, PROMPTS, NEGATIVE)
+  _close(states, neg_ref)
+  _close(pooled, neg_pooled_ref)
 
 
 def test_add_time_ids_match_diffusers(sdxl):
@@ -193,3 +209,103 @@ def test_sdxl_folder_errors(sdxl, tmp_path):
   (no_te2 / "model_index.json").write_text(json.dumps(index))
   with pytest.raises(ValueError, match="no text_encoder_2"):
     loading.load_pipeline(no_te2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling: the SDXL condition (both encoders' states, pooled, time ids) through the student and teacher loops.
+
+SIZE = 16  # image height = width; latents 8x8 (the tiny VAE downsamples by 2)
+COND_DIM = 32  # the student's guidance embedding width (time_cond_proj_dim)
+
+
+@pytest.fixture(scope="module")
+def sdxl_student(sdxl, tmp_path_factory):
+  """A tiny LCM-SDXL-style pipeline (the SDXL U-Net with time_cond_proj_dim, perturbed; LCMScheduler), saved by
+  diffusers and loaded by us: (torch pipeline, components, Pipeline, params)."""
+  _, pipe, _ = sdxl
+  torch.manual_seed(3)
+  config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}  # "_use_default_values" too
+  student = diffusers.UNet2DConditionModel.from_config(dict(config, time_cond_proj_dim=COND_DIM))
+  assert student.config.time_cond_proj_dim == COND_DIM
+  _perturb(student)
+  lcm = diffusers.StableDiffusionXLPipeline(
+    **{**pipe.components, "unet": student.eval(),
+       "scheduler": diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)},
+    add_watermarker=False)
+  folder = tmp_path_factory.mktemp("sdxl_lcm")
+  lcm.save_pretrained(folder)
+  parts = loading.load_pipeline(folder)
+  ours, params = pipeline.from_components(parts)
+  params["text"] = {"text_encoder": parts.text_encoder_params, "text_encoder_2": parts.text_encoder_2_params}
+  return lcm, parts, ours, params
+
+
+def _condition(parts, params, prompts, negative: bool = False):
+  """Our SDXL condition dict for prompts at SIZE x SIZE, crop (0, 0); with ``negative`` the unconditional one."""
+  enc = parts.text_encoders
+  ids = (tokenize(parts.tokenizer, prompts), tokenize(parts.tokenizer_2, prompts))
+  states, pooled = enc.encode_negative(params["text"], *ids, negative_given=False) if negative else \
+      enc.encode(params["text"], *ids)
+  return pipeline.sdxl_condition(states, pooled, unet.add_time_ids((SIZE, SIZE), (0, 0), (SIZE, SIZE)))
+
+
+def _torch_images(pipe, z, **kwargs) -> np.ndarray:
+  with torch.no_grad():
+    return pipe(PROMPTS[:2], height=SIZE, width=SIZE, output_type="np",
+                latents=torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))), **kwargs).images
+
+
+@pytest.mark.slow  # ~15-30 s per case on a loaded 2-core machine
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_student_sampling_matches_diffusers_sdxl_lcm(sdxl_student, steps):
+  """Same prompts, initial latents and between-step noise (LCMScheduler's generator draws): our student loop on
+  the SDXL condition (w = g - 1 through the guidance embedding) gives diffusers' SDXL + LCMScheduler images."""
+  lcm, parts, ours, params = sdxl_student
+  shape = pipeline.latent_shape(ours, 2, SIZE, SIZE)
+  z = np.asarray(jax.random.normal(jax.random.key(steps), shape), np.float32)
+  gen = torch.Generator().manual_seed(11)
+  draws = [torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=gen) for _ in range(steps - 1)]
+  noises = np.stack([d.permute(0, 2, 3, 1).numpy() for d in draws]) if draws else np.zeros((0, *shape), np.float32)
+  ts = pipeline.student_timesteps(steps)
+
+  @jax.jit
+  def run(params, cond, z, noises):
+    x0 = pipeline.student_latents(ours, params["unet"], cond, z, ts, jnp.full((2,), 4.0), noises)
+    return pipeline.decode(ours, params["vae"], x0)
+
+  cond = _condition(parts, params, PROMPTS[:2])
+  got = np.asarray(run(params, cond, z, noises))
+  ref = _torch_images(lcm, z, num_inference_steps=steps, guidance_scale=5.0,
+                      generator=torch.Generator().manual_seed(11))
+  assert ts.tolist() == lcm.scheduler.timesteps.tolist()
+  np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
+  # The added conditions matter: other time ids (or pooled embeddings) give other images.
+  for key, value in (("time_ids", jnp.zeros((2, 6))), ("text_embeds", cond["text_embeds"][::-1])):
+    assert np.abs(np.asarray(run(params, {**cond, key: value}, z, noises)) - ref).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_teacher_sampling_matches_diffusers_sdxl(sdxl):
+  """The SDXL teacher with CFG (g = 5; unconditional = zeros, force_zeros_for_empty_prompt) and DDIM eta 0 against
+  diffusers' StableDiffusionXLPipeline with a DDIMScheduler (set_alpha_to_one: our last step jumps to clean data)."""
+  _, pipe, parts = sdxl
+  ours, params = pipeline.from_components(parts)
+  params["text"] = {"text_encoder": parts.text_encoder_params, "text_encoder_2": parts.text_encoder_2_params}
+  sd = diffusers.StableDiffusionXLPipeline(
+    **{**pipe.components, "scheduler": diffusers.DDIMScheduler.from_config(pipe.scheduler.config,
+                                                                           set_alpha_to_one=True,
+                                                                           clip_sample=False)},
+    add_watermarker=False)
+  z = np.asarray(jax.random.normal(jax.random.key(5), pipeline.latent_shape(ours, 2, SIZE, SIZE)), np.float32)
+  ts = pipeline.teacher_timesteps(3)
+
+  @jax.jit
+  def run(params, z):
+    x0 = pipeline.teacher_latents(ours, params["unet"], _condition(parts, params, PROMPTS[:2]),
+                                  _condition(parts, params, PROMPTS[:2], negative=True), z, ts, jnp.float32(5.0),
+                                  jax.random.key(0), solver="ddim", solver_kwargs={"eta": 0.0})
+    return pipeline.decode(ours, params["vae"], x0)
+
+  ref = _torch_images(sd, z, num_inference_steps=3, guidance_scale=5.0)
+  assert ts.tolist() == sd.scheduler.timesteps.tolist()
+  np.testing.assert_allclose(np.asarray(run(params, z)), ref, atol=2e-4, rtol=0)
