@@ -34,7 +34,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -167,13 +167,33 @@ def to_uint8(images01: Array) -> Array:
   return jnp.round(images01 * 255.0).astype(jnp.uint8)
 
 
-def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array, z_T: Array, timesteps: np.ndarray,
-                    w: Array, noises: Array) -> Array:
+def apply_unet(pipe: Pipeline, unet_params: PyTree, z: Array, t: Array, text: Array | Mapping[str, Array],
+               timestep_cond: Array | None = None) -> Array:
+  """The U-Net's output for latents z (B, h, w, C) at t (B,) under the text condition ``text``: the prompt states
+  (B, L, D), or for an SDXL U-Net a dict ``{"states": (B, L, D), "text_embeds": (B, P), "time_ids": (B, n)}``
+  (`sdxl_condition`)."""
+  if isinstance(text, Mapping):
+    return pipe.unet.apply(unet_params, z, t, text["states"], timestep_cond, text["text_embeds"], text["time_ids"])
+  return pipe.unet.apply(unet_params, z, t, text, timestep_cond=timestep_cond)
+
+
+def sdxl_condition(states: Array, pooled: Array, time_ids: Array | Sequence[int]) -> dict[str, Array]:
+  """The SDXL text condition of `apply_unet`: states (B, L, D1 + D2) and pooled (B, P) from
+  `SDXLTextEncoders.encode`, time_ids (6,) or (B, 6) (`unet.add_time_ids`) broadcast to (B, 6) float32."""
+  b = states.shape[0]
+  time_ids = jnp.asarray(time_ids, jnp.float32)
+  return {"states": states, "text_embeds": pooled,
+          "time_ids": jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))}
+
+
+def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[str, Array], z_T: Array,
+                    timesteps: np.ndarray, w: Array, noises: Array) -> Array:
   """Multistep consistency sampling in latent space -> the last x0 (B, h, w, C).
 
-  text (B, L, D); z_T (B, h, w, C); timesteps (K,) descending ints; w (B,) the LCM guidance weight (CFG scale
-  minus 1); noises (K - 1, B, h, w, C) standard normal, used in order between steps (as LCMScheduler draws them).
-  One lax.scan over the K steps. A U-Net without the guidance embedding ignores w (LCM-LoRA style).
+  text (B, L, D), or the SDXL condition dict of `apply_unet`; z_T (B, h, w, C); timesteps (K,) descending ints;
+  w (B,) the LCM guidance weight (CFG scale minus 1); noises (K - 1, B, h, w, C) standard normal, used in order
+  between steps (as LCMScheduler draws them). One lax.scan over the K steps. A U-Net without the guidance
+  embedding ignores w (LCM-LoRA style).
   """
   ts = jnp.asarray(timesteps, jnp.int32)
   k = ts.shape[0]
@@ -188,7 +208,7 @@ def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array, z_T: Array
   def body(z: Array, inp: tuple[Array, Array, Array]) -> tuple[Array, Array]:
     t, t_next, noise = inp
     tb = jnp.full((z.shape[0],), t, jnp.int32)
-    out = pipe.unet.apply(unet_params, z, tb, text, timestep_cond=w_emb).astype(jnp.float32)
+    out = apply_unet(pipe, unet_params, z, tb, text, w_emb).astype(jnp.float32)
     x0, _ = consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)
     return pipe.schedule.add_noise(x0, noise, t_next), x0
 
@@ -196,16 +216,17 @@ def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array, z_T: Array
   return x0s[-1]
 
 
-def teacher_latents(pipe: Pipeline, unet_params: PyTree, text: Array, uncond_text: Array, z_T: Array,
-                    timesteps: np.ndarray, guidance_scale: Array, key: Array, *, solver: str,
-                    solver_kwargs: dict[str, Any]) -> Array:
+def teacher_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[str, Array],
+                    uncond_text: Array | Mapping[str, Array], z_T: Array, timesteps: np.ndarray,
+                    guidance_scale: Array, key: Array, *, solver: str, solver_kwargs: dict[str, Any]) -> Array:
   """Teacher sampling with CFG (scale g; eps_u + g (eps_c - eps_u)) and ``solver`` -> clean latents (B, h, w, C).
 
-  uncond_text (1 or B, L, D): the encoded empty prompt. The U-Net runs once per step on [uncond; cond].
+  uncond_text (1 or B, L, D): the encoded empty prompt; for SDXL both are condition dicts (`apply_unet`), the
+  unconditional one from `SDXLTextEncoders.encode_negative`. The U-Net runs once per step on [uncond; cond].
   """
 
-  def eps_fn(z: Array, t: Array, c: Array) -> Array:
-    out = pipe.unet.apply(unet_params, z, t, c).astype(jnp.float32)
+  def eps_fn(z: Array, t: Array, c: Array | Mapping[str, Array]) -> Array:
+    out = apply_unet(pipe, unet_params, z, t, c).astype(jnp.float32)
     return pipe.schedule.to_eps(out, z, t)
 
   guided = solvers.make_guided_eps_fn(eps_fn, text, uncond_text, guidance_scale - 1.0)
@@ -353,7 +374,8 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[s
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
   cdtype = _DTYPES[dtype]
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
-  vae = AutoencoderKL(VAEConfig.from_dict(meta["vae"]), dtype=cdtype)
+  vae_config = VAEConfig.from_dict(meta["vae"])
+  vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))
   text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
   params = {}
   for name, file in EXPORT_PARAMS.items():

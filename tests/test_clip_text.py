@@ -55,8 +55,9 @@ def _open_clip_tokenizer_module():
   return module
 
 
-def _write_clip_tokenizer(folder, oc) -> None:
-  """vocab.json + merges.txt from open_clip's CLIP BPE file, in the layout of SD1.5's tokenizer/ folder."""
+def _write_clip_tokenizer(folder, oc, pad_token: str | None = None) -> None:
+  """vocab.json + merges.txt from open_clip's CLIP BPE file, in the layout of SD1.5's tokenizer/ folder
+  (``pad_token`` "!" gives SDXL's tokenizer_2/, which pads with id 0)."""
   merges = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
   chars = list(oc.bytes_to_unicode().values())
   vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
@@ -65,7 +66,8 @@ def _write_clip_tokenizer(folder, oc) -> None:
   (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
   (folder / "tokenizer_config.json").write_text(
-    json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77})
+    json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}
+               | ({} if pad_token is None else {"pad_token": pad_token}))
   )
 
 

@@ -3,8 +3,10 @@ encode/decode split, attention implementations, remat, bf16 compute and the diff
 
 import dataclasses
 import functools
+import math
 
 import diffusers
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +33,37 @@ CASES = {
                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")), 18),
   # LCM: the guidance embedding `time_cond_proj_dim`.
   "lcm": (dict(TINY, time_cond_proj_dim=256), 16),
+  # SDXL: a first down block without attention, per-block heads and transformer depth (the mid block takes the
+  # last, 3), linear projections, two encoders' states concatenated (16 + 32), and the text_time added
+  # embedding: pooled text (32) + six time ids at 8 features each.
+  "sdxl": (dict(block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(1, 2, 3),
+                attention_head_dim=(2, 4, 8), norm_num_groups=8, sample_size=16, cross_attention_dim=48,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=32 + 6 * 8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")), 16),
 }
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (written by diffusers 0.19).
+SDXL_UNET_CONFIG = {
+  "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+  "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+  "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+  "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+  "cross_attention_dim": 2048, "cross_attention_norm": None,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+  "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+  "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+  "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+  "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+  "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+  "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+  "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+  "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+  "use_linear_projection": True,
+}
+# SDXL micro-conditioning rows (original h, w, crop top, left, target h, w) in pixels, one per batch item.
+TIME_IDS = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1360, 64, 12, 896, 1152]], np.float32)
 
 
 def _close(ours, ref, tol: float = 1e-4) -> None:
@@ -60,10 +92,12 @@ def _torch_unet(kwargs: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
   return model
 
 
-def _torch_forward(model, sample, t, context, cond=None) -> np.ndarray:
+def _torch_forward(model, sample, t, context, cond=None, text_embeds=None, time_ids=None) -> np.ndarray:
+  added = None if text_embeds is None else dict(text_embeds=torch.from_numpy(text_embeds),
+                                                time_ids=torch.from_numpy(time_ids))
   with torch.no_grad():
     out = model(_nchw(sample), torch.as_tensor(t), torch.from_numpy(context),
-                timestep_cond=None if cond is None else torch.from_numpy(cond)).sample
+                timestep_cond=None if cond is None else torch.from_numpy(cond), added_cond_kwargs=added).sample
   return _nhwc(out)
 
 
@@ -79,9 +113,13 @@ def case(request, tmp_path_factory):
   inputs = dict(sample=rng.standard_normal((BATCH, size, size, 4), np.float32),
                 t=np.array([10, 900], np.int64),
                 context=rng.standard_normal((BATCH, CONTEXT_LEN, kwargs["cross_attention_dim"]), np.float32),
-                cond=None)
+                cond=None, text_embeds=None, time_ids=None)
   if "time_cond_proj_dim" in kwargs:
     inputs["cond"] = rng.standard_normal((BATCH, kwargs["time_cond_proj_dim"]), np.float32)
+  if kwargs.get("addition_embed_type") == "text_time":
+    pooled = kwargs["projection_class_embeddings_input_dim"] - 6 * kwargs["addition_time_embed_dim"]
+    inputs["text_embeds"] = rng.standard_normal((BATCH, pooled), np.float32)
+    inputs["time_ids"] = TIME_IDS
   ref = _torch_forward(model, **inputs)
   return dict(name=request.param, model=model, folder=folder, module=module, params=params, inputs=inputs,
               ref=ref, apply=jax.jit(module.apply))
@@ -90,7 +128,8 @@ def case(request, tmp_path_factory):
 def _run(c, module=None, params=None, apply=None):
   x = c["inputs"]
   apply = apply or (c["apply"] if module is None else jax.jit(module.apply))
-  return apply(params or c["params"], x["sample"], x["t"], x["context"], x["cond"])
+  return apply(params or c["params"], x["sample"], x["t"], x["context"], x["cond"], x["text_embeds"],
+               x["time_ids"])
 
 
 def test_parity_with_diffusers(case):
@@ -178,7 +217,7 @@ def test_remat_same_values_and_gradients():
 def test_save_unet_loads_in_diffusers(case, tmp_path):
   """save_unet -> diffusers.from_pretrained gives the original torch model's output and config."""
   if case["name"] == "sd15":
-    pytest.skip("sd2 and lcm cover the options")
+    pytest.skip("sd2, lcm and sdxl cover the options")
   loading.save_unet(tmp_path, case["module"].config, case["params"])
   back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
   orig = dict(case["model"].config)
@@ -210,11 +249,49 @@ def test_config_round_trip_and_rejections():
   assert cfg.attention_head_dim == (2, 4, 4) and cfg.cross_attention_dim == 1024 and cfg.use_linear_projection
   assert unet.UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
   base = cfg.to_diffusers()
-  for key, value in [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+  for key, value in [("class_embed_type", "timestep"), ("addition_embed_type", "text"),
+                     ("addition_embed_type", "text_time"),  # without its two dimensions
+                     ("addition_time_embed_dim", 256),  # without addition_embed_type
                      ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("only_cross_attention", True),
                      ("resnet_time_scale_shift", "scale_shift"), ("not_an_option", 1)]:
     with pytest.raises(ValueError, match=key if key != "mid_block_type" else "UNetMidBlock2DSimpleCrossAttn"):
       unet.UNetConfig.from_diffusers({**base, key: value})
+
+
+def test_sdxl_config_matches_diffusers():
+  """SDXL base's unet/config.json: our reading round-trips, and diffusers builds the same architecture from our
+  to_diffusers() dict as from the original (compared on the meta device: no memory)."""
+  cfg = unet.UNetConfig.from_diffusers(SDXL_UNET_CONFIG)
+  assert cfg.addition_embed_type == "text_time" and cfg.transformer_layers_per_block == (1, 2, 10)
+  assert cfg.upcast_attention is False and cfg.attention_head_dim == (5, 10, 20)
+  assert unet.UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+  with torch.device("meta"):
+    shapes = [{k: tuple(v.shape) for k, v in diffusers.UNet2DConditionModel.from_config(c).state_dict().items()}
+              for c in (SDXL_UNET_CONFIG, cfg.to_diffusers())]
+  assert shapes[0] == shapes[1]
+
+
+def test_text_time_inputs_are_checked():
+  """An SDXL U-Net refuses to run without text_embeds/time_ids or with the wrong added width; one without
+  text_time refuses them; time_ids (n,) and text_embeds (1, P) broadcast over the batch."""
+  base = dict(sample_size=8, block_out_channels=(16,), layers_per_block=(1,), transformer_layers_per_block=(1,),
+              attention_head_dim=(2,), cross_attention_dim=8, norm_num_groups=4,
+              down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",))
+  xl = unet.UNetConfig(**base, addition_embed_type="text_time", addition_time_embed_dim=4,
+                       projection_class_embeddings_input_dim=5 + 6 * 4)
+  sample, context = jnp.zeros((3, 8, 8, 4)), jnp.zeros((3, 2, 8))
+
+  def run(config, **added):
+    module = unet.UNet2DConditionModel(config)
+    return jax.eval_shape(module.apply, unet.abstract_params(config), sample, 1.0, context, **added)
+
+  assert run(xl, text_embeds=jnp.zeros((1, 5)), time_ids=jnp.zeros(6)).shape == sample.shape
+  with pytest.raises(ValueError, match="needs text_embeds"):
+    run(xl)
+  with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+    run(xl, text_embeds=jnp.zeros((3, 5)), time_ids=jnp.zeros((3, 5)))
+  with pytest.raises(ValueError, match="text_time"):
+    run(unet.UNetConfig(**base), text_embeds=jnp.zeros((3, 5)), time_ids=jnp.zeros((3, 6)))
 
 
 @pytest.mark.slow
@@ -231,3 +308,19 @@ def test_full_size_sd15_parity():
   del model
   module = unet.UNet2DConditionModel(config)
   _close(jax.jit(module.apply)(params, x["sample"], x["t"], x["context"]), ref, 1e-4)
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_builds_with_diffusers_parameter_count():
+  """The SDXL base U-Net (config above) builds by eval_shape with exactly diffusers' parameter shapes (counted
+  on torch's meta device, no memory): 2,567,463,684 parameters."""
+  config = unet.UNetConfig.from_diffusers(SDXL_UNET_CONFIG)
+  ours = {loading.flax_path_to_torch_key(p): tuple(v.shape)
+          for p, v in flax.traverse_util.flatten_dict(unet.abstract_params(config)["params"]).items()}
+  with torch.device("meta"):
+    model = diffusers.UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)
+  ref = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  assert ours.keys() == ref.keys()
+  # Dense kernels are transposed and convolutions HWIO: compare element counts per tensor.
+  assert {k: math.prod(v) for k, v in ours.items()} == {k: math.prod(v) for k, v in ref.items()}
+  assert sum(math.prod(v) for v in ours.values()) == sum(p.numel() for p in model.parameters()) == 2_567_463_684

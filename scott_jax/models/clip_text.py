@@ -1,9 +1,11 @@
-"""Flax CLIP text encoder, numerically matching transformers' `CLIPTextModel`, and a tokenizer helper.
+"""Flax CLIP text encoders, numerically matching transformers' `CLIPTextModel` and
+`CLIPTextModelWithProjection`, SDXL's two-encoder prompt encoding (`SDXLTextEncoders`) and a tokenizer helper.
 
 Submodules are named like the transformers torch modules (transformers 5 layout, no `text_model.` prefix),
 list items as `<name>_<index>`: torch `encoder.layers.3.self_attn.q_proj.weight` is Flax
 `encoder/layers_3/self_attn/q_proj/kernel`. `prepare_clip_text_state_dict` strips the `text_model.` prefix of
-older checkpoints (SD1.5's text_encoder) and drops the `position_ids` buffer before the generic conversion.
+older checkpoints (SD1.5's text_encoder) and drops the `position_ids` buffer before the generic conversion;
+`CLIPTextModelWithProjection` adds `text_projection` (a Linear without bias) at the top level, as transformers.
 
 Parameters are float32; `dtype` is the compute dtype (layer norms and softmax reduce in float32).
 """
@@ -51,6 +53,7 @@ class CLIPTextConfig:
   bos_token_id: int = 49406
   eos_token_id: int = 49407
   pad_token_id: int = 1
+  projection_dim: int = 512  # `CLIPTextModelWithProjection` only
 
   def __post_init__(self) -> None:
     if self.hidden_act not in _ACTIVATIONS:
@@ -81,11 +84,13 @@ class CLIPTextOutput:
   pooler_output: (B, D) the last_hidden_state row at the end-of-text token.
   hidden_states: num_hidden_layers + 1 arrays (B, L, D): the embeddings then each layer's output, without the
     final layer norm (transformers `output_hidden_states=True`); `hidden_states[-2]` is the penultimate layer.
+  text_embeds: (B, projection_dim) text_projection(pooler_output) for `CLIPTextModelWithProjection`, else None.
   """
 
   last_hidden_state: Array
   pooler_output: Array
   hidden_states: tuple[Array, ...]
+  text_embeds: Array | None = None
 
 
 def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
@@ -216,6 +221,81 @@ class CLIPTextModel(nn.Module):
     if clip_skip == 0:
       return out.last_hidden_state
     return self.final_layer_norm(out.hidden_states[-(clip_skip + 1)].astype(self.dtype)).astype(jnp.float32)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+  """transformers `CLIPTextModelWithProjection` (SDXL's text_encoder_2): `CLIPTextModel` plus ``text_projection``
+  (Linear hidden_size -> projection_dim, no bias) of the pooled output, returned as ``text_embeds``."""
+
+  def setup(self) -> None:
+    super().setup()
+    self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                                    param_dtype=jnp.float32)
+
+  def __call__(self, input_ids: Array) -> CLIPTextOutput:
+    """Token ids (B, L) int -> `CLIPTextOutput` with ``text_embeds`` (B, projection_dim) float32."""
+    out = super().__call__(input_ids)
+    text_embeds = self.text_projection(out.pooler_output.astype(self.dtype)).astype(jnp.float32)
+    return out.replace(text_embeds=text_embeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXLTextEncoders:
+  """SDXL's prompt encoding, as diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+
+  ``text_encoder`` is CLIP ViT-L (`CLIPTextModel`, folder ``text_encoder/``), ``text_encoder_2`` OpenCLIP bigG
+  (`CLIPTextModelWithProjection`, ``text_encoder_2/``); each reads the ids of its own tokenizer. ``params`` is
+  ``{"text_encoder": ..., "text_encoder_2": ...}``. ``force_zeros_for_empty_prompt`` is the pipeline's
+  model_index.json flag (True for SDXL base): without a negative prompt, the unconditional embeddings are zeros.
+  """
+
+  text_encoder: CLIPTextModel
+  text_encoder_2: CLIPTextModelWithProjection
+  force_zeros_for_empty_prompt: bool = True
+
+  def __post_init__(self) -> None:
+    if not isinstance(self.text_encoder_2, CLIPTextModelWithProjection):
+      raise ValueError(f"text_encoder_2 must be a CLIPTextModelWithProjection, got "
+                       f"{type(self.text_encoder_2).__name__}")
+
+  @property
+  def hidden_size(self) -> int:
+    """Width D1 + D2 of the prompt states (2048 for SDXL)."""
+    return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
+  @property
+  def pooled_size(self) -> int:
+    """Width of the pooled embedding (text_encoder_2's projection_dim, 1280 for SDXL)."""
+    return self.text_encoder_2.config.projection_dim
+
+  def encode(self, params: Mapping[str, Any], input_ids: Array, input_ids_2: Array,
+             clip_skip: int = 0) -> tuple[Array, Array]:
+    """(prompt states (B, L, D1 + D2), pooled (B, projection_dim)), float32.
+
+    The states are both encoders' ``hidden_states[-(clip_skip + 2)]`` (the penultimate layer by default, without
+    the final layer norm) concatenated on the feature axis; pooled is text_encoder_2's ``text_embeds``.
+    """
+    layers = min(self.text_encoder.config.num_hidden_layers, self.text_encoder_2.config.num_hidden_layers)
+    if not 0 <= clip_skip < layers:
+      raise ValueError(f"clip_skip must be in [0, {layers}), got {clip_skip}")
+    out = self.text_encoder.apply(params["text_encoder"], input_ids)
+    out_2 = self.text_encoder_2.apply(params["text_encoder_2"], input_ids_2)
+    states = jnp.concatenate([out.hidden_states[-(clip_skip + 2)], out_2.hidden_states[-(clip_skip + 2)]], -1)
+    return states, out_2.text_embeds
+
+  def encode_negative(self, params: Mapping[str, Any], input_ids: Array, input_ids_2: Array, *,
+                      negative_given: bool) -> tuple[Array, Array]:
+    """The unconditional (states, pooled) for classifier-free guidance, as diffusers' ``encode_prompt``.
+
+    ``input_ids`` / ``input_ids_2`` are the tokenized negative prompt, or the empty prompt "" when none was given
+    (``negative_given`` False). Zeros of `encode`'s shapes when no negative prompt was given and
+    force_zeros_for_empty_prompt; otherwise `encode` of the ids with clip_skip 0 (diffusers ignores clip_skip
+    for the negative prompt).
+    """
+    if not negative_given and self.force_zeros_for_empty_prompt:
+      shapes = jax.eval_shape(self.encode, params, input_ids, input_ids_2)
+      return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+    return self.encode(params, input_ids, input_ids_2)
 
 
 def prepare_clip_text_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

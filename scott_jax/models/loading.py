@@ -39,7 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, prepare_clip_text_state_dict
+from scott_jax.models.clip_text import (
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPTextModelWithProjection,
+  SDXLTextEncoders,
+  prepare_clip_text_state_dict,
+)
 from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
 from scott_jax.models.unet import abstract_params as unet_abstract_params
 from scott_jax.models.vae import AutoencoderKL, PixelSpace, PixelSpaceConfig, VAEConfig, prepare_vae_state_dict
@@ -297,8 +303,10 @@ def _component_folder(path: str | os.PathLike, subfolder: str | None) -> str:
 def load_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: str | None = None,
              dtype: Any = jnp.float32) -> tuple[AutoencoderKL | PixelSpace, PyTree]:
   """A diffusers AutoencoderKL folder (``<path>/<subfolder>``: config.json + safetensors) as (Flax module,
-  float32 params). ``dtype`` is the module's compute dtype. A config.json with ``_class_name`` "PixelSpace"
-  (a pixel-space model, no weights) gives `PixelSpace` and empty params.
+  float32 params). ``dtype`` is the module's compute dtype (float32 instead of float16 when the config sets
+  ``force_upcast``, see `VAEConfig.compute_dtype`); the latent scaling factor comes from the config. A
+  config.json with ``_class_name`` "PixelSpace" (a pixel-space model, no weights) gives `PixelSpace` and empty
+  params.
 
   Raises FileNotFoundError naming the folder when it or its files are missing, ValueError for an unsupported
   config, `WeightLoadError` when the weights do not fit the config.
@@ -307,7 +315,8 @@ def load_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: st
   config = read_config(folder)
   if config.get("_class_name") == "PixelSpace":
     return PixelSpace(PixelSpaceConfig.from_dict(config), dtype=dtype), {}
-  module = AutoencoderKL(VAEConfig.from_dict(config), dtype=dtype)
+  vae_config = VAEConfig.from_dict(config)
+  module = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(dtype))
   state = prepare_vae_state_dict(read_safetensors_folder(folder, variant=variant))
   f, c = module.config.downsample_factor, module.config.in_channels
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, f, f, c), jnp.float32))
@@ -316,11 +325,14 @@ def load_vae(path: str | os.PathLike, subfolder: str | None = "vae", variant: st
 
 def load_text_encoder(path: str | os.PathLike, subfolder: str | None = "text_encoder",
                       variant: str | None = None, dtype: Any = jnp.float32) -> tuple[CLIPTextModel, PyTree]:
-  """A transformers CLIPTextModel folder (config.json + safetensors; with or without the ``text_model.``
-  prefix) as (Flax module, float32 params). ``dtype`` is the compute dtype. Errors as `load_vae`."""
+  """A transformers CLIPTextModel or CLIPTextModelWithProjection folder (config.json + safetensors; with or
+  without the ``text_model.`` prefix) as (Flax module, float32 params); the class is `CLIPTextModelWithProjection`
+  when the weights have ``text_projection.weight`` (SDXL's text_encoder_2/). ``dtype`` is the compute dtype.
+  Errors as `load_vae`."""
   folder = _component_folder(path, subfolder)
-  module = CLIPTextModel(CLIPTextConfig.from_dict(read_config(folder)), dtype=dtype)
   state = prepare_clip_text_state_dict(read_safetensors_folder(folder, variant=variant))
+  cls = CLIPTextModelWithProjection if "text_projection.weight" in state else CLIPTextModel
+  module = cls(CLIPTextConfig.from_dict(read_config(folder)), dtype=dtype)
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   return module, convert_state_dict(state, abstract)
 
@@ -370,8 +382,14 @@ def save_unet(folder: str | os.PathLike, config: Any, params: PyTree) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class StableDiffusionComponents:
-  """A diffusers Stable Diffusion folder loaded for JAX: Flax modules with their float32 params, the
-  transformers tokenizer and the scheduler's config dict (``scheduler/scheduler_config.json``)."""
+  """A diffusers Stable Diffusion (1.x / 2.x) or Stable Diffusion XL folder loaded for JAX: Flax modules with
+  their float32 params, the transformers tokenizers and the scheduler's config dict
+  (``scheduler/scheduler_config.json``).
+
+  SDXL folders (a ``text_encoder_2/``) also fill ``text_encoder_2`` (`CLIPTextModelWithProjection`), its params,
+  ``tokenizer_2`` and ``force_zeros_for_empty_prompt`` (model_index.json; diffusers' default True); for SD
+  folders these are None / False.
+  """
 
   unet: UNet2DConditionModel
   unet_params: PyTree
@@ -381,22 +399,61 @@ class StableDiffusionComponents:
   text_encoder_params: PyTree
   tokenizer: Any
   scheduler_config: dict[str, Any]
+  text_encoder_2: CLIPTextModelWithProjection | None = None
+  text_encoder_2_params: PyTree = None
+  tokenizer_2: Any = None
+  force_zeros_for_empty_prompt: bool = False
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+  @property
+  def text_encoders(self) -> SDXLTextEncoders:
+    """The SDXL prompt encoder (`SDXLTextEncoders`, params ``{"text_encoder", "text_encoder_2"}``)."""
+    if not self.is_sdxl:
+      raise ValueError("text_encoders: not an SDXL folder (no text_encoder_2)")
+    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
 
 
 PIPELINE_SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
+
+
+def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
+  """``model_index.json`` of a diffusers pipeline folder as a dict ({} when the folder has none)."""
+  path = os.path.join(os.fspath(folder), "model_index.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def _is_sdxl_folder(root: str, index: Mapping[str, Any]) -> bool:
+  listed = index.get("text_encoder_2")
+  return os.path.isdir(os.path.join(root, "text_encoder_2")) or (
+    isinstance(listed, list | tuple) and any(v is not None for v in listed))
 
 
 def load_pipeline(path: str | os.PathLike, variant: str | None = None, dtype: Any = jnp.float32,
                   **unet_kwargs: Any) -> StableDiffusionComponents:
-  """Load a diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+  """Load a diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a
+  Stable Diffusion XL one (the same plus text_encoder_2/ and tokenizer_2/, and model_index.json's
+  ``force_zeros_for_empty_prompt``).
 
-  ``dtype`` is the compute dtype of the three networks (params stay float32); ``unet_kwargs`` go to the U-Net
-  module (attention implementation, remat). Raises FileNotFoundError naming the folder and the missing parts.
+  ``dtype`` is the compute dtype of the networks (params stay float32; a ``force_upcast`` VAE computes in
+  float32 for float16); ``unet_kwargs`` go to the U-Net module (attention implementation, remat). Raises
+  FileNotFoundError naming the folder and the missing parts, ValueError when an SDXL folder's parts do not fit
+  together (the U-Net's text_time inputs, its cross-attention width) or an SD folder's U-Net needs SDXL inputs.
   """
   root = os.fspath(path)
-  missing = [s for s in PIPELINE_SUBFOLDERS if not os.path.isdir(os.path.join(root, s))]
+  index = read_model_index(root)
+  sdxl = _is_sdxl_folder(root, index)
+  wanted = PIPELINE_SUBFOLDERS + (SDXL_SUBFOLDERS if sdxl else ())
+  missing = [s for s in wanted if not os.path.isdir(os.path.join(root, s))]
   if missing:
-    raise FileNotFoundError(f"{root} is not a diffusers Stable Diffusion folder: missing {missing}")
+    kind = "Stable Diffusion XL" if sdxl else "Stable Diffusion"
+    raise FileNotFoundError(f"{root} is not a diffusers {kind} folder: missing {missing}")
   scheduler_file = os.path.join(root, "scheduler", "scheduler_config.json")
   if not os.path.isfile(scheduler_file):
     raise FileNotFoundError(f"no scheduler_config.json in {os.path.join(root, 'scheduler')}")
@@ -405,7 +462,37 @@ def load_pipeline(path: str | os.PathLike, variant: str | None = None, dtype: An
   unet, unet_params = load_unet(root, "unet", variant=variant, dtype=dtype, **unet_kwargs)
   vae, vae_params = load_vae(root, variant=variant, dtype=dtype)
   text_encoder, text_encoder_params = load_text_encoder(root, variant=variant, dtype=dtype)
+  extra: dict[str, Any] = {}
+  if sdxl:
+    text_encoder_2, params_2 = load_text_encoder(root, "text_encoder_2", variant=variant, dtype=dtype)
+    if not isinstance(text_encoder_2, CLIPTextModelWithProjection):
+      raise ValueError(f"{os.path.join(root, 'text_encoder_2')} has no text_projection: SDXL needs a "
+                       "CLIPTextModelWithProjection")
+    extra = dict(text_encoder_2=text_encoder_2, text_encoder_2_params=params_2,
+                 tokenizer_2=load_tokenizer(root, "tokenizer_2"),
+                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    _check_sdxl_parts(root, unet.config, text_encoder.config.hidden_size, text_encoder_2.config)
+  elif unet.config.addition_embed_type is not None:
+    raise ValueError(f"{root}: the U-Net has addition_embed_type={unet.config.addition_embed_type!r} (SDXL) but "
+                     "the folder has no text_encoder_2/")
   return StableDiffusionComponents(
     unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text_encoder,
     text_encoder_params=text_encoder_params, tokenizer=load_tokenizer(root),
-    scheduler_config=scheduler_config)
+    scheduler_config=scheduler_config, **extra)
+
+
+def _check_sdxl_parts(root: str, unet: UNetConfig, hidden_1: int, config_2: CLIPTextConfig) -> None:
+  """The SDXL U-Net takes both encoders' states (cross_attention_dim = D1 + D2) and text_time added features
+  of width projection_dim + 6 * addition_time_embed_dim (diffusers' ``_get_add_time_ids`` check)."""
+  if unet.addition_embed_type != "text_time":
+    raise ValueError(f"{root}: an SDXL folder needs a U-Net with addition_embed_type='text_time', got "
+                     f"{unet.addition_embed_type!r}")
+  if unet.cross_attention_dim != hidden_1 + config_2.hidden_size:
+    raise ValueError(f"{root}: U-Net cross_attention_dim {unet.cross_attention_dim} != text_encoder hidden_size "
+                     f"{hidden_1} + text_encoder_2 hidden_size {config_2.hidden_size}")
+  added = config_2.projection_dim + 6 * unet.addition_time_embed_dim
+  if unet.projection_class_embeddings_input_dim != added:
+    raise ValueError(f"{root}: U-Net projection_class_embeddings_input_dim "
+                     f"{unet.projection_class_embeddings_input_dim} != text_encoder_2 projection_dim "
+                     f"{config_2.projection_dim} + 6 time ids * addition_time_embed_dim "
+                     f"{unet.addition_time_embed_dim}")

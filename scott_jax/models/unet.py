@@ -2,7 +2,10 @@
 
 Layout is NHWC: samples are (B, H, W, in_channels) latents, text states (B, L, cross_attention_dim),
 timesteps a scalar or (B,) (integers 0..999 or floats), the optional guidance condition ``timestep_cond``
-(B, time_cond_proj_dim). Submodules are named like the diffusers torch modules with list indices joined
+(B, time_cond_proj_dim) and, for SDXL (``addition_embed_type="text_time"``), the pooled text embedding
+``text_embeds`` (B, P) and the micro-conditioning ``time_ids`` (B, n) (n = 6 for SDXL: original height and
+width, crop top and left, target height and width, in pixels; see `add_time_ids`).
+Submodules are named like the diffusers torch modules with list indices joined
 (``down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_out_0``), so `scott_jax.models.loading` converts a
 diffusers state dict mechanically.
 
@@ -10,8 +13,12 @@ Supported: CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn, CrossAtt
 positional (sinusoidal) timestep embedding, `time_cond_proj_dim` (LCM guidance embedding: ``cond_proj``, a
 Linear without bias applied to the condition and added to the sinusoidal timestep features before
 ``linear_1``), per-block `attention_head_dim` (diffusers' name for the number of heads), per-block
-`cross_attention_dim` and `transformer_layers_per_block`, `use_linear_projection`, `upcast_attention`. Options
-outside this set raise in `UNetConfig.from_diffusers` with the option name.
+`cross_attention_dim` and `transformer_layers_per_block`, `use_linear_projection`, `upcast_attention`, a first
+down block without attention (SDXL), and SDXL's ``addition_embed_type="text_time"``: ``add_time_proj`` (the
+sinusoidal embedding of each time id at `addition_time_embed_dim`, the timestep's flip/shift) concatenated after
+``text_embeds``, then ``add_embedding`` (a `TimestepEmbedding` MLP from `projection_class_embeddings_input_dim`
+= P + n * addition_time_embed_dim) added to the timestep embedding. Options outside this set raise in
+`UNetConfig.from_diffusers` with the option name.
 
 The model is split in two halves (the discriminator reuses them): `encode` (conv_in, time embedding, down
 blocks, mid block) -> (h, skips, temb) and `decode` (up blocks, norm, SiLU, conv_out); ``__call__`` is
@@ -36,6 +43,7 @@ PyTree = Any
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+ADDITION_EMBED_TYPES = (None, "text_time")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 # diffusers options we accept only at their default value (option -> default). `None` for "absent or null".
@@ -46,9 +54,6 @@ _FIXED_OPTIONS: dict[str, Any] = {
   "dual_cross_attention": False,
   "class_embed_type": None,
   "num_class_embeds": None,
-  "addition_embed_type": None,
-  "addition_time_embed_dim": None,
-  "projection_class_embeddings_input_dim": None,
   "class_embeddings_concat": False,
   "encoder_hid_dim": None,
   "encoder_hid_dim_type": None,
@@ -108,6 +113,9 @@ class UNetConfig:
   time_embedding_dim: int | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   def __post_init__(self) -> None:
     n = len(self.block_out_channels)
@@ -128,6 +136,17 @@ class UNetConfig:
       if c % self.norm_num_groups or c % heads:
         raise ValueError(f"block channels {c} must divide by norm_num_groups {self.norm_num_groups} and "
                          f"attention_head_dim (heads) {heads}")
+    if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+      raise ValueError(f"unsupported UNet option addition_embed_type={self.addition_embed_type!r} (supported: "
+                       f"{ADDITION_EMBED_TYPES})")
+    dims = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+    if self.addition_embed_type is None and dims != (None, None):
+      raise ValueError("addition_time_embed_dim and projection_class_embeddings_input_dim need "
+                       "addition_embed_type='text_time'")
+    if self.addition_embed_type == "text_time" and not (
+        all(isinstance(d, int) and d > 0 for d in dims) and dims[1] > dims[0]):
+      raise ValueError(f"addition_embed_type='text_time' needs addition_time_embed_dim > 0 and "
+                       f"projection_class_embeddings_input_dim > it, got {dims}")
 
   @property
   def time_embed_dim(self) -> int:
@@ -170,6 +189,8 @@ class UNetConfig:
         if len(set(value)) != 1:
           raise ValueError(f"unsupported UNet option sample_size={value!r} (square only)")
         value = value[0]
+      elif key == "upcast_attention" and value is None:  # SDXL's config.json: null, diffusers reads it as False
+        value = False
       elif isinstance(value, list):
         value = tuple(value)
       kwargs[key] = value
@@ -225,6 +246,26 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool = True,
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+def add_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                 target_size: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
+  """SDXL micro-conditioning as diffusers' ``_get_add_time_ids``: (original height, original width, crop top,
+  crop left, target height, target width), all in pixels."""
+  out = (*original_size, *crop_top_left, *target_size)
+  if len(out) != 6:
+    raise ValueError(f"original_size, crop_top_left and target_size must be pairs, got {original_size}, "
+                     f"{crop_top_left}, {target_size}")
+  return tuple(int(v) for v in out)
+
+
+def text_time_features(text_embeds: Array, time_ids: Array, dim: int, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> Array:
+  """Input of SDXL's ``add_embedding``: text_embeds (B, P) and time_ids (B, n) -> (B, P + n * dim) float32,
+  [text_embeds, timestep_embedding(time_ids[:, 0]), ..., timestep_embedding(time_ids[:, n - 1])]."""
+  b, n = time_ids.shape
+  t = timestep_embedding(time_ids.reshape(-1), dim, flip_sin_to_cos, freq_shift).reshape(b, n * dim)
+  return jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), t], axis=-1)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str = "xla",
@@ -548,6 +589,9 @@ class UNet2DConditionModel(nn.Module):
     self.conv_in = _conv(channels[0], cfg.conv_in_kernel, "conv_in", self.dtype)
     self.time_embedding = TimestepEmbedding(channels[0], cfg.time_embed_dim, cfg.time_cond_proj_dim,
                                             self.dtype)
+    if cfg.addition_embed_type == "text_time":
+      self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim,
+                                             dtype=self.dtype)
     self.down_blocks = [
       wrap(DownBlock)(out_channels=channels[i], num_layers=cfg.layers_per_block[i],
                       heads=cfg.attention_head_dim[i], transformer_layers=cfg.transformer_layers_per_block[i],
@@ -568,17 +612,47 @@ class UNet2DConditionModel(nn.Module):
     self.conv_norm_out = _group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", self.dtype)
     self.conv_out = _conv(cfg.out_channels, cfg.conv_out_kernel, "conv_out", self.dtype)
 
+  def _added_embedding(self, batch: int, text_embeds: Array | None, time_ids: Array | None) -> Array | None:
+    """SDXL's ``add_embedding(text_time_features(...))`` (B, time_embed_dim), or None without text_time."""
+    cfg = self.config
+    if cfg.addition_embed_type is None:
+      if text_embeds is not None or time_ids is not None:
+        raise ValueError("text_embeds / time_ids given but the U-Net has no addition_embed_type='text_time'")
+      return None
+    if text_embeds is None or time_ids is None:
+      raise ValueError("a U-Net with addition_embed_type='text_time' (SDXL) needs text_embeds (B, P) and "
+                       "time_ids (B, n)")
+    text_embeds, time_ids = jnp.asarray(text_embeds), jnp.asarray(time_ids, jnp.float32)
+    if text_embeds.ndim != 2 or time_ids.ndim not in (1, 2):
+      raise ValueError(f"text_embeds must be (B, P) and time_ids (B, n) or (n,), got {text_embeds.shape} and "
+                       f"{time_ids.shape}")
+    text_embeds = jnp.broadcast_to(text_embeds, (batch, text_embeds.shape[-1]))
+    time_ids = jnp.broadcast_to(time_ids, (batch, time_ids.shape[-1]))
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give {width} added "
+                       f"features; projection_class_embeddings_input_dim is "
+                       f"{cfg.projection_class_embeddings_input_dim}")
+    feats = text_time_features(text_embeds, time_ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                               cfg.freq_shift)
+    return self.add_embedding(feats.astype(self.dtype))
+
   def encode(self, sample: Array, timesteps: Array | float, encoder_hidden_states: Array,
-             timestep_cond: Array | None = None) -> tuple[Array, tuple[Array, ...], Array]:
+             timestep_cond: Array | None = None, text_embeds: Array | None = None,
+             time_ids: Array | None = None) -> tuple[Array, tuple[Array, ...], Array]:
     """First half: sample (B, H, W, C_in), timesteps scalar or (B,), encoder_hidden_states (B, L, D),
-    timestep_cond (B, time_cond_proj_dim) or None -> (h (B, H/f, W/f, C_last) after the mid block, skips (the
-    down path's residuals, outermost first), temb (B, time_embed_dim))."""
+    timestep_cond (B, time_cond_proj_dim) or None, and for SDXL text_embeds (B or 1, P) and time_ids (B or 1,
+    n) or (n,) (required with addition_embed_type "text_time", refused without) -> (h (B, H/f, W/f, C_last)
+    after the mid block, skips (the down path's residuals, outermost first), temb (B, time_embed_dim))."""
     cfg = self.config
     batch = sample.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
     t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     cond = None if timestep_cond is None else jnp.asarray(timestep_cond).astype(self.dtype)
     temb = self.time_embedding(t_emb.astype(self.dtype), cond)
+    added = self._added_embedding(batch, text_embeds, time_ids)
+    if added is not None:
+      temb = temb + added
     context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
     h = self.conv_in(jnp.asarray(sample).astype(self.dtype))
     skips = [h]
@@ -604,22 +678,29 @@ class UNet2DConditionModel(nn.Module):
     return self.conv_out(h).astype(jnp.float32)
 
   def __call__(self, sample: Array, timesteps: Array | float, encoder_hidden_states: Array,
-               timestep_cond: Array | None = None) -> Array:
+               timestep_cond: Array | None = None, text_embeds: Array | None = None,
+               time_ids: Array | None = None) -> Array:
     """Noise (or v) prediction (B, H, W, out_channels) float32; see `encode` for the inputs."""
-    h, skips, temb = self.encode(sample, timesteps, encoder_hidden_states, timestep_cond)
+    h, skips, temb = self.encode(sample, timesteps, encoder_hidden_states, timestep_cond, text_embeds, time_ids)
     return self.decode(h, skips, temb, encoder_hidden_states)
 
 
 def init_params(key: Array, config: UNetConfig, sample_size: int | None = None, *,
                 context_length: int = 77) -> PyTree:
   """Random float32 parameters {"params": ...} for ``config`` (flax default initialisers), traced at a
-  (1, s, s, in_channels) sample with s = sample_size or config.sample_size or 8 * downsample factor."""
+  (1, s, s, in_channels) sample with s = sample_size or config.sample_size or 8 * downsample factor. With
+  addition_embed_type "text_time" it traces one time id and text_embeds of the remaining width (only the
+  total width, projection_class_embeddings_input_dim, shapes the parameters)."""
   s = sample_size or config.sample_size or 8 * config.downsample_factor
   model = UNet2DConditionModel(config)
   sample = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
   context = jnp.zeros((1, context_length, config.cross_attention_dim), jnp.float32)
   cond = None if config.time_cond_proj_dim is None else jnp.zeros((1, config.time_cond_proj_dim), jnp.float32)
-  return jax.jit(model.init)(key, sample, jnp.zeros((1,), jnp.float32), context, cond)
+  text_embeds = time_ids = None
+  if config.addition_embed_type == "text_time":
+    width = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+    text_embeds, time_ids = jnp.zeros((1, width), jnp.float32), jnp.zeros((1, 1), jnp.float32)
+  return jax.jit(model.init)(key, sample, jnp.zeros((1,), jnp.float32), context, cond, text_embeds, time_ids)
 
 
 def abstract_params(config: UNetConfig, sample_size: int | None = None) -> PyTree:

@@ -24,7 +24,7 @@ import numpy as np
 Array = jax.Array
 
 # Config keys that diffusers writes but that do not change the network (bookkeeping or pipeline hints).
-_IGNORED_CONFIG_KEYS = frozenset({"force_upcast", "sample_size"})
+_IGNORED_CONFIG_KEYS = frozenset({"sample_size"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,9 @@ class VAEConfig:
   """Architecture of a diffusers `AutoencoderKL` (the fields of its config.json that matter here).
 
   `scaling_factor` and `shift_factor` map VAE latents to the diffusion model's latents:
-  z_diffusion = (z_vae - shift_factor) * scaling_factor.
+  z_diffusion = (z_vae - shift_factor) * scaling_factor (SD1.5 0.18215, SDXL 0.13025). `force_upcast` (diffusers'
+  flag, True for SDXL's VAE, whose float16 activations overflow) makes a float16 compute dtype run in float32
+  (`compute_dtype`); bfloat16 and float32 are unchanged.
   """
 
   in_channels: int = 3
@@ -49,6 +51,7 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+  force_upcast: bool = True
 
   def __post_init__(self) -> None:
     n = len(self.block_out_channels)
@@ -71,6 +74,11 @@ class VAEConfig:
           f"block_out_channels {self.block_out_channels} not divisible by {self.norm_num_groups}"
         )
 
+  def compute_dtype(self, dtype: Any) -> Any:
+    """The compute dtype for a requested ``dtype``: float32 instead of float16 when force_upcast (diffusers
+    upcasts such a VAE to float32 in its pipelines)."""
+    return jnp.float32 if self.force_upcast and jnp.dtype(dtype) == jnp.float16 else dtype
+
   @property
   def downsample_factor(self) -> int:
     """Spatial ratio between image and latent (8 for SD1.5)."""
@@ -80,7 +88,7 @@ class VAEConfig:
   def from_dict(cls, config: Mapping[str, Any]) -> VAEConfig:
     """Builds the config from a diffusers `AutoencoderKL` config.json dict.
 
-    Keys starting with `_` and pipeline hints (`force_upcast`, `sample_size`) are ignored; `latents_mean`
+    Keys starting with `_` and the pipeline hint `sample_size` are ignored; `latents_mean`
     and `latents_std` must be null (per-channel latent statistics are not supported); other unknown keys
     raise.
     """
