@@ -8,6 +8,7 @@ Compiles are the cost here, so one persistent compilation cache is shared by thi
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -392,6 +393,15 @@ def test_resume_is_exact_after_sigterm(env, tiny):
   assert int(a.step) == 6
   # Moved away from the teacher (training happened), clu wrote TensorBoard events.
   assert glob.glob(str(straight / "events.out.tfevents.*"))
+  # metrics.jsonl: one entry per logged step (log_every 1), the discriminator's diagnostics included; the resumed
+  # run dropped the entries past its checkpoint and logged them again, so both runs list steps 1..6 once.
+  for run in (straight, killed):
+    entries = [json.loads(ln) for ln in open(run / train_lib.METRICS_FILE)]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6], run
+    for e in entries:
+      assert {"disc_accuracy", "grad_ratio", "lambda_eff", "loss_d", "loss_cd"} <= set(e)
+      assert 0.0 <= e["disc_accuracy"] <= 1.0 and e["grad_ratio"] >= 0.0
+  assert "acc " in straight_text and "ratio " in straight_text  # the progress line shows them too
 
 
 def test_sample_grids_are_written(tiny, tmp_path):
