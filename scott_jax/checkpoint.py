@@ -26,6 +26,10 @@ step is corrupt, ``CheckpointCorruptError`` is raised and nothing is moved. A re
 from the expected abstract tree is a configuration error, not corruption: ``CheckpointMismatchError`` is
 raised at once.
 
+End of training: a finished run writes ``WORKDIR/train_done.json`` (`write_train_done`, atomically, after its
+last checkpoint is final) holding the last step; a run that starts again under the same workdir removes it
+first (`remove_train_done`). The separate eval job (``scott_jax.evaluate``, watch mode) stops on it.
+
 Preemption: ``PreemptionGuard`` (or ``install_sigterm_handler()``) turns SIGTERM into a flag the train loop
 polls with ``should_stop(step)``; the loop then saves with ``force=True`` and exits cleanly. In a
 multi-process run the Python handler is not installed (JAX's preemption service owns SIGTERM there) and
@@ -59,6 +63,7 @@ PyTree = Any
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+TRAIN_DONE = "train_done.json"
 QUARANTINE_SUBDIR = "corrupt"
 MANIFEST_FORMAT = "scott_jax.checkpoint/1"
 
@@ -94,6 +99,37 @@ class LeafSpec:
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
   """The checkpoint directory of a run: ``WORKDIR/checkpoints``."""
   return epath.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def write_train_done(workdir: str, step: int, **info: Any) -> str:
+  """Writes WORKDIR/train_done.json = {"step": step, "time": unix seconds, **info} atomically (a temporary file
+  renamed over it, so a reader sees all of it or nothing). Call once the last checkpoint is final. Returns the
+  path."""
+  path = os.path.join(workdir, TRAIN_DONE)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as fh:
+    json.dump({"step": int(step), "time": datetime.datetime.now().timestamp(), **info}, fh)
+  os.replace(tmp, path)
+  return path
+
+
+def read_train_done(workdir: str) -> dict[str, Any] | None:
+  """The contents of WORKDIR/train_done.json, or None while training has not finished (or it is unreadable)."""
+  try:
+    with open(os.path.join(workdir, TRAIN_DONE)) as fh:
+      value = json.load(fh)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) and "step" in value else None
+
+
+def remove_train_done(workdir: str) -> bool:
+  """Removes WORKDIR/train_done.json (a run continues under this workdir); returns whether there was one."""
+  try:
+    os.remove(os.path.join(workdir, TRAIN_DONE))
+  except FileNotFoundError:
+    return False
+  return True
 
 
 def leaf_specs(tree: PyTree) -> dict[str, LeafSpec]:

@@ -20,7 +20,15 @@ ConfigDict = ml_collections.ConfigDict
 
 
 class ConfigError(ValueError):
-  """A config key or value is invalid. The message is one line and names key, value and what is allowed."""
+  """A config key or value is invalid. The message is one line and names key, value and what is allowed.
+
+  Raised by `validate` and, for what only the run can check (the mesh against the devices, the data a path
+  points to), by the modes before their work starts; ``scott_jax.main`` turns either into exit status 2."""
+
+
+class ConfigPathError(ConfigError, FileNotFoundError):
+  """A path named by the config does not exist or holds nothing usable (a `ConfigError` and a
+  FileNotFoundError)."""
 
 
 def defaults() -> ConfigDict:
@@ -155,16 +163,18 @@ def defaults() -> ConfigDict:
   )
 
   # Training data (mode train): images with captions; a batch at step k depends only on (seed, k).
-  # scott_jax.data.pipeline.make_pipeline reads every source below; sources: folder (images + captions_file
-  # or same-name .txt captions) | synthetic (random, for tests) | tar (webdataset shards: key.jpg + key.txt
-  # or key.json "caption") | tfds (tfds.data_source) | latent_cache (scott_jax.data.cache.write_cache output).
+  # scott_jax.data.pipeline.make_pipeline reads every source below; sources: folder (images + a captions file:
+  # captions_file, else the first of captions.jsonl / captions.csv / metadata.jsonl / metadata.csv found in the
+  # folder (metadata.*: Hugging Face imagefolder, also in subfolders), else same-name .txt captions) | synthetic
+  # (random, for tests) | tar (webdataset shards: key.jpg + key.txt or key.json "caption") | tfds
+  # (tfds.data_source) | latent_cache (scott_jax.data.cache.write_cache output).
   c.data = ConfigDict(
       dict(
           source="folder",
           path="",  # folder: image dir | tar: dir, glob or a/{00000..00099}.tar | latent_cache: cache dir
           resolution=512,  # images: bicubic resize of the short side, then a square crop of this size
           num_examples=64,  # synthetic only
-          captions_file="",  # folder: jsonl {"file", "caption"} or csv file,caption (relative to path); ""=.txt
+          captions_file="",  # folder: .jsonl {"file"|"file_name", "caption"|"text"} or .csv, under path; ""=search
           crop="center",  # center | random (seeded per example and epoch)
           shuffle=True,  # seeded per-epoch shuffling of this process's shard
           tar_index="",  # tar: .npz cache of the member index ("" = index in memory at start)

@@ -21,8 +21,11 @@ Each result is one JSON row appended to WORKDIR/eval/results.jsonl, keyed by (st
 skips the keys already there (resume without redoing work; a row of the same key with other timesteps is a
 clear error), and WORKDIR/eval/results.md is rewritten as a
 table after every row. A step still being written (orbax tmp directory) is skipped until it is complete. With
-``eval.watch`` the job polls every ``eval.poll_seconds`` and stops once training wrote ``train_done.json`` and
-every step is done, or after ``eval.max_idle_seconds`` without a new step. Training never waits for it.
+``eval.watch`` the job polls every ``eval.poll_seconds``; once a finished training run has written
+``WORKDIR/train_done.json`` (after its last checkpoint, `scott_jax.checkpoint.write_train_done`) the next pass
+evaluates what is left, the last checkpoint included, and the job stops: within two polls (plus the evaluation)
+of the file. Without it the job stops after ``eval.max_idle_seconds`` without a new step. Training never waits
+for it.
 
 Errors that stop the job at once, with the offending path: a missing reference file (or one without features
 when coverage needs them), a missing or empty prompt file, an unreadable finalised checkpoint.
@@ -49,6 +52,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from scott_jax import checkpoint as ckpt_lib
 from scott_jax import export, pipeline
 from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid
@@ -61,7 +65,7 @@ RESULTS_FILE = "results.jsonl"
 TABLE_FILE = "results.md"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RANDOM_PROJECTION_DIM = 16
-TRAIN_DONE = "train_done.json"
+TRAIN_DONE = ckpt_lib.TRAIN_DONE
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,13 +479,18 @@ def run_eval(config: Any, workdir: str, run: export.TrainedRun | None = None) ->
   added: list[dict[str, Any]] = []
   idle_since = time.time()
   while True:
+    # Read before the pass: training writes the file after its last checkpoint, so this pass evaluates that one.
+    finished = ckpt_lib.read_train_done(workdir) if ec.watch else None
     new, all_done = evaluator.run_once()
     added += new
     if new:
       idle_since = time.time()
     if not ec.watch:
       break
-    if all_done and os.path.isfile(os.path.join(workdir, TRAIN_DONE)):
+    if finished is not None:
+      logging.info("eval: training finished at step %d (%s); %s", finished["step"], TRAIN_DONE,
+                   "every checkpoint is evaluated" if all_done else
+                   f"some of eval.checkpoint_steps {list(ec.checkpoint_steps)} were never saved")
       break
     if time.time() - idle_since > ec.max_idle_seconds:
       logging.info("eval: no new checkpoint for %.0f s; stopping", ec.max_idle_seconds)

@@ -2,7 +2,9 @@
 
 Parses the flags, validates the config (``scott_jax.config.validate``) and dispatches to the mode registry.
 Overrides use ml_collections syntax: ``--config.solver.eta=0.2``. A bad flag, an unknown or mistyped config
-key, a value outside its allowed set or an unknown mode exits with status 2 and one line on stderr.
+key, a value outside its allowed set or an unknown mode exits with status 2 and one line on stderr; so does a
+`ConfigError` that a mode raises before its work starts, for what only the run can check (e.g. a mesh that
+does not fit the devices: ``parallel.MeshError``; a data folder without captions).
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ def run(argv: Sequence[str]) -> None:
     _fail(e)
   logging.set_verbosity(logging.INFO)
   enable_compilation_cache(cfg.compilation_cache, FLAGS.workdir)
-  fn(cfg, FLAGS.workdir)
+  try:
+    fn(cfg, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    _fail(e)
 
 
 def enable_compilation_cache(path: str, workdir: str) -> str:

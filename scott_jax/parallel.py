@@ -43,13 +43,14 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax.config import LOGICAL_AXES, MESH_AXES, ConfigDict
+from scott_jax.config import LOGICAL_AXES, MESH_AXES, ConfigDict, ConfigError
 
 PyTree = Any
 
 
-class MeshError(ValueError):
-  """The mesh config does not fit the devices, or an array does not fit its sharding."""
+class MeshError(ConfigError):
+  """The mesh config does not fit the devices, or an array does not fit its sharding (a ConfigError: the CLI
+  exits 2 with its one line)."""
 
 
 # ---------------------------------------------------------------------------------------------------------

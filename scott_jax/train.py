@@ -705,23 +705,29 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   distributed runtime is started first when the environment asks for it): the train state and the frozen models
   are sharded by the config's rules, each process feeds its part of every global batch of train.batch_size.
   Metrics, logs, config.json and sample grids come from process 0; every process saves its checkpoint shards.
+  A run that reaches train.num_steps writes WORKDIR/train_done.json (the last step) after its last checkpoint;
+  a run that starts removes it first (`scott_jax.checkpoint.write_train_done`; the eval job stops on it).
   ``source``: the data instead of ``config.data`` (see `make_data`), e.g. an in-memory `arrays.ArraySource`.
+  A mesh that does not fit the devices raises `parallel.MeshError` (a ConfigError) before anything is loaded.
   """
-  from clu import metric_writers, periodic_actions
+  tc = config.train
+  parallel.initialize_distributed(config.mesh)  # before any other JAX computation
+  mesh = parallel.make_mesh(config.mesh)  # a config error: before anything is written, loaded or imported
+
+  from clu import metric_writers, periodic_actions  # (clu imports TensorFlow, which logs to stderr)
 
   from scott_jax.models.clip_text import tokenize
 
-  tc = config.train
-  parallel.initialize_distributed(config.mesh)  # before any other JAX computation
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if primary:
+    if ckpt_lib.remove_train_done(workdir):
+      logging.info("Removed %s of an earlier finished run: training continues.", ckpt_lib.TRAIN_DONE)
     with open(os.path.join(workdir, "config.json"), "w") as fh:
       fh.write(config.to_json_best_effort(indent=2))
   t_start = time.time()
   models, frozen = load_models(config)
   logging.info("Loaded the teacher from %s in %.1f s.", config.model.teacher_path, time.time() - t_start)
-  mesh = parallel.make_mesh(config.mesh)
   data = make_data(config, models, source)
   fresh_data_state = data.get_state()
   batch_spec = global_batch_spec(next(data))  # GLOBAL shapes; the batch is read again after set_state below
@@ -826,6 +832,8 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   data.close()
   if not stopped:
     logging.info("Training done: %d steps.", int(state.step))
+    if primary:  # the checkpointer is closed: the last checkpoint is final
+      ckpt_lib.write_train_done(workdir, int(state.step), num_steps=tc.num_steps)
   return state
 
 

@@ -161,6 +161,103 @@ def test_folder_batches_match_files(folder, captions_file):
       np.testing.assert_allclose(img, ref / 127.5 - 1.0, atol=1e-6)
 
 
+CAPTION_LAYOUTS = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv", "train/metadata.jsonl", "txt")
+
+
+def write_caption_layout(root, layout: str, images, captions) -> list[tuple[str, str]]:
+  """Saves uint8 images as PNGs under ``root`` with their captions in one of `CAPTION_LAYOUTS`; returns the
+  (path relative to root, caption) pairs in the order the source lists them.
+
+  captions.jsonl / captions.csv: ours ({"file", "caption"}; a file,caption header). metadata.jsonl: Hugging Face
+  imagefolder's {"file_name", "text"} with the images in images/. metadata.csv: a file_name,label,caption header
+  (label ignored). train/metadata.jsonl: imagefolder's split folders, file names relative to train/, and a
+  test/ split that must be left out. txt: same-name .txt files.
+  """
+  os.makedirs(root)
+  sub = {"metadata.jsonl": "images", "train/metadata.jsonl": "train"}.get(layout, "")
+  names = [f"{k:03d}.png" for k in range(len(images))]
+  os.makedirs(os.path.join(root, sub), exist_ok=True)
+  for name, img, cap in zip(names, images, captions, strict=True):
+    Image.fromarray(img).save(os.path.join(root, sub, name))
+    if layout == "txt":
+      with open(os.path.join(root, name[:-4] + ".txt"), "w") as fh:
+        fh.write(cap)
+  if layout == "captions.jsonl":
+    lines = [json.dumps({"file": n, "caption": c}) for n, c in zip(names, captions, strict=True)]
+  elif layout == "metadata.jsonl":
+    lines = [json.dumps({"file_name": f"images/{n}", "text": c}) for n, c in zip(names, captions, strict=True)]
+  elif layout == "train/metadata.jsonl":
+    lines = [json.dumps({"file_name": n, "text": c}) for n, c in zip(names, captions, strict=True)]
+    os.makedirs(os.path.join(root, "test"))
+    Image.fromarray(images[0]).save(os.path.join(root, "test", "t.png"))
+    with open(os.path.join(root, "test", "metadata.jsonl"), "w") as fh:
+      fh.write(json.dumps({"file_name": "t.png", "text": "a test-split image"}) + "\n")
+  elif layout in ("captions.csv", "metadata.csv"):
+    import csv
+
+    with open(os.path.join(root, layout), "w", newline="") as fh:
+      w = csv.writer(fh)
+      if layout == "captions.csv":
+        w.writerows([("file", "caption"), *zip(names, captions, strict=True)])
+      else:
+        w.writerows([("file_name", "label", "caption"), *((n, 7, c) for n, c in zip(names, captions, strict=True))])
+    lines = None
+  else:
+    lines = None
+  if lines is not None:
+    with open(os.path.join(root, layout), "w") as fh:
+      fh.write("\n".join(lines) + "\n")
+  return [(os.path.join(sub, n) if sub else n, c) for n, c in zip(names, captions, strict=True)]
+
+
+@pytest.mark.parametrize("layout", CAPTION_LAYOUTS)
+def test_folder_without_captions_file_finds_each_layout(tmp_path, photos, layout, caplog):
+  """data.captions_file = "": the folder's own captions file (ours or imagefolder's, also in split
+  subfolders) or its .txt files give the written captions with their images, and the choice is logged."""
+  import logging
+
+  names = sorted(photos)[:5]
+  rows = write_caption_layout(tmp_path / "d", layout, [photos[n] for n in names], [f"a photo, {n}" for n in names])
+  c = _data_config(source="folder", path=str(tmp_path / "d"), shuffle=False)
+  with caplog.at_level(logging.INFO):
+    p = pipeline.make_pipeline(c, batch_size=len(rows), seed=0, shard_index=0, shard_count=1, with_metadata=True)
+  batch = next(p)
+  p.close()
+  origin = "same-name .txt files" if layout == "txt" else layout
+  assert f"captions from {origin}" in caplog.text
+  assert batch["captions"] == [cap for _, cap in rows]  # the test/ split is not read
+  for img, (fname, _) in zip(batch["images"], rows, strict=True):
+    with Image.open(tmp_path / "d" / fname) as f:
+      np.testing.assert_allclose(img, transforms.preprocess_image(f, RES, "center") / 127.5 - 1.0, atol=1e-6)
+
+
+def test_all_empty_captions_name_the_captions_file_key(tmp_path, photos):
+  """Images without any caption: the error names config.data.captions_file and every file that was looked
+  for (no endless skipping); an explicit captions file whose captions are all empty is named too."""
+  for k, name in enumerate(sorted(photos)[:3]):
+    Image.fromarray(photos[name]).save(tmp_path / f"{k}.png")
+  c = _data_config(source="folder", path=str(tmp_path))
+  p = pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  with pytest.raises(config_lib.ConfigError) as e:
+    next(p)
+  p.close()
+  msg = str(e.value)
+  assert "\n" not in msg and "3 consecutive examples skipped, all for empty captions" in msg
+  for word in ("config.data.captions_file", "captions.jsonl, captions.csv, metadata.jsonl, metadata.csv",
+               "same-name .txt files", str(tmp_path)):
+    assert word in msg, (word, msg)
+  (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f"{k}.png", "caption": ""}) + "\n"
+                                               for k in range(3)))
+  c.captions_file = "caps.jsonl"
+  p = pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  with pytest.raises(config_lib.ConfigError, match="config.data.captions_file='caps.jsonl' gives no caption"):
+    next(p)
+  p.close()
+  c.captions_file = "nope.jsonl"
+  with pytest.raises(config_lib.ConfigPathError, match="config.data.captions_file='nope.jsonl' not found"):
+    pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+
+
 def test_folder_shuffle_is_seeded_per_epoch_permutation(folder):
   root, rows = folder
   n = len(rows)

@@ -17,6 +17,7 @@ import transformers
 from PIL import Image
 from test_export import TINY, tiny_config, write_checkpoints
 
+from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
 from scott_jax import evaluate, export
 from scott_jax.metrics import coverage as coverage_lib
@@ -239,10 +240,44 @@ def one_score(ec):
   return lambda images, prompts: np.zeros(1)
 
 
+def test_watch_stops_within_two_polls_of_train_done_after_the_last_checkpoint(tmp_path, monkeypatch):
+  """run_eval's watch loop (a stand-in Evaluator over a list of finalised steps): training saves its last
+  step 6 and writes train_done.json while the job's third pass runs, after that pass listed the steps. The job
+  still evaluates step 6 (in the next pass) and stops after one more poll, not at max_idle_seconds."""
+  workdir = str(tmp_path)
+  saved, evaluated, sleeps = [2, 4], [], []
+
+  class StandIn:
+    def __init__(self, config, workdir, run):
+      self.rows, self.results_path, self.passes = [], "results.jsonl", 0
+
+    def run_once(self):
+      self.passes += 1
+      steps = list(saved)
+      if self.passes == 3:  # training finishes during this pass
+        saved.append(6)
+        ckpt_lib.write_train_done(workdir, 6)
+      new = [{"step": s} for s in steps if s not in evaluated]
+      evaluated.extend(r["step"] for r in new)
+      self.rows += new
+      return new, True
+
+  monkeypatch.setattr(evaluate, "Evaluator", StandIn)
+  done_file = tmp_path / ckpt_lib.TRAIN_DONE
+  monkeypatch.setattr(evaluate.time, "sleep", lambda seconds: sleeps.append(done_file.is_file()))
+  cfg = config_lib.defaults()
+  cfg.eval.update(dict(watch=True, poll_seconds=30.0, max_idle_seconds=3600.0))
+  added = evaluate.run_eval(cfg, workdir)
+  assert [r["step"] for r in added] == evaluated == [2, 4, 6]
+  assert sleeps == [False, False, True]  # one poll after the file appeared
+  assert ckpt_lib.read_train_done(workdir)["step"] == 6
+
+
 @pytest.mark.slow
 def test_eval_watches_a_training_run(setup, tmp_path):
   """The eval job in watch mode beside a real tiny training run (two processes): a row for every checkpoint
-  the run writes, and the job stops after train_done.json."""
+  the run writes, the last one included, and the job ends within a minute of the trainer (train_done.json),
+  not at its idle limit (10 minutes here)."""
   cfg, workdir, root = setup
   run = tmp_path / "run"
   args = ["--config", "configs/tiny_scott.py", "--workdir", str(run), f"--config.model.teacher_path={root / 'teacher'}",
@@ -254,12 +289,19 @@ def test_eval_watches_a_training_run(setup, tmp_path):
                                                ("reference_stats", cfg.eval.reference_stats),
                                                ("features", "random_projection"), ("watch", True),
                                                ("poll_seconds", 2.0), ("max_idle_seconds", 600.0))]
-  r = subprocess.run([sys.executable, "-m", "scott_jax.main", *args, "--mode", "eval", *ev], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=1800)
-  assert trainer.wait(timeout=600) == 0
-  assert r.returncode == 0, r.stderr[-3000:]
+  log = tmp_path / "eval.log"
+  job = subprocess.Popen([sys.executable, "-m", "scott_jax.main", *args, "--mode", "eval", *ev], cwd=ROOT, env=env,
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
+  assert trainer.wait(timeout=900) == 0
+  trainer_end = time.time()
+  job.wait(timeout=900)
+  out = log.read_text()
+  assert job.returncode == 0, out[-3000:]
+  assert time.time() - trainer_end < 60, out[-3000:]
+  assert ckpt_lib.read_train_done(str(run))["step"] == 6
   rows = evaluate.read_results(str(run / "eval" / "results.jsonl"))
   assert sorted({row["step"] for row in rows}) == [3, 6]
+  assert "training finished at step 6" in out
 
 
 def test_cli_modes_registered(tmp_path):

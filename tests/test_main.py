@@ -38,6 +38,19 @@ def test_bad_input_exits_2_with_one_line(args, expected):
     assert word in lines[0], (word, lines[0])
 
 
+def test_mesh_that_does_not_fit_the_devices_exits_2_with_one_line(tmp_path):
+  """A config error only the run can find (3 data-parallel devices on a 1-device CPU): --mode train stops
+  before loading anything, with one line naming the mesh and both device counts."""
+  r = _run("--config", "configs/tiny_scott.py", "--workdir", str(tmp_path / "run"), "--mode", "train",
+           "--config.mesh.data=3", "--config.model.teacher_path=/nonexistent")
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  for word in ("config.mesh", "data=3", "3 devices", "1 are present"):
+    assert word in lines[0], (word, lines[0])
+  assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_missing_config_file_and_bad_config_arg():
   r = _run("--config", "configs/does_not_exist.py")
   assert r.returncode == 2 and "configs/does_not_exist.py" in r.stderr

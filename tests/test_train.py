@@ -305,11 +305,53 @@ def test_train_reads_the_grain_pipeline_and_in_memory_sources(env, tiny, tmp_pat
   assert data_state == expected and data_state["source"] == "folder" and data_state["batches"] == 2
   assert first["images"].shape == (2, 32, 32, 3) and first["input_ids"].dtype == np.int32
   assert int(state.step) == 2
+  assert ckpt_lib.read_train_done(str(tmp_path / "folder"))["step"] == 2  # the finished run says so
 
   source = arrays.ArraySource(images[:5], captions[:5], batch_size=2, seed=11)
   train_lib.train(_folder_config(env, tmp_path, 1, source="synthetic"), str(tmp_path / "array"), source=source)
   _, data_state = _final_state(tmp_path / "array", abstract, 1)
   assert data_state == {"step": 1, "seed": 11, "num_examples": 5, "batch_size": 2}
+
+
+@pytest.mark.parametrize("layout", ["captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv",
+                                    "train/metadata.jsonl", "txt"])
+def test_each_captions_layout_trains_a_step(env, tiny, tmp_path, layout):
+  """A folder in each captions layout (ours, Hugging Face imagefolder's, .txt) with data.captions_file empty:
+  the loop's data (`make_data`, the grain pipeline) gives a batch of the written captions' token ids, and the
+  train step (the fixture's compiled program) takes it: finite metrics, step 1."""
+  from test_data import write_caption_layout
+
+  from scott_jax.data import arrays
+  from scott_jax.models.clip_text import tokenize
+
+  config, models, frozen, state, _, step = tiny
+  images, captions = arrays.synthetic(4, 32, seed=5)
+  rows = write_caption_layout(tmp_path / "photos", layout, images, captions)
+  c = _folder_config(env, tmp_path, 1)
+  c.data.shuffle = False
+  data = train_lib.make_data(c, models)
+  batch = next(data)
+  data.close()
+  np.testing.assert_array_equal(batch["input_ids"], tokenize(models.tokenizer, [cap for _, cap in rows[:2]],
+                                                             models.max_length))
+  new_state, metrics = step(_copy(state), batch, frozen)
+  assert int(new_state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_a_continued_run_removes_train_done_first(env, tmp_path, monkeypatch):
+  """A run that starts under the workdir of a finished one removes its train_done.json before it loads
+  anything (an eval job watching the workdir must not stop on the old one)."""
+  (tmp_path / ckpt_lib.TRAIN_DONE).write_text('{"step": 6}')
+  seen = []
+
+  def load_models(config):
+    seen.append((tmp_path / ckpt_lib.TRAIN_DONE).exists())
+    raise KeyboardInterrupt  # stop here: the removal has happened or not
+
+  monkeypatch.setattr(train_lib, "load_models", load_models)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train(_config(env["folder"]), str(tmp_path))
+  assert seen == [False] and ckpt_lib.read_train_done(str(tmp_path)) is None
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 from grain._src.core.sharding import even_split  # public ShardOptions' split rule (grain.sharding has no alias)
 
+from scott_jax.config import ConfigError
 from scott_jax.data import cache as cache_lib
 from scott_jax.data import sources as sources_lib
 from scott_jax.data import transforms
@@ -175,14 +176,17 @@ class Pipeline(Iterator[dict[str, Any]]):
     collate: list of B example dicts -> the batch dict.
     batch_size: examples per batch (this process's share of the global batch).
     identity: what the stream depends on (JSON-able dict); `set_state` refuses a state saved for another.
-    max_consecutive_skips: raise RuntimeError after this many skips in a row (a source with nothing good).
+    max_consecutive_skips: raise RuntimeError after this many skips in a row (a source with nothing good);
+      when all of them are empty captions, a `ConfigError` that ends with ``empty_caption_hint``.
     index_skipped: counts of what the source dropped while indexing (reported, not in the stream).
     summary_every: log a skip summary every this many batches when anything was skipped (0: never).
+    empty_caption_hint: what to set when no example has a caption (names the config key and what was read).
   """
 
   def __init__(self, dataset: grain.IterDataset, collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
                batch_size: int, identity: Mapping[str, Any], max_consecutive_skips: int,
-               index_skipped: Mapping[str, int] | None = None, summary_every: int = 1000) -> None:
+               index_skipped: Mapping[str, int] | None = None, summary_every: int = 1000,
+               empty_caption_hint: str = "") -> None:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.dataset = dataset
@@ -193,6 +197,7 @@ class Pipeline(Iterator[dict[str, Any]]):
     self.max_consecutive_skips = int(max_consecutive_skips)
     self.index_skipped = dict(index_skipped or {})
     self.summary_every = int(summary_every)
+    self.empty_caption_hint = empty_caption_hint or "the source gives no caption"
     self.batches = 0
     self.examples = 0
     self.skipped: collections.Counter[str] = collections.Counter()
@@ -200,6 +205,7 @@ class Pipeline(Iterator[dict[str, Any]]):
   def __next__(self) -> dict[str, Any]:
     examples: list[dict[str, Any]] = []
     run = 0
+    run_reasons: set[str] = set()
     while len(examples) < self.batch_size:
       try:
         element = next(self._iter)
@@ -210,15 +216,20 @@ class Pipeline(Iterator[dict[str, Any]]):
       if isinstance(element, Skipped):
         self.skipped[element.reason] += 1
         run += 1
+        run_reasons.add(element.reason)
         total = sum(self.skipped.values())
         if total <= _LOG_FIRST_SKIPS:
           logging.warning("Data: skipping example %s (%s)%s", element.key, element.reason,
                           f": {element.detail}" if element.detail else "")
+        if run >= self.max_consecutive_skips and run_reasons == {"empty_caption"}:
+          raise ConfigError(f"data: {run} consecutive examples skipped, all for empty captions: "
+                            f"{self.empty_caption_hint}. {self.summary()}")
         if run >= self.max_consecutive_skips:
           raise RuntimeError(f"data: {run} consecutive examples skipped (last: {element.reason}: "
                              f"{element.detail}); the source has no usable example. {self.summary()}")
         continue
       run = 0
+      run_reasons.clear()
       examples.append(element)
     self.examples += len(examples)
     self.batches += 1
@@ -365,7 +376,19 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
   logging.info("Data pipeline %s: %d examples, shard %d/%d holds %d, batch %d, seed %d.", data.source,
                num_records, shard_index, shard_count, shard_size, batch_size, seed)
   return Pipeline(dataset, collate, batch_size, identity, max_consecutive_skips=shard_size,
-                  index_skipped=getattr(src, "skipped", {}))
+                  index_skipped=getattr(src, "skipped", {}), empty_caption_hint=_empty_caption_hint(data, src))
+
+
+def _empty_caption_hint(data: Any, src: Any) -> str:
+  """What the all-empty-captions error tells the user to check, by source."""
+  hint = getattr(src, "empty_caption_hint", "")
+  if hint:
+    return hint
+  if data.source == "tar":
+    return "the tar shards need a key.txt or key.json ('caption') member beside each image"
+  if data.source == "tfds":
+    return f"check config.data.tfds_caption_key='{data.tfds_caption_key}'"
+  return "the source gives no caption"
 
 
 def build_latent_cache(data: Any, encode_fn: Callable[[dict[str, Any]], Mapping[str, Any]], directory: str, *,

@@ -7,7 +7,8 @@ transform, so sources stay cheap and index-only. ``skipped`` holds what was drop
 (e.g. unreadable tar shards), which the pipeline adds to its skip report.
 
 - `ImageFolderSource`: a folder of images with a captions file (jsonl lines {"file": ..., "caption": ...} or
-  csv rows file,caption) or same-name ``.txt`` files.
+  csv rows file,caption; also Hugging Face imagefolder's metadata.jsonl / metadata.csv with "file_name" and
+  "text"), found by name when ``data.captions_file`` is empty, or same-name ``.txt`` files.
 - `TarShardSource`: webdataset-style tar shards as LAION-Aesthetics is distributed: members ``key.jpg``
   (jpeg/png/webp) with ``key.txt`` or ``key.json`` (a "caption" field). An index of member offsets per shard
   makes it random-access (one seek + read per image); it can be cached in an ``.npz`` file.
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+
+from scott_jax.config import ConfigPathError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_NONE, CAPTION_TXT, CAPTION_JSON = 0, 1, 2
@@ -56,11 +59,26 @@ class InMemorySource:
 # ---------------------------------------------------------------------------------------------------------
 # A folder of images with captions.
 
-def read_captions_file(path: str) -> list[tuple[str, str]]:
-  """(file, caption) pairs from a jsonl file ({"file": ..., "caption": ...} per line) or a csv file.
+# Searched in this order in the folder when config.data.captions_file is empty (metadata.*: Hugging Face
+# imagefolder's names, also searched in subfolders); then same-name .txt files.
+CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+FILE_KEYS = ("file", "file_name")  # ours, imagefolder's
+CAPTION_KEYS = ("caption", "text")  # the first one present is read
 
-  The csv has rows ``file,caption`` (csv quoting for commas), optionally a header row ``file,caption``. A
-  malformed line raises ValueError naming the line.
+
+def _first_key(row: dict[str, Any], keys: Sequence[str]) -> str | None:
+  return next((k for k in keys if k in row), None)
+
+
+def read_captions_file(path: str) -> list[tuple[str, str]]:
+  """(file, caption) pairs from a jsonl or csv captions file; file names as written (relative paths).
+
+  jsonl: one JSON object per line with the file under "file" or "file_name" (Hugging Face imagefolder's
+  metadata.jsonl) and the caption under "caption" or "text" (missing or null: an empty caption, which the
+  pipeline skips); other fields are ignored. csv: rows ``file,caption`` (csv quoting for commas), or a
+  header row naming the columns ("file" or "file_name", "caption" or "text"; others ignored), as in
+  imagefolder's metadata.csv. A malformed line raises ValueError naming the line.
   """
   pairs = []
   if path.endswith((".jsonl", ".json")):
@@ -70,16 +88,34 @@ def read_captions_file(path: str) -> list[tuple[str, str]]:
           continue
         try:
           row = json.loads(line)
-          pairs.append((str(row["file"]), "" if row.get("caption") is None else str(row["caption"])))
+          file_key = _first_key(row, FILE_KEYS)
+          if file_key is None:
+            raise KeyError("no 'file' or 'file_name'")
+          cap_key = _first_key(row, CAPTION_KEYS)
+          caption = None if cap_key is None else row[cap_key]
+          pairs.append((str(row[file_key]), "" if caption is None else str(caption)))
         except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"{path}:{n}: expected a JSON object with 'file' and 'caption': {e}") from e
+          raise ValueError(f"{path}:{n}: expected a JSON object with 'file' (or 'file_name') and 'caption' (or "
+                           f"'text'): {e}") from e
   elif path.endswith((".csv", ".tsv")):
     with open(path, encoding="utf-8", newline="") as fh:
       reader = csv.reader(fh, delimiter="\t" if path.endswith(".tsv") else ",")
+      columns: tuple[int, int | None] | None = None  # (file, caption) column indices of a header row
       for n, row in enumerate(reader, 1):
         if not row:
           continue
-        if n == 1 and [c.strip().lower() for c in row[:2]] == ["file", "caption"]:
+        if n == 1:
+          names = [c.strip().lower() for c in row]
+          file_key = _first_key(dict.fromkeys(names), FILE_KEYS)
+          if file_key is not None:
+            cap_key = _first_key(dict.fromkeys(names), CAPTION_KEYS)
+            columns = (names.index(file_key), None if cap_key is None else names.index(cap_key))
+            continue
+        if columns is not None:
+          fi, ci = columns
+          if fi >= len(row):
+            raise ValueError(f"{path}:{n}: no file column in {row!r}")
+          pairs.append((row[fi].strip(), row[ci] if ci is not None and ci < len(row) else ""))
           continue
         if len(row) < 2:
           raise ValueError(f"{path}:{n}: expected 'file,caption', got {row!r}")
@@ -89,33 +125,80 @@ def read_captions_file(path: str) -> list[tuple[str, str]]:
   return pairs
 
 
-class ImageFolderSource:
-  """Images under ``path`` with captions from ``captions_file`` (relative to ``path`` unless absolute).
+def find_captions_files(path: str) -> list[str]:
+  """The captions files (relative to ``path``) that a folder source without ``data.captions_file`` reads.
 
-  Without a captions file every image ``x.jpg`` (png/jpeg/webp/bmp) directly in ``path`` is paired with
-  ``x.txt`` (a missing .txt gives an empty caption, which the pipeline skips). Files listed in the captions
-  file are resolved against ``path``; a missing file is a read error (skipped by the pipeline).
+  The first of `CAPTION_FILES` directly in ``path``; else, as imagefolder allows, a metadata.jsonl (or else
+  metadata.csv) in each subfolder, whose file names are relative to that subfolder; when a top-level ``train``
+  folder holds any, only those (imagefolder's train split; other splits are left out). [] when there is none
+  (then same-name .txt files give the captions).
+  """
+  for name in CAPTION_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return [name]
+  found = []
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames.sort()
+    rel = os.path.relpath(dirpath, path)
+    name = next((m for m in METADATA_FILES if m in filenames), None)
+    if rel != "." and name is not None:
+      found.append(os.path.join(rel, name))
+  train = [f for f in found if f.split(os.sep)[0] == "train"]
+  return train or found
+
+
+class ImageFolderSource:
+  """Images under ``path`` with captions from a captions file or same-name ``.txt`` files.
+
+  ``captions_file`` (``config.data.captions_file``, relative to ``path`` unless absolute): its file names are
+  resolved against ``path``. "" searches ``path`` (`find_captions_files`): captions.jsonl, captions.csv,
+  metadata.jsonl, metadata.csv, then imagefolder metadata files in subfolders (file names relative to their
+  own folder); without any, every image ``x.jpg`` (png/jpeg/webp/bmp) directly in ``path`` is paired with
+  ``x.txt`` (a missing .txt gives an empty caption, which the pipeline skips). The choice is logged and kept
+  in ``captions_origin``; ``empty_caption_hint`` is what the pipeline says when every caption is empty. A
+  listed file that is missing is a read error (skipped by the pipeline). A missing folder or captions file,
+  or a folder without images, raises `ConfigPathError`.
   """
 
   def __init__(self, path: str, captions_file: str = "") -> None:
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"data folder '{path}' does not exist")
+      raise ConfigPathError(f"data folder config.data.path='{path}' does not exist")
     self.path = path
+    looked_for = f"{', '.join(CAPTION_FILES)} (metadata.* also in subfolders) and same-name .txt files"
     if captions_file:
       cap_path = captions_file if os.path.isabs(captions_file) else os.path.join(path, captions_file)
+      if not os.path.isfile(cap_path):
+        raise ConfigPathError(f"captions file config.data.captions_file='{captions_file}' not found at {cap_path}")
       self.entries = read_captions_file(cap_path)
+      self.captions_origin = f"config.data.captions_file {cap_path}"
+      self.empty_caption_hint = (f"config.data.captions_file='{captions_file}' gives no caption: each line needs a "
+                                 f"non-empty {' or '.join(CAPTION_KEYS)} for its {' or '.join(FILE_KEYS)}")
     else:
-      names = sorted(f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+      files = find_captions_files(path)
       self.entries = []
-      for name in names:
-        txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
-        caption = ""
-        if os.path.isfile(txt):
-          with open(txt, encoding="utf-8", errors="replace") as fh:
-            caption = fh.read()
-        self.entries.append((name, caption))
+      if files:
+        for f in files:
+          base = os.path.dirname(f)
+          self.entries += [(os.path.normpath(os.path.join(base, name)) if base else name, caption)
+                           for name, caption in read_captions_file(os.path.join(path, f))]
+        self.captions_origin = ", ".join(files)
+      else:
+        names = sorted(f for f in os.listdir(path) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+        for name in names:
+          txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
+          caption = ""
+          if os.path.isfile(txt):
+            with open(txt, encoding="utf-8", errors="replace") as fh:
+              caption = fh.read()
+          self.entries.append((name, caption))
+        self.captions_origin = "same-name .txt files"
+      self.empty_caption_hint = (f"config.data.captions_file is empty and the captions found in {path} (from "
+                                 f"{self.captions_origin}) are all empty; looked for {looked_for}: set "
+                                 "config.data.captions_file or add one of these")
     if not self.entries:
-      raise FileNotFoundError(f"no images listed for data folder '{path}'")
+      raise ConfigPathError(f"no images listed for data folder config.data.path='{path}' (captions from "
+                            f"{self.captions_origin})")
+    logging.info("Data folder %s: %d images, captions from %s.", path, len(self.entries), self.captions_origin)
     self.skipped: dict[str, int] = {}
 
   def __len__(self) -> int:
