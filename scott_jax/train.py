@@ -49,7 +49,7 @@ from scott_jax import checkpoint as ckpt_lib
 from scott_jax import consistency, losses, parallel, solvers
 from scott_jax import discriminator as disc_lib
 from scott_jax import pipeline as pipeline_lib
-from scott_jax.config import ConfigDict
+from scott_jax.config import ConfigDict, ConfigError, ConfigPathError
 from scott_jax.data import arrays
 from scott_jax.schedules import NoiseSchedule
 
@@ -112,7 +112,7 @@ def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None
     ours, theirs = config.schedule[key], scheduler_config[key]
     same = math.isclose(float(ours), float(theirs), rel_tol=1e-6) if isinstance(ours, float) else ours == theirs
     if not same:
-      raise ValueError(f"config.schedule.{key} = {ours!r} but the teacher's scheduler config has {theirs!r}; "
+      raise ConfigError(f"config.schedule.{key} = {ours!r} but the teacher's scheduler config has {theirs!r}; "
                        "set config.schedule to the teacher's values")
 
 
@@ -120,7 +120,7 @@ def unet_options(config: ConfigDict) -> dict[str, Any]:
   """The U-Net module options of ``config.model``: attention implementation, its chunk size, remat."""
   m = config.model
   if m.attention == "cudnn" and m.dtype == "float32":
-    raise ValueError("config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16 (cuDNN's fused "
+    raise ConfigError("config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16 (cuDNN's fused "
                      "attention has no float32 kernel); use attention='chunked' or 'xla' in float32")
   return {"attention": m.attention, "attention_chunk_size": int(m.attention_chunk_size), "remat": bool(m.remat)}
 
@@ -162,14 +162,14 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
 
   path = config.model.teacher_path
   if not path or not os.path.isdir(path):
-    raise FileNotFoundError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
+    raise ConfigPathError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
                             "diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)")
   dtype = _dtype(config.model.dtype)
   parts = loading.load_pipeline(path, dtype=dtype, **unet_options(config))
   vae, vae_params = parts.vae, parts.vae_params
   if config.model.vae_path:
     if not os.path.isdir(config.model.vae_path):
-      raise FileNotFoundError(f"VAE folder config.model.vae_path='{config.model.vae_path}' does not exist")
+      raise ConfigPathError(f"VAE folder config.model.vae_path='{config.model.vae_path}' does not exist")
     vae, vae_params = loading.load_vae(config.model.vae_path, dtype=dtype)
   check_schedule(config, dict(parts.scheduler_config))
   tokenizer = parts.tokenizer
