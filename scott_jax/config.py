@@ -273,6 +273,10 @@ def defaults() -> ConfigDict:
           first_methods=4,
           evidence_teacher_steps=50,
           bootstrap=1000,
+          # Mode evidence's discriminator probe (scott_jax.digits.probe): (head_init, disc lr) pairs, steps, batch.
+          probe_grid=(),
+          probe_steps=300,
+          probe_batch=16,
           evidence_doc="",  # e.g. docs/evidence.md (figures in docs/evidence/); "" = WORKDIR/evidence/report.md only
       )
   )
@@ -483,6 +487,10 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "digits.first_methods": lambda v: v >= 0,
     "digits.evidence_teacher_steps": lambda v: v >= 1,
     "digits.bootstrap": lambda v: v >= 10,
+    "digits.probe_grid": lambda v: all(len(p) == 2 and p[0] in ("zero", "normal") and isinstance(p[1], (int, float))
+                                       and p[1] > 0 for p in v),
+    "digits.probe_steps": lambda v: v >= 1,
+    "digits.probe_batch": lambda v: v >= 1,
     "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
     "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
     "sample.guidance_scale": lambda v: v >= 1.0,
@@ -580,6 +588,9 @@ _RANGE_TEXT: dict[str, str] = {
     "digits.first_methods": "an integer >= 0",
     "digits.evidence_teacher_steps": "an integer >= 1",
     "digits.bootstrap": "an integer >= 10 (bootstrap replicates)",
+    "digits.probe_grid": "a tuple of (head_init 'zero' | 'normal', disc lr > 0) pairs",
+    "digits.probe_steps": "an integer >= 1",
+    "digits.probe_batch": "an integer >= 1",
     "sample.steps": "a non-empty tuple of integers >= 1",
     "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
     "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",

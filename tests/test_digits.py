@@ -465,23 +465,26 @@ def test_evidence_quick_report(evidence_run):
                   "figures/learning_curves.png", "figures/disc_curves.png", "figures/grid_scott.png"):
     assert section in text, section
   assert "SCott beats LCM" in text and "(control) LCM distillation beats the untrained student" in text
+  assert "| zero | 0.001 |" in text  # the discriminator probe's row
   for f in ("learning_curves.png", "disc_curves.png", "grid_untrained.png", "grid_lcm.png"):
     assert os.path.isfile(os.path.join(workdir, evidence.EVIDENCE, "figures", f)), f
 
 
-def test_discriminator_learns_from_step_zero_with_the_zero_head(quick_run, digits):
+def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, digits):
   """The train step's discriminator update alone (`digits.probe`) against the frozen untrained student on the
-  digits data: with the zero-initialised head the hinge loss falls below 1 and disc_accuracy rises above 0.9
-  within the probe's steps; the same probe with the previous head initialisation ("normal") does not."""
+  digits data: with the evidence config's discriminator (zero-initialised head, disc lr 1e-3) the hinge loss falls
+  below 1 and disc_accuracy rises above 0.9 within the probe's steps; with the discriminator the digits runs had
+  before (head_init "normal", disc lr 1e-4) the same probe stays near chance. (Which of the two changes matters:
+  docs/evidence.md, the probe table; at lr 1e-3 both heads separate, the zero head sooner at 2.5e-4.)"""
   from scott_jax.digits import distill, probe
 
-  config, workdir, _, _ = quick_run
+  _, workdir, _, _ = quick_run
   c = distill.method_config(_config("evidence"), "lcm_gan", 0, os.path.join(workdir, run_lib.PIPELINE))
   c.train.batch_size = PROBE_BATCH
   results = {}
-  for head in ("zero", "normal"):
-    c.gan.head_init = head
-    results[head] = probe.run_probe(c, distill.source(c, digits), PROBE_STEPS, log_every=PROBE_STEPS // 5)
+  for name, head, lr in (("evidence", "zero", 1e-3), ("before", "normal", 1e-4)):
+    c.gan.head_init, c.optim.disc_lr = head, lr
+    results[name] = probe.run_probe(c, distill.source(c, digits), PROBE_STEPS, log_every=PROBE_STEPS // 5)
   last = {h: r[-1] for h, r in results.items()}
-  assert last["zero"]["loss_d"] < 1.0 and last["zero"]["disc_accuracy"] > 0.9, results["zero"]
-  assert not (last["normal"]["loss_d"] < 1.0 and last["normal"]["disc_accuracy"] > 0.9), results["normal"]
+  assert last["evidence"]["loss_d"] < 1.0 and last["evidence"]["disc_accuracy"] > 0.9, results["evidence"]
+  assert last["before"]["loss_d"] > 1.5 and last["before"]["disc_accuracy"] < 0.75, results["before"]

@@ -160,6 +160,33 @@ def teacher_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) ->
   return rows
 
 
+def probe_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[dict[str, Any]]:
+  """The discriminator probe (`scott_jax.digits.probe`) for every (head init, disc lr) of ``digits.probe_grid``:
+  the evidence config's discriminator on the LCM + GAN run config (the fakes are the untrained student's either
+  way), batch ``digits.probe_batch``, ``digits.probe_steps`` steps; cached in WORKDIR/evidence/probe.json."""
+  from scott_jax.digits import probe
+
+  d = config.digits
+  path = os.path.join(workdir, EVIDENCE, "probe.json")
+  rows = []
+  if os.path.isfile(path):
+    with open(path) as fh:
+      rows = json.load(fh)
+  have = {(r["head_init"], r["disc_lr"]) for r in rows}
+  for head, lr in d.probe_grid:
+    if (head, float(lr)) in have:
+      continue
+    c = distill.method_config(config, "lcm_gan", d.distill_seeds[0], os.path.join(workdir, run_lib.PIPELINE))
+    c.train.batch_size = d.probe_batch
+    c.gan.head_init, c.optim.disc_lr = head, float(lr)
+    logging.info("evidence: discriminator probe, head %s, disc lr %g, %d steps", head, lr, d.probe_steps)
+    curve = probe.run_probe(c, distill.source(c, data), d.probe_steps, log_every=max(d.probe_steps // 6, 1))
+    rows.append({"head_init": head, "disc_lr": float(lr), "batch": d.probe_batch, "curve": curve})
+    with open(path, "w") as fh:
+      json.dump(rows, fh, indent=2)
+  return rows
+
+
 def run_evidence(config: ConfigDict, workdir: str) -> str:
   """Mode ``evidence``: stages setup, teacher, classifier (shared with mode digits), the teacher rows, then every
   run of `run_order` trained and evaluated in turn, then the report (`evidence_report.write`). Returns the
@@ -177,6 +204,7 @@ def run_evidence(config: ConfigDict, workdir: str) -> str:
   run_lib.stage_classifier(config, workdir, data)
   write_inputs(config, workdir, data)
   teacher_rows(config, workdir, data)
+  probe_rows(config, workdir, data)
   t0 = time.time()
   for method, seed in run_order(config):
     if distill.train_student(config, workdir, data, method, seed, RUNS) is None:

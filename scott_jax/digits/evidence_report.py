@@ -409,7 +409,23 @@ def write(config: ConfigDict, workdir: str) -> str:
       flat.append(f"- ({LETTERS.get(method, '?')}) {titles[method]}: 2-step FID {prev.mean():.2f} at step {s[-2]}, "
                   f"{last.mean():.2f} at step {s[-1]} (seed std {spread:.2f}): {state}.")
   lines += flat + [""]
-  lines += ["## Discriminator", "", "![discriminator curves](figures/disc_curves.png)", ""]
+  lines += ["## Discriminator", "",
+            "The probe (`scott_jax/digits/probe.py`): the train step's discriminator update alone against the frozen "
+            f"untrained student, batch {d.probe_batch}; hinge loss L_D / disc_accuracy (mean over the window ending "
+            "at the step; chance: 2.0 / 0.5).", ""]
+  probe_path = os.path.join(out_dir, "probe.json")
+  if os.path.isfile(probe_path):
+    with open(probe_path) as fh:
+      probes = json.load(fh)
+    steps = [e["step"] for e in probes[0]["curve"]] if probes else []
+    lines += ["| head init | disc lr | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|---|---:|" + "---:|" * len(steps)]
+    for p in probes:
+      lines.append(f"| {p['head_init']} | {p['disc_lr']:g} | " + " | ".join(
+        f"{e['loss_d']:.2f} / {e['disc_accuracy']:.2f}" for e in p["curve"]) + " |")
+    lines.append("")
+  lines += ["During training (the arms with a GAN; mean over seeds, band = min-max):", "",
+            "![discriminator curves](figures/disc_curves.png)", ""]
   for method, v in disc.items():
     lines.append(f"- ({LETTERS.get(method, '?')}) {titles[method]}: disc_accuracy after step 100 mean "
                  f"{v['disc_accuracy_after_100']:.3f} (min over logged windows "

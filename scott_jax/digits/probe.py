@@ -1,19 +1,23 @@
 """The discriminator probe: the SCott train step's discriminator update alone, against a frozen student.
 
-Each probe step runs the real jitted `scott_jax.train.make_train_step` on the next batch of the run's data and
-keeps only the discriminator's half of the update: the student, its EMA and its optimizer state are put back to
-their initial values (the untrained student: the teacher with a zero guidance projection), so the
-discriminator always sees the same generator. It answers "can this discriminator, at these settings, tell the
-data from the student's samples?" apart from the game with the student, and it is the evidence behind
-``gan.head_init`` and the digits discriminator learning rate (``docs/evidence.md``).
+Each probe step is the train step's discriminator update: the gradients of `scott_jax.train.make_gradients`
+(the very function the train step uses) on the next batch of the run's data, then the discriminator's AdamW
+update of `scott_jax.train.make_train_step`; the student, its EMA and its optimizer state are never updated (the
+untrained student: the teacher with a zero guidance projection), so the discriminator always sees the same
+generator. XLA drops what the discriminator's update does not need (the student's backward pass, the teacher's
+solve), so a probe step costs a fraction of a train step. It answers "can this discriminator, at these
+settings, tell the data from the student's samples?" apart from the game with the student, and it is the evidence
+behind ``gan.head_init`` and the digits discriminator learning rate (``docs/evidence.md``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from scott_jax.config import ConfigDict
 
@@ -35,14 +39,21 @@ def run_probe(config: ConfigDict, source: Any, num_steps: int, log_every: int = 
   data = train.make_data(config, models, source)
   batch = next(data)
   state = train.init_state(config, models, frozen, batch)
-  student = jax.device_get((state.student, state.ema, state.opt_student))
-  step = jax.jit(train.make_train_step(config, models), donate_argnums=(0,))
+  gradients = train.make_gradients(config, models)
+  tx_d, _ = train.make_optimizer(config.optim.disc_lr, config.optim)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state: train.TrainState, batch: dict[str, Any], frozen: Any) -> tuple[train.TrainState, dict[str, Any]]:
+    _, g_disc, metrics, key = gradients(state, batch, frozen)
+    updates, opt_disc = tx_d.update(g_disc, state.opt_disc, state.disc)
+    state = state.replace(step=state.step + 1, disc=optax.apply_updates(state.disc, updates), opt_disc=opt_disc,
+                          key=key)
+    return state, {m: metrics[m] for m in PROBE_METRICS}
+
   out, window = [], []
   for k in range(1, num_steps + 1):
     state, metrics = step(state, batch, frozen)
-    s, e, o = jax.device_put(student)
-    state = state.replace(student=s, ema=e, opt_student=o)
-    window.append({m: metrics[m] for m in PROBE_METRICS})
+    window.append(metrics)
     if k % log_every == 0 or k == num_steps:
       values = jax.device_get(window)
       out.append({"step": k, **{m: float(np.mean([v[m] for v in values])) for m in PROBE_METRICS}})
