@@ -387,6 +387,11 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
   fcfg = make_config(kind, args.size, args.batch, args.resolution, args.dtype, "xla", args.remat)
   models, frozen, batch, state = abstract_setup(fcfg, args.size)
   t0 = time.perf_counter()
+  known = _known_flops(args, kind)
+  if known is not None:  # counted before (e.g. on a CPU, --flops lowered) for the same shapes and options
+    row.update({k: known[k] for k in ("step_flops", "unit_flops", "model_flops", "loops_left", "flop_ratio")})
+    row["flops_mode"] = f"{known['flops_mode']} (from {args.flops_json})"
+    return _timed(row, kind, args)
   row["step_flops"], row["loops_left"] = count_flops(train_lib.make_train_step(fcfg, models), state, batch, frozen,
                                                      compiled=compiled)
   row["unit_flops"], _ = count_flops(unit_fn(models), *unit_args(models, frozen, batch), compiled=compiled)
@@ -406,6 +411,24 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     row["parts_over_unit"] = {k: v / row["unit_flops"] for k, v in parts.items()}
     row["hand_over_unit"] = {k: v / row["unit_flops"] for k, v in hand_counts(fcfg, parts).items()}
   row["flops_s"] = round(time.perf_counter() - t0, 1)
+  return _timed(row, kind, args)
+
+
+def _known_flops(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
+  """The row of ``--flops_json`` with this kind, size, batch, resolution, dtype and remat, else None."""
+  if not args.flops_json:
+    return None
+  with open(args.flops_json) as fh:
+    rows = json.load(fh)
+  for r in rows:
+    if all(r.get(k) == v for k, v in dict(kind=kind, size=args.size, batch=args.batch, resolution=args.resolution,
+                                          dtype=args.dtype, remat=args.remat).items()):
+      return r
+  return None
+
+
+def _timed(row: dict[str, Any], kind: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Adds the wall-time figures (unless --no-time): times, ratios, images/s, MFU on the model FLOPs."""
   if not args.no_time:
     tcfg = make_config(kind, args.size, args.batch, args.resolution, args.dtype, args.attention, args.remat)
     row.update(time_step(tcfg, args.size, args.repeats))
@@ -458,10 +481,12 @@ def main() -> None:
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-time", dest="no_time", action="store_true", help="FLOPs only")
+  parser.add_argument("--no-flops", dest="no_flops", action="store_true", help="no rows (with --max_batch)")
   parser.add_argument("--flops", choices=("compiled", "lowered"), default="compiled")
   parser.add_argument("--check", action="store_true", help="hand count from the step's parts")
   parser.add_argument("--scan_count", action="store_true", help="also the FLOPs without unrolling")
   parser.add_argument("--peak_tflops", type=float, default=None)
+  parser.add_argument("--flops_json", default=None, help="take the FLOPs from this --json output (same shapes)")
   parser.add_argument("--max_batch", type=int, nargs="*", default=None,
                       help="compile the first kind at these batches and report which fit the device memory")
   parser.add_argument("--memory_limit_gib", type=float, default=None,
@@ -477,7 +502,7 @@ def main() -> None:
         "| FLOP ratio | loops left | |")
   print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
   rows = []
-  for size in args.size:
+  for size in [] if args.no_flops else args.size:
     a = argparse.Namespace(**{**vars(args), "size": size})
     for kind in args.kinds.split(","):
       row = measure(kind, a)
