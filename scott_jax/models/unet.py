@@ -236,7 +236,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
 
   ``implementation``: "xla" / "cudnn" (`jax.nn.dot_product_attention` with that implementation; cudnn needs a
   GPU and fp16/bf16) or "chunked" (XLA attention mapped with `lax.map` over query blocks of ``chunk_size``,
-  so only a (B, N, chunk, S) logits block is live at a time). Logits and softmax are float32.
+  each block checkpointed, so only a (B, N, chunk, S) logits block is live at a time, in the forward and in the
+  backward pass). Logits and softmax are float32.
   """
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -249,7 +250,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
   blocks = -(-t // chunk_size)
   q = jnp.pad(q, ((0, 0), (0, blocks * chunk_size - t), (0, 0), (0, 0)))
   q = jnp.moveaxis(q.reshape(b, blocks, chunk_size, n, h), 1, 0)
-  out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"), q)
+  # The block is checkpointed: under differentiation each block's logits are recomputed in the backward pass
+  # instead of being saved, so the residuals are (q block, k, v) and not the whole (B, N, T, S) logits stacked
+  # over the blocks (what a plain lax.map saves for its backward).
+  block = jax.checkpoint(lambda qc, k, v: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+  out = jax.lax.map(lambda qc: block(qc, k, v), q)
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * chunk_size, n, h)[:, :t]
 
 
