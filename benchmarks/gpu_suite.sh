@@ -12,7 +12,9 @@
 # room for it, so the whole run stays under 8 minutes on one H100 / H200.
 #
 #   bash benchmarks/gpu_suite.sh                     # on the device (carry .whl: diffusers, grain, clu, ml_collections)
-#   SUITE_SIZE=tiny bash benchmarks/gpu_suite.sh     # the same pieces at tiny size on a CPU (a few minutes)
+#   SUITE_SIZE=tiny SUITE_WHEELS=none SUITE_BUDGET_S=2400 SUITE_LIMIT_SCALE=4 PYTHON=.venv/bin/python \
+#     bash benchmarks/gpu_suite.sh
+#                                                    # the same pieces at tiny size on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
@@ -20,10 +22,12 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_suite.log
 SIZE=${SUITE_SIZE:-sd15}
 BUDGET=${SUITE_BUDGET_S:-460}
+SCALE=${SUITE_LIMIT_SCALE:-1}  # multiplies each piece's time limit (a slow CPU at tiny size)
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=${SUITE_WHEELS:-.whl}  # SUITE_WHEELS=none: use the Python environment as it is (e.g. a local venv)
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -36,7 +40,7 @@ log() { echo "$*" | tee -a "$LOG"; }
 # piece NAME LIMIT_S MIN_S COMMAND...: runs COMMAND (stdout and stderr into the log) under LIMIT_S, or skips it
 # when less than MIN_S of the budget is left.
 piece() {
-  local name=$1 limit=$2 need=$3
+  local name=$1 limit=$(( $2 * SCALE )) need=$3
   shift 3
   local used=$(( $(date +%s) - START ))
   local left=$(( BUDGET - used ))
@@ -62,7 +66,7 @@ if [ "$SIZE" = sd15 ]; then
   FLOPS=(--flops_json benchmarks/flops_sd15.json); BATCHES=(16 24); COMPILE=(off on); LIMIT=()
 else  # tiny, on a CPU: the same pieces, small shapes
   B=2; R=32; OURS_DTYPE=bfloat16; PEER_DTYPE=float32; SB=2; HALF=--half; GPU=""; REP=2
-  FLOPS=(); BATCHES=(4); COMPILE=(off); LIMIT=(--memory_limit_gib 80)
+  FLOPS=(--flops lowered); BATCHES=(4); COMPILE=(off); LIMIT=(--memory_limit_gib 80)
 fi
 COMMON=(--size "$SIZE" --batch "$B" --resolution "$R" --dtype "$OURS_DTYPE" --attention auto --remat)
 

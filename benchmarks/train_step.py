@@ -380,7 +380,8 @@ def peak_flops(override_tflops: float | None) -> float | None:
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
   """One row: FLOPs (step, unit, ratios; parts and hand counts with --check) and with timing the wall ratio."""
   compiled = args.flops == "compiled"
-  row: dict[str, Any] = {"kind": kind, "name": KIND_NAMES[kind], "size": args.size, "batch": args.batch,
+  row: dict[str, Any] = {"kind": kind, "name": KIND_NAMES[kind], "step_fingerprint": step_fingerprint(),
+                         "size": args.size, "batch": args.batch,
                          "resolution": args.resolution, "dtype": args.dtype, "attention": args.attention,
                          "remat": args.remat, "flops_mode": args.flops}
   # FLOPs: the plain XLA attention (see the module docstring), scans unrolled.
@@ -414,15 +415,38 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
   return _timed(row, kind, args)
 
 
+STEP_SOURCES = ("scott_jax/train.py", "scott_jax/losses.py", "scott_jax/discriminator.py", "scott_jax/solvers.py",
+                "scott_jax/consistency.py", "scott_jax/models/unet.py", "scott_jax/models/vae.py",
+                "scott_jax/models/clip_text.py", "scott_jax/models/lora.py", "configs/sd15_scott.py",
+                "configs/sd15_lcm.py")
+
+
+def step_fingerprint() -> str:
+  """sha256 (16 hex digits) of the sources that define the step's program: FLOPs counted for another version of
+  them are not reused."""
+  import hashlib
+
+  h = hashlib.sha256()
+  for rel in STEP_SOURCES:
+    with open(os.path.join(ROOT, rel), "rb") as fh:
+      h.update(fh.read())
+  return h.hexdigest()[:16]
+
+
 def _known_flops(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
-  """The row of ``--flops_json`` with this kind, size, batch, resolution, dtype and remat, else None."""
-  if not args.flops_json:
+  """The row of ``--flops_json`` with this kind, size, batch, resolution, dtype and remat, counted from the same
+  step sources (`step_fingerprint`), else None (the FLOPs are then counted here)."""
+  if not args.flops_json or not os.path.exists(args.flops_json):
     return None
   with open(args.flops_json) as fh:
     rows = json.load(fh)
   for r in rows:
     if all(r.get(k) == v for k, v in dict(kind=kind, size=args.size, batch=args.batch, resolution=args.resolution,
                                           dtype=args.dtype, remat=args.remat).items()):
+      if r.get("step_fingerprint") != step_fingerprint():
+        print(f"WARNING: {args.flops_json} was counted for other step sources ({r.get('step_fingerprint')} != "
+              f"{step_fingerprint()}); counting the FLOPs again", flush=True)
+        return None
       return r
   return None
 
