@@ -237,14 +237,14 @@ def test_chunked_attention_gradients_equal_plain():
   """The chunked attention (checkpointed query blocks, ragged last block) has the plain attention's gradients
   with respect to q, k and v (1e-5)."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 100, 2, 8), (2, 60, 2, 8), (2, 60, 2, 8)))
-  r = jnp.asarray(rng.standard_normal((2, 100, 2, 8)), jnp.float32)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 40, 2, 4), (1, 24, 2, 4), (1, 24, 2, 4)))
+  r = jnp.asarray(rng.standard_normal((1, 40, 2, 4)), jnp.float32)
 
   def loss(impl, q, k, v):
-    return jnp.sum(unet.dot_product_attention(q, k, v, implementation=impl, chunk_size=32) * r)
+    return jnp.sum(unet.dot_product_attention(q, k, v, implementation=impl, chunk_size=16) * r)
 
-  ours = jax.grad(functools.partial(loss, "chunked"), argnums=(0, 1, 2))(q, k, v)
-  ref = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+  ours = jax.jit(jax.grad(functools.partial(loss, "chunked"), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
