@@ -64,8 +64,27 @@ def _configs(name: str) -> tuple[dict, dict, dict, int]:
   return unet, vae, text, 77
 
 
-def build(name: str, folder: str):
-  """(diffusers LCM pipeline, our Pipeline, our params) with the same random weights."""
+def _write_byte_tokenizer(tok_dir: str) -> None:
+  """A CLIP tokenizer folder with the byte-level vocabulary only (no merges): the fallback where open_clip (which
+  `configs/tiny_scott.py` reads the BPE merges from) is missing, e.g. the GPU machine. Prompts then tokenize to
+  one id per character; both pipelines get the same ids, so the timing comparison is unchanged."""
+  import json
+
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+  chars = list(bytes_to_unicode().values())
+  vocab = chars + [ch + "</w>" for ch in chars] + ["<|startoftext|>", "<|endoftext|>"]
+  os.makedirs(tok_dir, exist_ok=True)
+  with open(os.path.join(tok_dir, "vocab.json"), "w") as fh:
+    json.dump({t: i for i, t in enumerate(vocab)}, fh)
+  with open(os.path.join(tok_dir, "merges.txt"), "w") as fh:
+    fh.write("#version: 0.2\n")
+
+
+def build(name: str, folder: str, half: bool = False):
+  """(diffusers LCM pipeline, our Pipeline, our params) with the same random weights. ``half``: our networks
+  compute in bfloat16 with attention "auto" (cuDNN flash attention on a GPU); the caller casts diffusers' to
+  float16."""
   import json
 
   from scott_jax import pipeline as pipeline_lib
@@ -78,7 +97,10 @@ def build(name: str, folder: str):
 
   unet_kw, vae_kw, text_kw, max_len = _configs(name)
   tok_dir = os.path.join(folder, "tokenizer")
-  runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))["_write_clip_tokenizer"](tok_dir)
+  try:
+    runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))["_write_clip_tokenizer"](tok_dir)
+  except ImportError:  # no open_clip
+    _write_byte_tokenizer(tok_dir)
   with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as fh:
     json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_len}, fh)
   torch.manual_seed(0)
@@ -95,7 +117,8 @@ def build(name: str, folder: str):
   ucfg = UNetConfig.from_diffusers(dict(unet.config))
   vcfg = VAEConfig.from_dict(dict(vae.config))
   tcfg = CLIPTextConfig.from_dict(text.config.to_dict())
-  jvae, jtext = AutoencoderKL(vcfg), CLIPTextModel(tcfg)
+  dtype = jax.numpy.bfloat16 if half else jax.numpy.float32
+  jvae, jtext = AutoencoderKL(vcfg, dtype=dtype), CLIPTextModel(tcfg, dtype=dtype)
   f = vcfg.downsample_factor
   params = {
     "unet": loading.convert_state_dict(np_sd(unet), unet_abstract(ucfg)),
@@ -104,7 +127,8 @@ def build(name: str, folder: str):
     "text_encoder": loading.convert_state_dict(prepare_clip_text_state_dict(np_sd(text)), jax.eval_shape(
       jtext.init, jax.random.key(0), np.zeros((1, 1), np.int32))),
   }
-  ours = pipeline_lib.Pipeline(UNet2DConditionModel(ucfg), jvae, jtext, tokenizer,
+  junet = UNet2DConditionModel(ucfg, dtype=dtype, attention="auto" if half else "xla")
+  ours = pipeline_lib.Pipeline(junet, jvae, jtext, tokenizer,
                                NoiseSchedule.from_config(dict(sched.config)), max_len)
   return pipe, ours, params
 
@@ -118,22 +142,24 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench(name: str, resolution: int, batch: int, steps_list: list[int], repeats: int, gpu: bool) -> None:
+def bench(name: str, resolution: int, batch: int, steps_list: list[int], repeats: int, gpu: bool,
+          half: bool = False) -> None:
   from scott_jax import pipeline as pipeline_lib
 
   with tempfile.TemporaryDirectory() as folder:
     t0 = time.perf_counter()
-    pipe, ours, params = build(name, folder)
+    pipe, ours, params = build(name, folder, half)
     build_s = time.perf_counter() - t0
   dev = "cuda" if gpu else "cpu"
-  pipe = pipe.to(dev)
+  tdtype = (torch.float16 if gpu else torch.bfloat16) if half else torch.float32
+  pipe = pipe.to(dev, tdtype)
   pipe.set_progress_bar_config(disable=True)
   sync = torch.cuda.synchronize if gpu else (lambda: None)
   prompts = (PROMPTS * batch)[:batch]
   ids = ours.tokenize(prompts)
   shape = pipeline_lib.latent_shape(ours, batch, resolution, resolution)
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
-  zt = torch.from_numpy(z.transpose(0, 3, 1, 2).copy()).to(dev)
+  zt = torch.from_numpy(z.transpose(0, 3, 1, 2).copy()).to(dev, tdtype)
   print(f"[{name}: built in {build_s:.0f} s]", flush=True)
   for k in steps_list:
     sampler = pipeline_lib.make_sampler(ours, kind="student", steps=k, height=resolution, output="float")
@@ -154,7 +180,7 @@ def bench(name: str, resolution: int, batch: int, steps_list: list[int], repeats
     compile_s = time.perf_counter() - t0
     b = run_torch()
     run_torch()  # a second warm-up: the first calls of a shape pay lazy initialisation in torch
-    err = float(np.abs(a - b).max()) if k == 1 else float("nan")  # k > 1: the between-step noise differs
+    err = float(np.abs(a - b.astype(np.float32)).max()) if k == 1 else float("nan")  # k > 1: other noise
     ours_t, torch_t = [], []
     for _ in range(repeats):
       ours_t.append(_median_time(run_ours, 1))
@@ -172,6 +198,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--gpu", action="store_true", help="both on CUDA (JAX's default backend must be GPU)")
+  parser.add_argument("--half", action="store_true", help="ours bfloat16 + attention auto; diffusers float16 on "
+                      "the GPU (bfloat16 on a CPU)")
   args = parser.parse_args()
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
@@ -180,14 +208,15 @@ def main() -> None:
   print(f"machine: {platform.machine()}, {threads} of {os.cpu_count()} CPUs usable; jax {jax.__version__} "
         f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({torch.get_num_threads()} threads"
         f"{', ' + torch.cuda.get_device_name() if args.gpu else ''}), diffusers {diffusers.__version__}; "
-        f"load average {os.getloadavg()[0]:.1f}; float32")
+        f"load average {os.getloadavg()[0]:.1f}; "
+        f"{'ours bfloat16, diffusers float16 (GPU) / bfloat16 (CPU)' if args.half else 'float32'}")
   print("| config | resolution | batch | steps | ours s/image | diffusers s/image | ours/diffusers | compile s "
         "| max abs diff (1 step) |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for name in ("tiny", "sd15"):
     if args.only in (None, name):
       res = args.resolution or (32 if name == "tiny" else 256)
-      bench(name, res, args.batch, args.steps, args.repeats, args.gpu)
+      bench(name, res, args.batch, args.steps, args.repeats, args.gpu, args.half)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@
 ER-SDE noise function 7 (the paper's "ER-SDE 5") at order 2, t_m = t_n - 24 in h = 3 sub-steps, w ~ U[5, 15],
 lambda_adv = 0.4, AdamW lr 8e-6 (student) / 2e-5 (LoRA discriminator), batch 40, 40K steps, EMA 0.95.
 
+Memory (issue 13; docs/scaling.md): bfloat16 compute with float32 parameters and optimizer state, attention
+"auto" (cuDNN flash attention on a GPU, query-chunked elsewhere, chosen by the backend at trace time), each U-Net
+block rematerialised in the backward pass (policy nothing_saveable), so that batch 10 per device (the paper's 4
+GPUs) fits an 80 GB device. Override with e.g. ``--config.model.remat=False`` or ``--config.model.dtype=float32
+--config.model.attention=xla`` for the plain float32 program.
+
 The arg selects the ablations of Tables 5-7 as comma-separated key=value pairs (strictly parsed):
   eta=0|0.1|0.2|0.3|0.6   DDIM-eta teacher instead of ER-SDE (Table 5)
   h=1|2|3                 teacher sub-steps (Table 6)
@@ -88,4 +94,5 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.optim.update(dict(student_lr=8e-6, disc_lr=2e-5, grad_clip=1.0))
   c.train.update(dict(batch_size=40, num_steps=40_000))
   c.data.update(dict(source="folder", path="data/laion_aesthetics_6plus", resolution=512))
+  c.model.update(dict(dtype="bfloat16", attention="auto", remat=True, remat_policy="nothing_saveable"))
   return apply_args(c, parse_arg(arg))

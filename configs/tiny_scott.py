@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   else:
     c = _load("sd15_scott.py").get_config(arg)
   c.model.teacher_path = ""  # set by the caller: --config.model.teacher_path=<folder of write_tiny_pipeline>
+  # The tests compare against float32 references: plain float32 U-Nets, not sd15_scott.py's memory settings.
+  c.model.update(dict(dtype="float32", attention="xla", remat=False))
   c.gan.lora_rank = 4
   c.gan.lora_alpha = 4.0
   if c.model.student_lora_rank:  # :student=lora

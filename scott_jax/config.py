@@ -98,10 +98,15 @@ def defaults() -> ConfigDict:
           # U-Nets (teacher, student, discriminator base): attention xla (plain, (B, N, T, S) logits) | cudnn
           # (fused flash attention, GPU with bfloat16/float16 only) | chunked (query blocks of
           # attention_chunk_size: one block's logits live at a time); remat recomputes each block's activations
-          # in the backward pass (less memory, ~1 more forward of compute).
+          # in the backward pass (less memory, ~1 more forward of compute); auto = cudnn on a GPU with bfloat16 /
+          # float16 compute, else chunked (resolved at trace time by the backend).
           attention="xla",
           attention_chunk_size=1024,
           remat=False,
+          # DECISION: what a rematerialised block keeps for its backward (jax.checkpoint_policies name):
+          # nothing_saveable (only the block's inputs: least memory, one more forward of the block) | dots_saveable
+          # | dots_with_no_batch_dims_saveable (keep matmul outputs: less recompute, more memory).
+          remat_policy="nothing_saveable",
       )
   )
 
@@ -402,7 +407,8 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "consistency.grid": ("skip", "ddim"),
     "consistency.timestep_rule": ("grid", "lcm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("xla", "cudnn", "chunked"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
+    "model.remat_policy": ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"),  # unet.REMAT_POL.
+    "model.attention": ("xla", "cudnn", "chunked", "auto"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
     "gan.disc_time": ("shared", "paper", "renoise"),
     "gan.variant": ("lora", "full", "no_cond"),
     "gan.head_init": ("zero", "normal"),  # discriminator.HEAD_INITS

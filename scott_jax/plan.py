@@ -138,6 +138,11 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   """Lowers and compiles the sharded train step for ``config`` on ``devices`` (default `plan_devices`) from
   shapes; returns the report (see the module docstring; bytes, FLOPs per device)."""
   devices = plan_devices(config.mesh) if devices is None else devices
+  if config.model.attention == "auto":  # resolved for the devices planned for, not the host's default backend
+    from scott_jax.models.unet import resolve_attention
+
+    config = config.copy_and_resolve_references()
+    config.model.attention = resolve_attention("auto", config.model.dtype, devices[0].platform)
   mesh = parallel.make_mesh(config.mesh, devices)
   models, frozen = abstract_models(config)
   batch = batch_spec(config, models)
@@ -168,6 +173,7 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "batch_per_device": config.train.batch_size // math.prod(shape[a] for a in batch_axes),
     "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
     "dtype": config.model.dtype, "attention": config.model.attention, "remat": bool(config.model.remat),
+    "remat_policy": config.model.remat_policy if config.model.remat else "",
     "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
     "params": {"student": _count(state.student), "disc_trainable": _count(state.disc),
                "teacher_unet": _count(frozen["unet"]), "vae": _count(frozen["vae"]),
@@ -193,7 +199,7 @@ def format_plan(plan: dict[str, Any]) -> str:
   lines = [
     f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
     f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']}, "
-    f"attention {plan['attention']}{', remat' if plan['remat'] else ''})",
+    f"attention {plan['attention']}{', remat ' + plan['remat_policy'] if plan['remat'] else ''})",
     f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
     f"teacher U-Net {p['teacher_unet'] / 1e6:.1f}M, VAE {p['vae'] / 1e6:.1f}M, text encoder "
     f"{p['text_encoder'] / 1e6:.1f}M",

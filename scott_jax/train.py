@@ -117,12 +117,14 @@ def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None
 
 
 def unet_options(config: ConfigDict) -> dict[str, Any]:
-  """The U-Net module options of ``config.model``: attention implementation, its chunk size, remat."""
+  """The U-Net module options of ``config.model``: attention implementation ("auto" is resolved by the U-Net at
+  trace time, `scott_jax.models.unet.resolve_attention`), its chunk size, remat and its policy."""
   m = config.model
   if m.attention == "cudnn" and m.dtype == "float32":
     raise ConfigError("config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16 (cuDNN's fused "
                      "attention has no float32 kernel); use attention='chunked' or 'xla' in float32")
-  return {"attention": m.attention, "attention_chunk_size": int(m.attention_chunk_size), "remat": bool(m.remat)}
+  return {"attention": m.attention, "attention_chunk_size": int(m.attention_chunk_size), "remat": bool(m.remat),
+          "remat_policy": m.remat_policy}
 
 
 def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: Any, tokenizer: Any,

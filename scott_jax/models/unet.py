@@ -40,7 +40,10 @@ import jax.numpy as jnp
 Array = jax.Array
 PyTree = Any
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "auto")
+# Rematerialisation policies (`jax.checkpoint_policies` names) for the U-Net blocks with ``remat=True``: what each
+# block keeps from its forward pass for the backward pass (the rest is recomputed).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 ADDITION_EMBED_TYPES = (None, "text_time")
@@ -274,7 +277,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
 
   ``implementation``: "xla" / "cudnn" (`jax.nn.dot_product_attention` with that implementation; cudnn needs a
   GPU and fp16/bf16) or "chunked" (XLA attention mapped with `lax.map` over query blocks of ``chunk_size``,
-  so only a (B, N, chunk, S) logits block is live at a time). Logits and softmax are float32.
+  each block checkpointed, so only a (B, N, chunk, S) logits block is live at a time, in the forward and in the
+  backward pass). Logits and softmax are float32.
   """
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -287,8 +291,25 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
   blocks = -(-t // chunk_size)
   q = jnp.pad(q, ((0, 0), (0, blocks * chunk_size - t), (0, 0), (0, 0)))
   q = jnp.moveaxis(q.reshape(b, blocks, chunk_size, n, h), 1, 0)
-  out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"), q)
+  # The block is checkpointed: under differentiation each block's logits are recomputed in the backward pass
+  # instead of being saved, so the residuals are (q block, k, v) and not the whole (B, N, T, S) logits stacked
+  # over the blocks (what a plain lax.map saves for its backward).
+  block = jax.checkpoint(lambda qc, k, v: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+  out = jax.lax.map(lambda qc: block(qc, k, v), q)
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * chunk_size, n, h)[:, :t]
+
+
+def resolve_attention(implementation: str, dtype: Any, platform: str | None = None) -> str:
+  """The attention implementation to run: "auto" is "cudnn" (fused flash attention) on a GPU with bfloat16 or
+  float16 compute and "chunked" otherwise (CPU, TPU, float32); any other name is returned unchanged.
+
+  ``platform``: "cpu" / "gpu" / "tpu" (default: ``jax.default_backend()`` at trace time; "cuda" counts as gpu).
+  """
+  if implementation != "auto":
+    return implementation
+  platform = jax.default_backend() if platform is None else platform
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if platform in ("gpu", "cuda") and half else "chunked"
 
 
 class Attention(nn.Module):
@@ -566,8 +587,9 @@ class UpBlock(_BlockOpts):
 class UNet2DConditionModel(nn.Module):
   """Flax diffusers `UNet2DConditionModel` (see the module docstring).
 
-  Attributes: config; dtype (compute dtype; parameters are float32); attention ("xla", "cudnn" or "chunked");
-  attention_chunk_size (query block for "chunked"); remat (rematerialise each block in the backward pass).
+  Attributes: config; dtype (compute dtype; parameters are float32); attention ("xla", "cudnn", "chunked" or
+  "auto", see `resolve_attention`); attention_chunk_size (query block for "chunked"); remat (rematerialise each
+  block in the backward pass) with remat_policy (one of `REMAT_POLICIES`: what a block saves for its backward).
   """
 
   config: UNetConfig
@@ -575,14 +597,19 @@ class UNet2DConditionModel(nn.Module):
   attention: str = "xla"
   attention_chunk_size: int = 1024
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
 
   def setup(self) -> None:
     cfg = self.config
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"unknown attention {self.attention!r}; one of {ATTENTION_IMPLEMENTATIONS}")
-    wrap = nn.remat if self.remat else (lambda cls: cls)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; one of {REMAT_POLICIES}")
+    policy = getattr(jax.checkpoint_policies, self.remat_policy)
+    wrap = (lambda cls: nn.remat(cls, policy=policy)) if self.remat else (lambda cls: cls)
     common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, linear_projection=cfg.use_linear_projection,
-                  upcast=cfg.upcast_attention, dtype=self.dtype, implementation=self.attention,
+                  upcast=cfg.upcast_attention, dtype=self.dtype,
+                  implementation=resolve_attention(self.attention, self.dtype),
                   chunk_size=self.attention_chunk_size)
     channels = cfg.block_out_channels
     n = len(channels)
