@@ -202,6 +202,9 @@ def defaults() -> ConfigDict:
           eval_samples=4000,
           sample_steps=(1, 2, 4),
           lcm_skip=20,  # the ODE baseline: ddim, eta 0, h 1, skip lcm_skip
+          # scott | lcm | scott_gaussian (SCott's teacher, the Gaussian student: rows drawing from its Gaussian and
+          # taking its mean), each distilled from the same pretrained MLP with the same budget
+          methods=("scott", "lcm", "scott_gaussian"),
       )
   )
 
@@ -435,6 +438,8 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "model.student_lora_alpha": lambda v: v > 0,
     "model.student_lora_targets": lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
     "toy2d.rare_mode_weight": lambda v: v > 0,
+    "toy2d.methods": lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(
+        m in ("scott", "lcm", "scott_gaussian") for m in v),
     "gan.lambda_adv": lambda v: v >= 0,
     "gan.lora_rank": lambda v: v >= 1,
     "gan.lora_alpha": lambda v: v > 0,
@@ -539,6 +544,7 @@ _RANGE_TEXT: dict[str, str] = {
     "model.student_lora_alpha": "a number > 0",
     "model.student_lora_targets": "a non-empty tuple of lora.PRESETS names or regexes",
     "toy2d.rare_mode_weight": "a number > 0",
+    "toy2d.methods": "a non-empty tuple of distinct methods from scott, lcm, scott_gaussian",
     "gan.lambda_adv": "a number >= 0",
     "gan.lora_rank": "an integer >= 1",
     "gan.lora_alpha": "a number > 0",
