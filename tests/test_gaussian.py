@@ -225,3 +225,52 @@ def test_config_fields_are_validated():
     c[section][name] = value
     with pytest.raises(config_lib.ConfigError, match=f"'{key}' has value .*{match}"):
       config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_toy2d_gaussian_student_variance_matches_the_sde_target_and_its_mean_the_point_student():
+  """The MLP students of `scott_jax.toy2d` (configs/toy2d.py: the exact mixture teacher, SCott's ER-SDE teacher,
+  pretrained for 3000 steps, distilled for the same 3000 steps, batch 512, EMA 0.95) at 16 forward-noised points at
+  each of the 4-step sampling times [999, 759, 495, 255]: the Gaussian student's std against the Monte-Carlo total
+  std of its consistency target (2000 teacher draws per point through its EMA target: E[var] + Var[mean]), and the
+  point SCott student's prediction against the Gaussian student's mean.
+
+  Tolerance, per time, on the median over the 16 points, both in units of the target's std: |std_g / std_MC - 1|
+  <= 0.25 and |point - mean_g| / std_MC <= 0.75. The Monte-Carlo error is ~1.6% of a std; the rest is the
+  students' fit after a constant-learning-rate budget to a target that itself moves during training (the
+  free-parameter test above shows the loss's fixed point to 1%). Measured (seed 0): std ratios 0.90 / 0.96 / 1.02 /
+  1.01 (medians), point vs mean 0.20 / 0.08 / 0.22 / 0.54 std; the student's initial std (0.03) is below 0.1 of the
+  target's at every time, so an untrained variance head fails by far.
+  """
+  c = _toy_config("default")
+  c.toy2d.seeds = (0,)
+  cfg, s = c.toy2d, c.solver
+  schedule = schedules.sd15()
+  mix = toy2d.make_mixture(cfg)
+  teps = mix.eps_fn(schedule)
+  methods = toy2d.method_settings(c)
+  model = toy2d.MLPDenoiser(cfg.hidden, cfg.depth)
+  gmodel = toy2d.MLPDenoiser(cfg.hidden, cfg.depth, out_dim=4)
+  k_pre, k_dist = jax.random.split(jax.random.key(0))
+  init = toy2d.pretrain(model, teps, mix.sample, schedule, cfg, k_pre)
+  point = toy2d.distill(model, init, teps, mix.sample, schedule, c, methods["scott"], k_dist)
+  gauss, gauss_ema = toy2d.distill(gmodel, toy2d.gaussian_params(init, c.consistency.logvar_init), teps, mix.sample,
+                                   schedule, c, methods["scott_gaussian"], k_dist, return_ema=True)
+  ts = c.consistency.timestep_scaling
+  f_point = jax.jit(toy2d.make_f_fn(model, point, schedule, ts))
+  f_gauss = jax.jit(toy2d.make_f_fn(gmodel, gauss, schedule, ts, True))
+  target_f = toy2d.make_f_fn(gmodel, gauss_ema, schedule, ts, True)
+  n, times = 16, (999, 759, 495, 255)
+  t_n = jnp.asarray(np.repeat(times, n))
+  k_x, k_e, k_mc = jax.random.split(jax.random.key(123), 3)
+  z = jax.jit(lambda k1, k2: schedule.add_noise(mix.sample(k1, len(t_n)), jax.random.normal(k2, (len(t_n), 2)),
+                                                t_n))(k_x, k_e)
+  mc_mean, mc_var = _total_moments(*_sde_targets(target_f, teps, schedule, s, z, t_n, 2000)(k_mc))
+  mean, logvar = f_gauss(z, t_n)
+  sd = np.sqrt(mc_var)
+  ratio = (np.exp(0.5 * np.asarray(logvar, np.float64)) / sd).reshape(len(times), -1)
+  gap = (np.abs(np.asarray(f_point(z, t_n)) - np.asarray(mean)) / sd).reshape(len(times), -1)
+  print("std ratio medians", np.median(ratio, 1), "point-mean gap medians", np.median(gap, 1))
+  assert np.all(np.abs(np.median(ratio, 1) - 1.0) <= 0.25), np.median(ratio, 1)
+  assert np.all(np.median(gap, 1) <= 0.75), np.median(gap, 1)
+  assert np.all(np.exp(0.5 * c.consistency.logvar_init) < 0.1 * np.median(sd.reshape(len(times), -1), 1))
