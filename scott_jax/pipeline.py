@@ -19,6 +19,9 @@ x0 = f_theta(z_t, t, c, w) (LCM boundary scalings; a U-Net without ``time_cond_p
 student, does not see w); between steps z_t' = alpha_t' x0 + sigma_t' xi. The initial latents (B, h, w, C) and
 the noises xi
 (K - 1, B, h, w, C) are drawn from ``key`` unless given explicitly (tests feed the same draws to diffusers).
+A Gaussian student (SCott v1, ``Pipeline.student_output = "gaussian"``: the U-Net's output channels are the
+prediction and a log-variance) takes x0 at every step as a draw from its Gaussian (``make_sampler(gaussian=
+"sample")``, noise from fold_in(the renoising key, 1)) or as its mean (``"mean"``).
 
 Teacher sampling: `scott_jax.solvers.sample` with any registered solver (ddim eta, er_sde, dpmpp_2m, addim) on
 ``solvers.ddim_timesteps`` (diffusers' spacings) ending with the jump to clean data.
