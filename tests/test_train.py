@@ -693,8 +693,8 @@ def test_gaussian_lora_student(env):
   models, frozen = train_lib.load_models(config)
   batch = train_lib.prepare_batch(train_lib.make_source(config).batch(0), models)
   state = train_lib.init_state(config, models, frozen, batch)
-  full = state.student["full"]["params"]
-  assert set(full) == {"time_embedding", "conv_out"} and full["conv_out"]["kernel"].shape == (3, 3, 32, 8)
+  full = state.student["full"]["params"]  # :student=lora has no guidance embedding (guidance_embed_dim 0)
+  assert set(full) == {"conv_out"} and full["conv_out"]["kernel"].shape == (3, 3, 32, 8)
   assert not any("conv_out" in k for k in str(jax.tree_util.tree_structure(state.student["lora"])).split("'"))
   abstract = train_lib.abstract_state(config, models, frozen, batch)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
@@ -703,7 +703,8 @@ def test_gaussian_lora_student(env):
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   t = jnp.asarray([999, 259], jnp.int32)
   text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
-  student_fn = train_lib.make_student_fn(models, 256, frozen["unet"], config.model.student_lora_alpha)
+  student_fn = train_lib.make_student_fn(models, config.consistency.guidance_embed_dim, frozen["unet"],
+                                         config.model.student_lora_alpha)
   out = jax.jit(lambda s: student_fn(s, z, t, {"text": text, "w": jnp.asarray([3.0, 12.0])}))(state.student)
   ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
   np.testing.assert_allclose(np.asarray(out[..., :4]), np.asarray(ref), atol=1e-5, rtol=1e-5)
