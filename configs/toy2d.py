@@ -33,4 +33,5 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
     c.toy2d.seeds = (0,)
     c.toy2d.eval_samples = 1000
     c.toy2d.batch_size = 256
+    c.toy2d.methods = ("scott", "lcm")  # the CI test's budget; the Gaussian student has its own (slow) test
   return c
