@@ -238,9 +238,9 @@ def test_toy2d_gaussian_student_variance_matches_the_sde_target_and_its_mean_the
   Tolerance, per time, on the median over the 16 points, both in units of the target's std: |std_g / std_MC - 1|
   <= 0.25 and |point - mean_g| / std_MC <= 0.75. The Monte-Carlo error is ~1.6% of a std; the rest is the
   students' fit after a constant-learning-rate budget to a target that itself moves during training (the
-  free-parameter test above shows the loss's fixed point to 1%). Measured (seed 0): std ratios 0.90 / 0.96 / 1.02 /
-  1.01 (medians), point vs mean 0.20 / 0.08 / 0.22 / 0.54 std; the student's initial std (0.03) is below 0.1 of the
-  target's at every time, so an untrained variance head fails by far.
+  free-parameter test above shows the loss's fixed point to 1%). Measured (seed 0): std ratios 0.90 / 0.95 / 1.03 /
+  1.04 (medians), point vs mean 0.20 / 0.09 / 0.18 / 0.40 std. The student's initial std (0.03) is below 0.75 of the
+  target's at every time, so an untrained variance head fails the tolerance.
   """
   c = _toy_config("default")
   c.toy2d.seeds = (0,)
@@ -270,7 +270,6 @@ def test_toy2d_gaussian_student_variance_matches_the_sde_target_and_its_mean_the
   sd = np.sqrt(mc_var)
   ratio = (np.exp(0.5 * np.asarray(logvar, np.float64)) / sd).reshape(len(times), -1)
   gap = (np.abs(np.asarray(f_point(z, t_n)) - np.asarray(mean)) / sd).reshape(len(times), -1)
-  print("std ratio medians", np.median(ratio, 1), "point-mean gap medians", np.median(gap, 1))
   assert np.all(np.abs(np.median(ratio, 1) - 1.0) <= 0.25), np.median(ratio, 1)
   assert np.all(np.median(gap, 1) <= 0.75), np.median(gap, 1)
-  assert np.all(np.exp(0.5 * c.consistency.logvar_init) < 0.1 * np.median(sd.reshape(len(times), -1), 1))
+  assert np.all(np.exp(0.5 * c.consistency.logvar_init) < 0.75 * np.median(sd.reshape(len(times), -1), 1))
