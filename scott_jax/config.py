@@ -79,6 +79,12 @@ def defaults() -> ConfigDict:
           # DECISION: k-step student sampling times: "grid" = k points of the training grid above
           # (consistency.grid_timesteps), "lcm" = LCM's num_ddim_timesteps grid whatever the training grid
           timestep_rule="grid",
+          # DECISION (docs/decisions.md, SCott v1): the student's output. "point" = f_theta(z, t) (L_CD = distance);
+          # "gaussian" = a per-element Gaussian N(mean, var): the U-Net has twice the output channels, the second
+          # half a log-variance, var_f = c_out(t)^2 exp(logvar) (zero at t = 0); L_CD = KL(target || student)
+          student_output="point",
+          logvar_init=-10.0,  # gaussian: the log-variance half's bias at init (its kernel is zero): near-deterministic
+          var_floor=1e-6,  # gaussian: added to both variances in the KL (the target at t_m = 0 has variance 0)
       )
   )
 
@@ -211,6 +217,9 @@ def defaults() -> ConfigDict:
           eval_samples=4000,
           sample_steps=(1, 2, 4),
           lcm_skip=20,  # the ODE baseline: ddim, eta 0, h 1, skip lcm_skip
+          # scott | lcm | scott_gaussian (SCott's teacher, the Gaussian student: rows drawing from its Gaussian and
+          # taking its mean), each distilled from the same pretrained MLP with the same budget
+          methods=("scott", "lcm", "scott_gaussian"),
       )
   )
 
@@ -325,6 +334,9 @@ def defaults() -> ConfigDict:
           noise_fn=7,
           spacing="leading",  # teacher timesteps: diffusers' DDIM spacing
           steps_offset=1,  # SD1.5's steps_offset
+          # A Gaussian student (consistency.student_output = "gaussian"), here and in the eval job and the train
+          # loop's sample grids: "sample" draws x0 from the student's Gaussian at every step, "mean" takes its mean
+          gaussian="sample",
       )
   )
 
@@ -392,7 +404,7 @@ def defaults() -> ConfigDict:
 
 SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
 DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan", "ode",
-                  "scott_fixed_gan")  # scott_jax.digits.distill
+                  "scott_fixed_gan", "scott_gaussian", "scott_gaussian_no_gan")  # scott_jax.digits.distill
 
 _ALLOWED: dict[str, tuple[Any, ...]] = {
     "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
@@ -406,6 +418,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "consistency.distance": ("l2", "pseudo_huber"),
     "consistency.grid": ("skip", "ddim"),
     "consistency.timestep_rule": ("grid", "lcm"),
+    "consistency.student_output": ("point", "gaussian"),  # consistency.STUDENT_OUTPUTS
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.remat_policy": ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"),  # unet.REMAT_POL.
     "model.attention": ("xla", "cudnn", "chunked", "auto"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
@@ -421,6 +434,7 @@ _ALLOWED: dict[str, tuple[Any, ...]] = {
     "sample.order": (1, 2, 3),
     "sample.noise_fn": (1, 2, 3, 4, 5, 6, 7),
     "sample.spacing": ("leading", "trailing", "linspace"),
+    "sample.gaussian": ("sample", "mean"),  # consistency.GAUSSIAN_SAMPLING
     "mesh.frozen": ("fsdp", "replicate"),
     "mesh.distributed": ("auto", "on", "off"),
     "mesh.plan_architecture": ("teacher", "sd15"),
@@ -438,10 +452,14 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "consistency.ema_decay": lambda v: 0.0 <= v < 1.0,
     "consistency.num_ddim_timesteps": lambda v: v >= 1,
     "consistency.guidance_embed_dim": lambda v: v == 0 or v >= 2,
+    "consistency.logvar_init": lambda v: -30.0 <= v <= 10.0,
+    "consistency.var_floor": lambda v: v > 0,
     "model.student_lora_rank": lambda v: v >= 0,
     "model.student_lora_alpha": lambda v: v > 0,
     "model.student_lora_targets": lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
     "toy2d.rare_mode_weight": lambda v: v > 0,
+    "toy2d.methods": lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(
+        m in ("scott", "lcm", "scott_gaussian") for m in v),
     "gan.lambda_adv": lambda v: v >= 0,
     "gan.lora_rank": lambda v: v >= 1,
     "gan.lora_alpha": lambda v: v > 0,
@@ -544,10 +562,13 @@ _RANGE_TEXT: dict[str, str] = {
     "consistency.ema_decay": "a number in [0, 1)",
     "consistency.num_ddim_timesteps": "an integer >= 1",
     "consistency.guidance_embed_dim": "0 (no guidance embedding) or an integer >= 2",
+    "consistency.logvar_init": "a number in [-30, 10] (the initial log-variance of a Gaussian student)",
+    "consistency.var_floor": "a number > 0 (added to both variances of the KL consistency loss)",
     "model.student_lora_rank": "an integer >= 0 (0: full student)",
     "model.student_lora_alpha": "a number > 0",
     "model.student_lora_targets": "a non-empty tuple of lora.PRESETS names or regexes",
     "toy2d.rare_mode_weight": "a number > 0",
+    "toy2d.methods": "a non-empty tuple of distinct methods from scott, lcm, scott_gaussian",
     "gan.lambda_adv": "a number >= 0",
     "gan.lora_rank": "an integer >= 1",
     "gan.lora_alpha": "a number > 0",

@@ -79,6 +79,44 @@ def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSche
   return f, x0_hat
 
 
+STUDENT_OUTPUTS = ("point", "gaussian")
+GAUSSIAN_SAMPLING = ("sample", "mean")
+
+
+def split_gaussian(model_out: Array) -> tuple[Array, Array]:
+  """A Gaussian student's network output (B, ..., 2C) -> (prediction (B, ..., C), log-variance (B, ..., C)):
+  the first half of the channels is the usual model output (eps, v or x0), the second the log-variance of x0_hat
+  (per element, in squared data units)."""
+  c = model_out.shape[-1]
+  if c % 2:
+    raise ValueError(f"a Gaussian student's output needs an even channel count (prediction, log-variance), got {c}")
+  return model_out[..., :c // 2], model_out[..., c // 2:]
+
+
+def gaussian_consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSchedule, *,
+                                timestep_scaling: float = 10.0,
+                                sigma_data: float = 0.5) -> tuple[Array, Array, Array]:
+  """The Gaussian consistency function (SCott v1): (mean, logvar, x0_hat), each shaped like z (B, ...).
+
+  ``model_out`` (B, ..., 2C): `split_gaussian` halves (prediction, log-variance of x0_hat). mean =
+  c_skip(t) z + c_out(t) x0_hat (`consistency_output` of the first half); the variance of f is c_out(t)^2
+  exp(logvar_net) (DECISION, docs/decisions.md: the network's log-variance is that of its x0 prediction, scaled
+  by the boundary condition as x0_hat is), so logvar = logvar_net + 2 log c_out(t), float32, -inf at t = 0
+  (f(z, 0) = z exactly: zero variance).
+  """
+  pred, logvar_net = split_gaussian(model_out)
+  mean, x0_hat = consistency_output(pred, z, t, schedule, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
+  _, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
+  log_c2 = jnp.where(c_out > 0, 2.0 * jnp.log(jnp.where(c_out > 0, c_out, 1.0)), -jnp.inf)
+  return mean, logvar_net.astype(jnp.float32) + _expand(log_c2, z), x0_hat
+
+
+def gaussian_draw(mean: Array, logvar: Array, noise: Array) -> Array:
+  """x = mean + exp(logvar / 2) * noise (B, ...): a reparameterised draw from N(mean, exp(logvar)) (zero
+  variance where logvar = -inf); differentiable in mean and logvar."""
+  return mean + (jnp.exp(0.5 * logvar) * noise).astype(mean.dtype)
+
+
 def consistency_fn(model_fn: Callable[[Array, Array], Array], z: Array, t: Array, schedule: NoiseSchedule, *,
                    timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> Array:
   """The consistency function f(z, t) (B, ...) around ``model_fn(z, t) -> model output`` (B, ...).
@@ -184,13 +222,19 @@ def sampling_grid(rule: str, kind: str, *, skip: int, num_ddim_timesteps: int = 
 
 
 def multistep_sample(f_fn: Callable[[Array, Array], Array], z_T: Array, timesteps: Array | np.ndarray,
-                     schedule: NoiseSchedule, key: Array) -> Array:
+                     schedule: NoiseSchedule, key: Array, *, gaussian: str | None = None) -> Array:
   """Multistep consistency sampling (notes section 6; diffusers `LCMScheduler.step`).
 
   ``f_fn(z, t) -> f`` is the consistency function (B, ...) at a scalar int timestep t; ``timesteps`` (K,)
   descending ints (e.g. `lcm_timesteps(K)`). x0 = f(z_t, t); between steps z_t' = alpha_t' x0 + sigma_t' xi
   with fresh noise xi. Returns the last x0 (B, ...). One lax.scan: jit-able with f_fn closed over.
+
+  A Gaussian student (``gaussian`` "sample" or "mean", `GAUSSIAN_SAMPLING`): ``f_fn(z, t) -> (mean, logvar)``
+  (`gaussian_consistency_output`) and x0 is a draw `gaussian_draw` (noise from fold_in(step key, 1)) or the
+  mean. The renoising draws are those of the point student's loop.
   """
+  if gaussian is not None and gaussian not in GAUSSIAN_SAMPLING:
+    raise ValueError(f"unknown Gaussian sampling '{gaussian}'; allowed: {', '.join(GAUSSIAN_SAMPLING)}")
   ts = jnp.asarray(timesteps, jnp.int32)
   nxt = jnp.concatenate([ts[1:], ts[-1:]])
   keys = jax.random.split(key, ts.shape[0])
@@ -198,6 +242,10 @@ def multistep_sample(f_fn: Callable[[Array, Array], Array], z_T: Array, timestep
   def body(z, inp):
     t, t_next, k = inp
     x0 = f_fn(z, t)
+    if gaussian == "sample":
+      x0 = gaussian_draw(x0[0], x0[1], jax.random.normal(jax.random.fold_in(k, 1), z.shape, z.dtype))
+    elif gaussian == "mean":
+      x0 = x0[0]
     z_next = schedule.add_noise(x0, jax.random.normal(k, z.shape, z.dtype), t_next)
     return z_next, x0
 

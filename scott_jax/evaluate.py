@@ -4,8 +4,8 @@
 (or the steps listed in ``eval.checkpoint_steps``), every parameter set of ``eval.params`` (ema / student) and
 every step count of ``eval.sample_steps`` (timesteps on the run's sampling grid, ``consistency.timestep_rule``;
 or the explicit timestep lists of ``eval.timesteps``) it generates one image per prompt of ``eval.prompt_file``
-with the jitted student sampler (`scott_jax.pipeline`, CFG scale ``eval.guidance_scale``, the same seed for
-every checkpoint) and computes
+with the jitted student sampler (`scott_jax.pipeline`, CFG scale ``eval.guidance_scale``, a Gaussian student's
+draws or means by ``sample.gaussian``, the same seed for every checkpoint) and computes
 
   FID       against the reference statistics ``eval.reference_stats`` (mu, sigma of the feature extractor),
   Coverage  (Naeem et al. 2020, k = ``eval.coverage_k``) against the reference features stored in that file,
@@ -371,7 +371,7 @@ class Evaluator:
     the sampling seconds (wall time of the N images; a compilation happens in a warm-up call before it)."""
     if steps not in self._samplers:
       self._samplers[steps] = pipeline.make_sampler(pipe, kind="student", steps=list(self.timesteps[steps]),
-                                                    height=self.resolution)
+                                                    height=self.resolution, gaussian=self.config.sample.gaussian)
     sampler = self._samplers[steps]
     if self._ids is None:
       self._ids = pipe.tokenize(self.prompts)

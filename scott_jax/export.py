@@ -24,7 +24,12 @@ Formats written by `export` (config ``export.formats``):
     with the guidance embedding also gets ``guidance_projection.safetensors`` (``time_embedding.cond_proj.weight``
     in torch layout; a PEFT LoRA file cannot carry it and the teacher's U-Net has no such layer: load it with
     ``load_state_dict(strict=False)`` into a U-Net built with ``time_cond_proj_dim``, or use format (b), which
-    holds the merged student). A full student is skipped with a log line.
+    holds the merged student). A Gaussian LoRA student's fully trained conv_out goes into the same file, cut to
+    its mean half (``conv_out.weight`` / ``conv_out.bias``). A full student is skipped with a log line.
+
+A Gaussian student (``consistency.student_output = "gaussian"``, SCott v1: the U-Net has twice the output
+channels, prediction then log-variance): (a) holds both halves and ``student_output`` in ``scott_export.json``;
+(b) holds the standard U-Net of the mean half (`mean_half`) and says so in ``SCOTT_GAUSSIAN_STUDENT.md``.
 """
 
 from __future__ import annotations
@@ -244,6 +249,7 @@ def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTr
     "timestep_scaling": pipe.timestep_scaling,
     "original_steps": pipe.original_steps,
     "sampling_grid": list(pipe.sampling_grid),
+    "student_output": pipe.student_output,
     "provenance": provenance or {},
   }
   # The schedule is stored as its abar values (any beta schedule round-trips exactly).
@@ -288,15 +294,45 @@ def _diffusers_version() -> str:
     return "0.42.1"
 
 
+GAUSSIAN_NOTE = "SCOTT_GAUSSIAN_STUDENT.md"  # what a diffusers export of a Gaussian student carries
+
+
+def mean_half(unet_config: Any, unet_params: PyTree) -> tuple[Any, PyTree]:
+  """A Gaussian student's U-Net (config with 2C output channels, params) -> the standard U-Net of its mean half:
+  out_channels C and conv_out's kernel and bias cut to their first C channels (the prediction; the log-variance
+  half is dropped). Every other parameter is shared."""
+  import dataclasses
+
+  c = unet_config.out_channels // 2
+  flat = traverse_util.flatten_dict(dict(unet_params))
+  flat = {p: (v[..., :c] if "conv_out" in p[-2:-1] else v) for p, v in flat.items()}
+  return dataclasses.replace(unet_config, out_channels=c), traverse_util.unflatten_dict(flat)
+
+
 def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTree, teacher_path: str,
                      schedule_config: Any, vae_path: str = "") -> str:
   """Format (b): a diffusers LatentConsistencyModelPipeline folder (module docstring). The VAE comes from
   ``vae_path`` (a folder with vae/) when given, else from the teacher; text encoder and tokenizer from the
-  teacher."""
+  teacher. A Gaussian student (``pipe.student_output``) is written as the standard U-Net of its mean half
+  (`mean_half`; diffusers has no Gaussian consistency model), with ``SCOTT_GAUSSIAN_STUDENT.md`` in the folder
+  and a log line saying so; the Flax export keeps both halves."""
   from scott_jax.models import loading
 
   os.makedirs(folder, exist_ok=True)
-  loading.save_unet(os.path.join(folder, "unet"), pipe.unet.config, unet_params)
+  unet_config = pipe.unet.config
+  if pipe.student_output == "gaussian":
+    unet_config, unet_params = mean_half(unet_config, unet_params)
+    with open(os.path.join(folder, GAUSSIAN_NOTE), "w") as fh:
+      fh.write("# A Gaussian SCott student (SCott v1), mean half only\n\n"
+               "The student was trained with `consistency.student_output = \"gaussian\"`: its U-Net predicts a\n"
+               f"Gaussian per element ({2 * unet_config.out_channels} output channels: the prediction, then a\n"
+               "log-variance). diffusers has no such model, so `unet/` here is the standard U-Net of the mean half\n"
+               "(conv_out cut to the prediction channels): multistep sampling with it uses the Gaussian's mean at\n"
+               "every step (scott_jax's `sample.gaussian = \"mean\"`). The Flax export (`export.formats` flax) keeps\n"
+               "both halves and can also draw from the Gaussian (`sample.gaussian = \"sample\"`).\n")
+    logging.info("export diffusers: the Gaussian student's mean half as a standard U-Net (%d output channels); "
+                 "the log-variance half is only in the Flax export", unet_config.out_channels)
+  loading.save_unet(os.path.join(folder, "unet"), unet_config, unet_params)
   for part, src in (("vae", vae_path or teacher_path), ("text_encoder", teacher_path), ("tokenizer", teacher_path)):
     dst = os.path.join(folder, part)
     if os.path.exists(dst):
@@ -369,9 +405,12 @@ def run_export(config: Any, workdir: str) -> dict[str, str]:
 
       written["lora"] = export_lora(os.path.join(out, "lora", LORA_FILE), tree[train.STUDENT_LORA],
                                     float(config.model.student_lora_alpha))
-      if jax.tree_util.tree_leaves(tree.get(train.STUDENT_FULL, {})):
-        written["lora_guidance"] = export_full_part(os.path.join(out, "lora", GUIDANCE_FILE),
-                                                    tree[train.STUDENT_FULL])
+      full = tree.get(train.STUDENT_FULL, {})
+      if config.consistency.student_output == "gaussian":  # a diffusers U-Net has the mean half's channels
+        full = traverse_util.unflatten_dict({p: v[..., :v.shape[-1] // 2] if "conv_out" in p[-2:-1] else v
+                                             for p, v in traverse_util.flatten_dict(dict(full)).items()})
+      if jax.tree_util.tree_leaves(full):
+        written["lora_guidance"] = export_full_part(os.path.join(out, "lora", GUIDANCE_FILE), full)
   elif "lora" in config.export.formats:
     logging.info("export: lora skipped (the student in step %d is a full U-Net, not a LoRA overlay)", step)
   if {"flax", "diffusers"} & set(config.export.formats):

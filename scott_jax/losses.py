@@ -44,6 +44,39 @@ def distance(pred: jax.Array, target: jax.Array, kind: str = "l2", huber_c: floa
   return jnp.mean(per_elem.reshape(per_elem.shape[0], -1), axis=1)
 
 
+def gaussian_kl(mean_p: jax.Array, logvar_p: jax.Array, mean_q: jax.Array, logvar_q: jax.Array,
+                var_floor: float) -> jax.Array:
+  """Per-example KL(N(mean_p, v_p) || N(mean_q, v_q)) of diagonal Gaussians -> (B,), the per-element KL averaged
+  over the non-batch dimensions (as `distance` averages the squared error), in nats per element.
+
+  v = exp(logvar) + var_floor for both sides (logvar -inf is variance 0, then v = var_floor).
+  KL = 0.5 (log(v_q / v_p) + (v_p + (mean_p - mean_q)^2) / v_q - 1), zero iff the two Gaussians are equal.
+  SCott v1's consistency loss is this with p = the EMA target (no gradient) and q = the student (DECISION,
+  docs/decisions.md: with the target p random (the SDE teacher), the expected KL is minimised by mean_q = E[mean_p]
+  and v_q = E[v_p] + Var[mean_p], the target's total variance).
+  """
+  mp, mq = mean_p.astype(jnp.float32), mean_q.astype(jnp.float32)
+  vp = jnp.exp(logvar_p.astype(jnp.float32)) + var_floor
+  vq = jnp.exp(logvar_q.astype(jnp.float32)) + var_floor
+  per_elem = 0.5 * (jnp.log(vq) - jnp.log(vp) + (vp + (mp - mq) ** 2) / vq - 1.0)
+  return jnp.mean(per_elem.reshape(per_elem.shape[0], -1), axis=1)
+
+
+def make_gaussian_consistency_fn(student_fn: Callable, schedule: NoiseSchedule, *,
+                                 timestep_scaling: float = 10.0) -> Callable:
+  """The Gaussian student's f_theta(params, z, t, cond) -> ((mean, logvar) (B, ...) each, x0_hat (B, ...)):
+  `consistency.gaussian_consistency_output` around ``student_fn`` (whose output has 2C channels: prediction,
+  log-variance). Same call signature as `make_consistency_fn`, with the pair (mean, logvar) in place of f."""
+
+  def f(params: PyTree, z: jax.Array, t: jax.Array, cond: PyTree) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    out = student_fn(params, z, t, cond)
+    mean, logvar, x0_hat = consistency.gaussian_consistency_output(out, z, t, schedule,
+                                                                   timestep_scaling=timestep_scaling)
+    return (mean, logvar), x0_hat
+
+  return f
+
+
 def make_consistency_fn(student_fn: Callable, schedule: NoiseSchedule, *,
                         timestep_scaling: float = 10.0) -> Callable:
   """f_theta(params, z, t, cond) -> (f (B, ...), x0_hat (B, ...)): LCM boundary conditions around ``student_fn``."""
@@ -63,7 +96,8 @@ def make_cd_target(target_fn: Callable, teacher_eps_fn: Callable, schedule: Nois
   ``target_fn(target_params, z, t, cond) -> (f (B, ...), x0_hat)`` is the consistency function of the EMA target
   (`make_consistency_fn`). Returns ``problem(target_params, z0, cond, key) -> dict`` with t_n (B,) drawn
   uniformly from ``consistency.training_grid(grid, ...)``, t_m = max(t_n - skip, 0), eps (B, ...), z_tn =
-  alpha_tn z0 + sigma_tn eps, and target = sg(f_theta^-(Phi_SDE(z_tn, t_n, t_m, h), t_m)) (B, ...).
+  alpha_tn z0 + sigma_tn eps, and target = sg(f_theta^-(Phi_SDE(z_tn, t_n, t_m, h), t_m)) (B, ...), or the pair
+  sg((mean, logvar)) for a Gaussian ``target_fn`` (`make_gaussian_consistency_fn`).
   """
   grid = consistency.training_grid(grid, skip=skip, num_ddim_timesteps=num_ddim_timesteps,
                                    num_train=schedule.num_train_timesteps)
@@ -88,16 +122,39 @@ def make_cd_target(target_fn: Callable, teacher_eps_fn: Callable, schedule: Nois
 def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: NoiseSchedule, *,
                  solver: str, solver_kwargs: dict[str, Any] | None = None, skip: int, h: int,
                  grid: str = "skip", num_ddim_timesteps: int = 50, distance_kind: str = "l2",
-                 huber_c: float = 0.001, timestep_scaling: float = 10.0) -> Callable:
+                 huber_c: float = 0.001, timestep_scaling: float = 10.0, student_output: str = "point",
+                 var_floor: float = 1e-6) -> Callable:
   """Consistency-distillation loss with the multi-step SDE teacher (paper Eq. 1 with Phi_SDE).
 
   Returns ``loss_fn(params, target_params, z0, cond, key) -> (loss, aux)`` where z0 (B, ...) is clean data
   (latents), ``target_params`` the EMA parameters theta^- (no gradient flows into them) and aux a dict with
   the per-batch diagnostics and the student's prediction ``x_fake`` = f_theta(z_tn, t_n) for the GAN loss.
   t_n is drawn uniformly from ``consistency.training_grid(grid, ...)`` (`make_cd_target`).
+
+  ``student_output`` "gaussian" (SCott v1): ``student_fn``'s output has 2C channels (`make_gaussian_consistency_fn`)
+  and the loss is the mean `gaussian_kl`(target || student) with ``var_floor`` (the distance is not used); aux
+  then holds the student's ``mean`` and ``logvar`` and ``x_fake`` is the mean.
   """
   if distance_kind not in DISTANCES:
     raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
+  if student_output not in consistency.STUDENT_OUTPUTS:
+    raise ValueError(f"unknown student output '{student_output}'; allowed: {', '.join(consistency.STUDENT_OUTPUTS)}")
+  if student_output == "gaussian":
+    f = make_gaussian_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
+    problem_fn = make_cd_target(f, teacher_eps_fn, schedule, solver=solver, solver_kwargs=solver_kwargs, skip=skip,
+                                h=h, grid=grid, num_ddim_timesteps=num_ddim_timesteps)
+
+    def gaussian_loss_fn(params: PyTree, target_params: PyTree, z0: jax.Array, cond: PyTree,
+                         key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+      problem = problem_fn(target_params, z0, cond, key)
+      (mean, logvar), x0_pred = f(params, problem["z_tn"], problem["t_n"], cond)
+      target_mean, target_logvar = problem["target"]
+      loss = jnp.mean(gaussian_kl(target_mean, target_logvar, mean, logvar, var_floor))
+      aux = {"loss_cd": loss, "t_n": problem["t_n"], "x_fake": mean, "mean": mean, "logvar": logvar,
+             "x0_pred": x0_pred, "z_tn": problem["z_tn"], "eps": problem["eps"]}
+      return loss, aux
+
+    return gaussian_loss_fn
   f = make_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
   problem_fn = make_cd_target(f, teacher_eps_fn, schedule, solver=solver, solver_kwargs=solver_kwargs, skip=skip,
                               h=h, grid=grid, num_ddim_timesteps=num_ddim_timesteps)

@@ -19,6 +19,9 @@ x0 = f_theta(z_t, t, c, w) (LCM boundary scalings; a U-Net without ``time_cond_p
 student, does not see w); between steps z_t' = alpha_t' x0 + sigma_t' xi. The initial latents (B, h, w, C) and
 the noises xi
 (K - 1, B, h, w, C) are drawn from ``key`` unless given explicitly (tests feed the same draws to diffusers).
+A Gaussian student (SCott v1, ``Pipeline.student_output = "gaussian"``: the U-Net's output channels are the
+prediction and a log-variance) takes x0 at every step as a draw from its Gaussian (``make_sampler(gaussian=
+"sample")``, noise from fold_in(the renoising key, 1)) or as its mean (``"mean"``).
 
 Teacher sampling: `scott_jax.solvers.sample` with any registered solver (ddim eta, er_sde, dpmpp_2m, addim) on
 ``solvers.ddim_timesteps`` (diffusers' spacings) ending with the jump to clean data.
@@ -63,7 +66,8 @@ class Pipeline:
   unet: the student (with ``time_cond_proj_dim``, the guidance embedding) or a plain teacher U-Net;
   timestep_scaling, original_steps: the LCM boundary scaling and the 50-step grid of `lcm_timesteps`;
   sampling_grid: ascending training timesteps that k-step student sampling picks from (`consistency.grid_timesteps`);
-  () = LCM's grid of ``original_steps`` (diffusers' LCMScheduler).
+  () = LCM's grid of ``original_steps`` (diffusers' LCMScheduler); student_output: "point" or "gaussian" (SCott
+  v1: the U-Net's output channels are (prediction, log-variance), `consistency.gaussian_consistency_output`).
   """
 
   unet: Any
@@ -75,6 +79,7 @@ class Pipeline:
   timestep_scaling: float = 10.0
   original_steps: int = 50
   sampling_grid: tuple[int, ...] = ()
+  student_output: str = "point"
 
   @property
   def guidance_embed_dim(self) -> int | None:
@@ -187,13 +192,15 @@ def sdxl_condition(states: Array, pooled: Array, time_ids: Array | Sequence[int]
 
 
 def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[str, Array], z_T: Array,
-                    timesteps: np.ndarray, w: Array, noises: Array) -> Array:
+                    timesteps: np.ndarray, w: Array, noises: Array, draws: Array | None = None) -> Array:
   """Multistep consistency sampling in latent space -> the last x0 (B, h, w, C).
 
   text (B, L, D), or the SDXL condition dict of `apply_unet`; z_T (B, h, w, C); timesteps (K,) descending ints;
   w (B,) the LCM guidance weight (CFG scale minus 1); noises (K - 1, B, h, w, C) standard normal, used in order
   between steps (as LCMScheduler draws them). One lax.scan over the K steps. A U-Net without the guidance
-  embedding ignores w (LCM-LoRA style).
+  embedding ignores w (LCM-LoRA style). A Gaussian student (``pipe.student_output``): x0 at each step is its
+  mean, or with ``draws`` (K, B, h, w, C) standard normal the draw mean + std * draws[k]
+  (`consistency.gaussian_draw`).
   """
   ts = jnp.asarray(timesteps, jnp.int32)
   k = ts.shape[0]
@@ -205,14 +212,26 @@ def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[s
   nxt = jnp.concatenate([ts[1:], ts[-1:]])
   xi = jnp.concatenate([noises, jnp.zeros((1,) + z_T.shape, z_T.dtype)], axis=0)
 
-  def body(z: Array, inp: tuple[Array, Array, Array]) -> tuple[Array, Array]:
-    t, t_next, noise = inp
+  gaussian = pipe.student_output == "gaussian"
+  if draws is not None and (not gaussian or draws.shape[0] != k):
+    raise ValueError(f"draws need a Gaussian student and {k} entries, got {pipe.student_output} and "
+                     f"{draws.shape[0]}")
+
+  def body(z: Array, inp: tuple[Array, ...]) -> tuple[Array, Array]:
+    t, t_next, noise = inp[:3]
     tb = jnp.full((z.shape[0],), t, jnp.int32)
     out = apply_unet(pipe, unet_params, z, tb, text, w_emb).astype(jnp.float32)
-    x0, _ = consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)
+    if gaussian:
+      x0, logvar, _ = consistency.gaussian_consistency_output(out, z, tb, pipe.schedule,
+                                                              timestep_scaling=pipe.timestep_scaling)
+      if draws is not None:
+        x0 = consistency.gaussian_draw(x0, logvar, inp[3])
+    else:
+      x0, _ = consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)
     return pipe.schedule.add_noise(x0, noise, t_next), x0
 
-  _, x0s = jax.lax.scan(body, z_T.astype(jnp.float32), (ts, nxt, xi))
+  inputs = (ts, nxt, xi) if draws is None else (ts, nxt, xi, jnp.asarray(draws, jnp.float32))
+  _, x0s = jax.lax.scan(body, z_T.astype(jnp.float32), inputs)
   return x0s[-1]
 
 
@@ -245,10 +264,12 @@ def latent_shape(pipe: Pipeline, batch: int, height: int, width: int) -> tuple[i
 def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence[int] = 4, height: int = 512,
                  width: int | None = None, output: str = "uint8", solver: str = "ddim",
                  solver_kwargs: dict[str, Any] | None = None, spacing: str = "leading",
-                 offset: int = 1) -> Sampler:
+                 offset: int = 1, gaussian: str = "sample") -> Sampler:
   """One jitted end-to-end sampler (see the module docstring) for fixed (kind, timesteps, size, output).
 
-  kind "student": multistep consistency sampling at `student_timesteps(steps)`; kind "teacher": ``solver``
+  kind "student": multistep consistency sampling at `student_timesteps(steps)` (a Gaussian student,
+  ``pipe.student_output``: x0 drawn from its Gaussian at every step, ``gaussian`` "sample", the draws' noise from
+  fold_in(the renoising key, 1), or its mean, "mean"; ignored for a point student); kind "teacher": ``solver``
   (with ``solver_kwargs``, e.g. eta for ddim) at `teacher_timesteps(steps, spacing, offset)`. Returns a
   `Sampler` (callable; ``.timesteps`` is the int array used). The timesteps are a traced argument of the jitted
   function, so samplers with the same number of steps share one compiled program; jitted functions are cached
@@ -258,6 +279,9 @@ def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence
     raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join(SAMPLER_KINDS)}")
   if output not in OUTPUTS:
     raise ValueError(f"unknown output {output!r}; allowed: {', '.join(OUTPUTS)}")
+  if gaussian not in consistency.GAUSSIAN_SAMPLING:
+    raise ValueError(f"unknown Gaussian sampling {gaussian!r}; allowed: {', '.join(consistency.GAUSSIAN_SAMPLING)}")
+  draw = kind == "student" and pipe.student_output == "gaussian" and gaussian == "sample"
   width = height if width is None else width
   latent_shape(pipe, 1, height, width)  # size check
   n_train = pipe.schedule.num_train_timesteps
@@ -267,10 +291,10 @@ def make_sampler(pipe: Pipeline, *, kind: str = "student", steps: int | Sequence
     timesteps = teacher_timesteps(steps, n_train, spacing, offset)
     solvers.get_solver(solver)  # unknown names raise here, not at trace time
   solver_kwargs = dict(solver_kwargs or {})
-  key = (_pipeline_signature(pipe), kind, height, width, output, solver, tuple(sorted(solver_kwargs.items())))
+  key = (_pipeline_signature(pipe), kind, height, width, output, solver, tuple(sorted(solver_kwargs.items())), draw)
   if key not in _JITTED:
     _JITTED[key] = _jitted_sampler(pipe, kind=kind, height=height, width=width, output=output, solver=solver,
-                                   solver_kwargs=solver_kwargs)
+                                   solver_kwargs=solver_kwargs, draw=draw)
   return Sampler(_JITTED[key], np.asarray(timesteps, np.int64), kind)
 
 
@@ -282,12 +306,12 @@ _JITTED: dict[tuple, Callable[..., Array]] = {}
 def _pipeline_signature(pipe: Pipeline) -> tuple:
   abar = np.asarray(pipe.schedule.abar)
   return (pipe.unet, pipe.vae, pipe.text_encoder, abar.dtype.str, abar.tobytes(), pipe.schedule.prediction_type,
-          pipe.max_length, pipe.timestep_scaling, pipe.original_steps, pipe.sampling_grid,
+          pipe.max_length, pipe.timestep_scaling, pipe.original_steps, pipe.sampling_grid, pipe.student_output,
           tuple(pipe.tokenize([""])[0].tolist()))
 
 
 def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, output: str, solver: str,
-                    solver_kwargs: dict[str, Any]) -> Callable[..., Array]:
+                    solver_kwargs: dict[str, Any], draw: bool = False) -> Callable[..., Array]:
   uncond_ids = jnp.asarray(pipe.tokenize([""])) if kind == "teacher" else None
 
   def sample(params: dict[str, PyTree], timesteps: Array, input_ids: Array, key: Array,
@@ -304,7 +328,8 @@ def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, outpu
       if noises is None:
         noises = jax.random.normal(k_noise, (k - 1,) + shape, jnp.float32)
       w = jnp.broadcast_to(g - 1.0, (b,))
-      x0 = student_latents(pipe, params["unet"], text, z_T, timesteps, w, jnp.asarray(noises, jnp.float32))
+      draws = jax.random.normal(jax.random.fold_in(k_noise, 1), (k,) + shape, jnp.float32) if draw else None
+      x0 = student_latents(pipe, params["unet"], text, z_T, timesteps, w, jnp.asarray(noises, jnp.float32), draws)
     else:
       uncond = encode_prompts(pipe, params["text_encoder"], uncond_ids)
       x0 = teacher_latents(pipe, params["unet"], text, uncond, z_T, timesteps, g, k_noise, solver=solver,
@@ -353,7 +378,8 @@ def generate(sampler: Callable[..., Array], params: dict[str, PyTree], input_ids
 def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[str, PyTree]]:
   """A folder written by `scott_jax.export.export_flax` -> (Pipeline, params), bit-identical parameters.
 
-  Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, provenance), ``abar.npy`` (the
+  Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, the student's output kind
+  ``student_output``, point or gaussian (both halves of a Gaussian student's U-Net), provenance), ``abar.npy`` (the
   schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
   float32) and ``tokenizer/``.
   """
@@ -386,7 +412,7 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[s
                            prediction_type=meta["prediction_type"])
   pipe = Pipeline(unet, vae, text_encoder, tokenizer, schedule, _max_length(tokenizer, text_encoder),
                   float(meta["timestep_scaling"]), int(meta["original_steps"]),
-                  tuple(int(t) for t in meta.get("sampling_grid", ())))
+                  tuple(int(t) for t in meta.get("sampling_grid", ())), meta.get("student_output", "point"))
   return pipe, params
 
 
@@ -486,7 +512,8 @@ def load_for_config(config: Any, workdir: str, path: str = "", which: str = "ema
 def run_sample(config: Any, workdir: str) -> dict[str, float]:
   """Mode ``sample``: for each entry of ``config.sample.steps`` (or the explicit ``sample.timesteps``) generates
   the prompts with the student (``sample.model = "student"``) or the teacher (``sample.path``, default
-  ``config.model.teacher_path``; solver, eta, order, noise_fn, spacing from ``config.sample``), writes PNGs
+  ``config.model.teacher_path``; solver, eta, order, noise_fn, spacing from ``config.sample``; a Gaussian student
+  draws from or takes the mean of its Gaussian, ``sample.gaussian``), writes PNGs
   and a grid to WORKDIR/samples/<label>/ and prints seconds per image after compilation.
   Returns {label: seconds/image}."""
   sc = config.sample
@@ -505,7 +532,7 @@ def run_sample(config: Any, workdir: str) -> dict[str, float]:
   timings = {}
   batch = min(sc.batch_size, len(prompts))
   for steps in runs:
-    sampler = make_sampler(pipe, kind=kind, steps=steps, height=res, **teacher_opts)
+    sampler = make_sampler(pipe, kind=kind, steps=steps, height=res, gaussian=sc.gaussian, **teacher_opts)
     label = f"{kind}_{len(sampler.timesteps)}step" if not sc.timesteps else f"{kind}_t{'-'.join(map(str, steps))}"
     key = jax.random.PRNGKey(sc.seed)
     t0 = time.perf_counter()

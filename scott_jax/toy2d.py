@@ -47,11 +47,13 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
 
 
 class MLPDenoiser(nn.Module):
-  """eps-prediction MLP for 2-D data: (z (B, 2), t (B,) or scalar) -> eps (B, 2)."""
+  """eps-prediction MLP for 2-D data: (z (B, 2), t (B,) or scalar) -> eps (B, 2); ``out_dim`` 4 (a Gaussian
+  student, `gaussian_params`): (eps (B, 2), log-variance of x0_hat (B, 2)) concatenated."""
 
   hidden: int = 128
   depth: int = 3
   time_dim: int = 64
+  out_dim: int = 0  # 0: the data dimension
 
   @nn.compact
   def __call__(self, z: jax.Array, t: jax.Array) -> jax.Array:
@@ -60,7 +62,19 @@ class MLPDenoiser(nn.Module):
     h = nn.Dense(self.hidden)(z) + nn.silu(temb)
     for _ in range(self.depth):
       h = h + nn.Dense(self.hidden)(nn.silu(nn.LayerNorm()(h)))
-    return nn.Dense(z.shape[-1])(nn.silu(h))
+    return nn.Dense(self.out_dim or z.shape[-1])(nn.silu(h))
+
+
+def gaussian_params(params: PyTree, logvar_init: float) -> PyTree:
+  """A point MLP's parameters -> the Gaussian student's (`MLPDenoiser` with twice the outputs): the last Dense's
+  kernel and bias get a second half, zero kernel and bias ``logvar_init`` (as `scott_jax.train`'s doubled
+  conv_out), so the student starts equal to the point model and near-deterministic."""
+  inner = dict(params["params"])
+  last = max((k for k in inner if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+  kernel, bias = inner[last]["kernel"], inner[last]["bias"]
+  inner[last] = {"kernel": jnp.concatenate([kernel, jnp.zeros_like(kernel)], axis=-1),
+                 "bias": jnp.concatenate([bias, jnp.full_like(bias, logvar_init)])}
+  return {"params": inner}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,13 +140,23 @@ def make_mixture(cfg) -> analytic.GaussianMixture:
   return ring_mixture(cfg.num_modes, cfg.radius, cfg.mode_std, tuple(weights))
 
 
+METHODS = ("scott", "lcm", "scott_gaussian")
+LABELS = {"scott": "SCOTT", "lcm": "LCM", "scott_gaussian": "SCOTT GAUSSIAN"}
+
+
 def method_settings(config) -> dict[str, dict]:
-  """SCott uses ``config.solver``; LCM is the same loss with the ODE teacher (ddim, eta 0, h 1)."""
+  """The methods of ``config.toy2d.methods``: SCott uses ``config.solver``; LCM is the same loss with the ODE
+  teacher (ddim, eta 0, h 1); SCott Gaussian is SCott's teacher with the Gaussian student (SCott v1: KL loss,
+  ``consistency.logvar_init`` / ``var_floor``)."""
   s = config.solver
-  return {
-      "scott": dict(solver=s.name, solver_kwargs=solvers.solver_kwargs(s.name, s), skip=s.skip, h=s.h),
-      "lcm": dict(solver="ddim", solver_kwargs=dict(eta=0.0), skip=config.toy2d.lcm_skip, h=1),
+  scott = dict(solver=s.name, solver_kwargs=solvers.solver_kwargs(s.name, s), skip=s.skip, h=s.h,
+               student_output="point")
+  every = {
+      "scott": scott,
+      "lcm": dict(solver="ddim", solver_kwargs=dict(eta=0.0), skip=config.toy2d.lcm_skip, h=1, student_output="point"),
+      "scott_gaussian": dict(scott, student_output="gaussian"),
   }
+  return {m: every[m] for m in config.toy2d.methods}
 
 
 def _train_loop(step_fn: Callable, carry: Any, num_steps: int, chunk: int = 250) -> Any:
@@ -170,14 +194,16 @@ def pretrain(model: MLPDenoiser, teacher_eps: Callable, data: Callable, schedule
 
 
 def distill(model: MLPDenoiser, init_params: PyTree, teacher_eps: Callable, data: Callable,
-            schedule: NoiseSchedule, config, method: dict, key: jax.Array) -> PyTree:
-  """Consistency distillation of the MLP with ``losses.make_cd_loss`` (the same loss code as SD)."""
+            schedule: NoiseSchedule, config, method: dict, key: jax.Array, return_ema: bool = False) -> PyTree:
+  """Consistency distillation of the MLP with ``losses.make_cd_loss`` (the same loss code as SD); a Gaussian
+  ``method`` (student_output "gaussian") needs the Gaussian MLP and its parameters (`gaussian_params`)."""
   cfg, ccfg = config.toy2d, config.consistency
   loss_fn = losses.make_cd_loss(
       lambda p, z, t, c: model.apply(p, z, t), lambda z, t, c: teacher_eps(z, t), schedule,
       solver=method["solver"], solver_kwargs=method["solver_kwargs"], skip=method["skip"], h=method["h"],
       grid=ccfg.grid, num_ddim_timesteps=ccfg.num_ddim_timesteps, distance_kind=ccfg.distance, huber_c=ccfg.huber_c,
-      timestep_scaling=ccfg.timestep_scaling)
+      timestep_scaling=ccfg.timestep_scaling, student_output=method.get("student_output", "point"),
+      var_floor=ccfg.var_floor)
   tx = optax.adam(cfg.learning_rate)
   mu = ccfg.ema_decay
 
@@ -192,8 +218,25 @@ def distill(model: MLPDenoiser, init_params: PyTree, teacher_eps: Callable, data
     return params, ema, opt_state, key
 
   carry = (init_params, init_params, tx.init(init_params), key)
-  params, _, _, _ = _train_loop(step, carry, cfg.distill_steps)
-  return params
+  params, ema, _, _ = _train_loop(step, carry, cfg.distill_steps)
+  return (params, ema) if return_ema else params
+
+
+def make_f_fn(model: MLPDenoiser, params: PyTree, schedule: NoiseSchedule, timestep_scaling: float,
+              gaussian: bool = False) -> Callable:
+  """f_fn(z (B, 2), t scalar or (B,)) -> the consistency function f (B, 2) of the MLP, or for a Gaussian MLP the
+  pair (mean, logvar) (`consistency.gaussian_consistency_output`), as `consistency.multistep_sample` takes it."""
+
+  def f_fn(z, t):
+    t = jnp.broadcast_to(t, z.shape[:1])
+    out = model.apply(params, z, t)
+    if gaussian:
+      mean, logvar, _ = consistency.gaussian_consistency_output(out, z, t, schedule,
+                                                                timestep_scaling=timestep_scaling)
+      return mean, logvar
+    return consistency.consistency_output(out, z, t, schedule, timestep_scaling=timestep_scaling)[0]
+
+  return f_fn
 
 
 def evaluate(samples: np.ndarray, reference: np.ndarray, mixture: analytic.GaussianMixture) -> dict[str, float]:
@@ -203,7 +246,8 @@ def evaluate(samples: np.ndarray, reference: np.ndarray, mixture: analytic.Gauss
 
 
 def run_toy2d(config, workdir: str) -> dict[str, Any]:
-  """SCott (SDE teacher) vs LCM (ODE teacher) on a 2-D Gaussian mixture with the exact teacher.
+  """SCott (SDE teacher) vs LCM (ODE teacher) vs SCott's Gaussian student (``toy2d.methods``) on a 2-D Gaussian
+  mixture with the exact teacher.
 
   For every seed: pretrain the MLP on the exact eps, distil it with each method (same budget), sample at
   ``sample_steps`` with multistep consistency sampling and measure SWD, MMD, mode coverage and quality against
@@ -234,20 +278,19 @@ def run_toy2d(config, workdir: str) -> dict[str, Any]:
                                solver="ddim", schedule=schedule)
     rows.setdefault("pretrained MLP, DDIM 50", []).append(evaluate(np.asarray(init_ddim), reference, mixture))
     for name, method in methods.items():
-      params = distill(model, init, teacher_eps, data, schedule, config, method, k_dist)
-
-      def f_fn(z, t, params=params):
-        t = jnp.broadcast_to(t, z.shape[:1])
-        return consistency.consistency_output(model.apply(params, z, t), z, t, schedule,
-                                              timestep_scaling=config.consistency.timestep_scaling)[0]
-
-      for k in cfg.sample_steps:
-        x = consistency.multistep_sample(f_fn, z_T, consistency.lcm_timesteps(k), schedule,
-                                         jax.random.fold_in(k_eval, k))
-        label = f"{name.upper()}, {k} step{'s' if k > 1 else ''}"
-        rows.setdefault(label, []).append(evaluate(np.asarray(x), reference, mixture))
-        if seed == cfg.seeds[0]:
-          plots[label] = np.asarray(x)
+      gaussian = method["student_output"] == "gaussian"
+      student = MLPDenoiser(cfg.hidden, cfg.depth, out_dim=4) if gaussian else model
+      start_params = gaussian_params(init, config.consistency.logvar_init) if gaussian else init
+      params = distill(student, start_params, teacher_eps, data, schedule, config, method, k_dist)
+      f_fn = make_f_fn(student, params, schedule, config.consistency.timestep_scaling, gaussian)
+      for how in (("sample", "mean") if gaussian else (None,)):
+        for k in cfg.sample_steps:
+          x = consistency.multistep_sample(f_fn, z_T, consistency.lcm_timesteps(k), schedule,
+                                           jax.random.fold_in(k_eval, k), gaussian=how)
+          label = f"{LABELS[name]}{' (mean)' if how == 'mean' else ''}, {k} step{'s' if k > 1 else ''}"
+          rows.setdefault(label, []).append(evaluate(np.asarray(x), reference, mixture))
+          if seed == cfg.seeds[0]:
+            plots[label] = np.asarray(x)
     logging.info("toy2d: seed %d done (%.0f s)", seed, time.time() - start)
   plots["true data"] = reference
   report = _write_report(workdir, config, rows, plots, time.time() - start)
@@ -275,7 +318,10 @@ def _write_report(workdir: str, config, rows: dict[str, list[dict[str, float]]],
       f"{cfg.rare_mode_weight}. Exact teacher (closed-form eps). MLP student pretrained for {cfg.pretrain_steps} "
       f"steps on the exact eps, then distilled for {cfg.distill_steps} steps (batch {cfg.batch_size}) by each "
       f"method. SCott: {s.name} (eta {s.eta}, order {s.order}, noise fn {s.noise_fn}), skip {s.skip}, h {s.h}. "
-      f"LCM: ddim eta 0, skip {cfg.lcm_skip}, h 1. Seeds {tuple(cfg.seeds)}; mean ± std over seeds; "
+      f"LCM: ddim eta 0, skip {cfg.lcm_skip}, h 1. SCott Gaussian (SCott v1): SCott's teacher, the MLP with a "
+      f"log-variance head (init {config.consistency.logvar_init}) trained with KL(target || student) (variance "
+      f"floor {config.consistency.var_floor}); its rows draw x0 from the Gaussian at every step, its '(mean)' rows "
+      f"take the mean. Methods run: {', '.join(cfg.methods)}. Seeds {tuple(cfg.seeds)}; mean ± std over seeds; "
       f"{cfg.eval_samples} samples per row. swd: sliced Wasserstein-1, mmd: RBF MMD^2 (bandwidth 0.1), "
       "coverage: share of modes with >= 20% of their expected samples, quality: share of samples within 3 std of "
       "a mode, mode_tv: total variation between true and sampled mode weights. Lower is better for swd, mmd, "

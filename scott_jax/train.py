@@ -132,7 +132,8 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   """The Models around a teacher U-Net architecture (``UNetConfig``) and given VAE / text encoder modules.
 
   Teacher and student get ``config.model``'s dtype and `unet_options`; the student adds the guidance embedding
-  (``time_cond_proj_dim``); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
+  (``time_cond_proj_dim``) and, a Gaussian student (``consistency.student_output``), twice the output channels
+  (prediction, log-variance); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
   (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
   """
   from scott_jax.models.unet import UNet2DConditionModel
@@ -140,9 +141,10 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   dtype = _dtype(config.model.dtype)
   options = unet_options(config)
   teacher = UNet2DConditionModel(unet_config, dtype=dtype, **options)
+  out_channels = unet_config.out_channels * (2 if config.consistency.student_output == "gaussian" else 1)
   student = UNet2DConditionModel(
-    dataclasses.replace(unet_config, time_cond_proj_dim=config.consistency.guidance_embed_dim or None), dtype=dtype,
-    **options)
+    dataclasses.replace(unet_config, time_cond_proj_dim=config.consistency.guidance_embed_dim or None,
+                        out_channels=out_channels), dtype=dtype, **options)
   disc = None
   if config.gan.enabled:
     disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
@@ -196,17 +198,26 @@ def make_optimizer(lr: float, optim: ConfigDict) -> tuple[optax.GradientTransfor
   return tx, schedule
 
 
-def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict]:
-  """Flat {path: (teacher leaf, spec)} of the parameters the student shares with the teacher and flat
-  {path: spec} of the ones it adds (only the guidance projection ``cond_proj``); anything else raises."""
+CONV_OUT = "conv_out"  # the U-Net's output conv: twice the teacher's channels in a Gaussian student
+
+
+def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict, dict]:
+  """Flat {path: (teacher leaf, spec)} of the parameters the student shares with the teacher, flat {path: spec}
+  of the ones it adds (only the guidance projection ``cond_proj``) and flat {path: (teacher leaf, spec)} of the
+  output conv of a Gaussian student (``conv_out`` kernel and bias with twice the teacher's output channels;
+  empty for a point student); anything else raises."""
   from scott_jax.models import unet as unet_lib
 
   shapes = unet_lib.abstract_params(models.student.config)
   teacher_flat = traverse_util.flatten_dict(teacher_params)
-  shared, extra = {}, {}
+  doubled = models.student.config.out_channels == 2 * models.teacher.config.out_channels
+  shared, extra, halves = {}, {}, {}
   for path, spec in traverse_util.flatten_dict(shapes).items():
     if path in teacher_flat:
       leaf = teacher_flat[path]
+      if doubled and CONV_OUT in path[-2:-1] and tuple(spec.shape) == (*leaf.shape[:-1], 2 * leaf.shape[-1]):
+        halves[path] = (leaf, spec)
+        continue
       if tuple(leaf.shape) != tuple(spec.shape):
         raise ValueError(f"student parameter {'/'.join(path)} {spec.shape} != teacher's {leaf.shape}")
       shared[path] = (leaf, spec)
@@ -214,7 +225,25 @@ def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict]
       extra[path] = spec
     else:
       raise ValueError(f"student parameter {'/'.join(path)} has no counterpart in the teacher")
-  return shared, extra
+  return shared, extra, halves
+
+
+def _gaussian_conv_out(halves: dict, logvar_init: float) -> dict:
+  """A Gaussian student's initial conv_out (flat {path: array}): the mean half is the teacher's kernel and bias,
+  the log-variance half a zero kernel and the bias ``logvar_init`` (DECISION: the student starts equal to the
+  teacher and near-deterministic, variance c_out^2 exp(logvar_init) everywhere)."""
+  out = {}
+  for path, (leaf, spec) in halves.items():
+    leaf = jnp.asarray(leaf, spec.dtype)
+    fill = logvar_init if path[-1] == "bias" else 0.0
+    out[path] = jnp.concatenate([leaf, jnp.full(leaf.shape, fill, spec.dtype)], axis=-1)
+  return out
+
+
+def _without_conv_out(teacher_params: PyTree) -> PyTree:
+  """The teacher's parameters without conv_out (a Gaussian LoRA student trains its doubled conv_out in full)."""
+  flat = traverse_util.flatten_dict(teacher_params)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if CONV_OUT not in p[-2:-1]})
 
 
 def init_student_params(models: Models, teacher_params: PyTree, config: ConfigDict | None = None) -> PyTree:
@@ -223,10 +252,17 @@ def init_student_params(models: Models, teacher_params: PyTree, config: ConfigDi
   Full student (``config`` None or ``model.student_lora_rank`` 0): a copy of the teacher's parameters plus the
   guidance projection ``cond_proj`` set to zero. LoRA student: {"lora": `lora.init` of
   ``model.student_lora_targets`` at the rank (key fold_in(seed, 3), B = 0), "full": {cond_proj: 0} or {}}.
-  Either starts equal to the teacher. Any other parameter the student has and the teacher lacks raises.
+  A Gaussian student (``consistency.student_output``; needs ``config``) has the doubled conv_out of
+  `_gaussian_conv_out` (logvar bias ``consistency.logvar_init``), in the "full" part of a LoRA state (the overlay
+  then never targets conv_out). Either starts equal to the teacher. Any other parameter the student has and the
+  teacher lacks raises.
   """
-  shared, extra = _student_layout(models, teacher_params)
+  shared, extra, halves = _student_layout(models, teacher_params)
   zeros = {p: jnp.zeros(spec.shape, spec.dtype) for p, spec in extra.items()}  # DECISION (notes section 2)
+  if halves:
+    if config is None:
+      raise ValueError("a Gaussian student's initialisation needs the config (consistency.logvar_init)")
+    zeros.update(_gaussian_conv_out(halves, float(config.consistency.logvar_init)))
   if config is None or config.model.student_lora_rank == 0:
     out = {p: jnp.array(leaf, dtype=spec.dtype, copy=True) for p, (leaf, spec) in shared.items()}
     return traverse_util.unflatten_dict({**out, **zeros})
@@ -234,20 +270,23 @@ def init_student_params(models: Models, teacher_params: PyTree, config: ConfigDi
 
   m = config.model
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  overlay = lora.init(key, teacher_params, tuple(m.student_lora_targets), m.student_lora_rank)
+  base = _without_conv_out(teacher_params) if halves else teacher_params
+  overlay = lora.init(key, base, tuple(m.student_lora_targets), m.student_lora_rank)
   return {STUDENT_LORA: overlay, STUDENT_FULL: traverse_util.unflatten_dict(zeros)}
 
 
 def student_shapes(config: ConfigDict, models: Models, teacher_params: PyTree) -> PyTree:
   """`init_student_params`' shapes and dtypes (jax.ShapeDtypeStruct leaves); ``teacher_params`` may be abstract."""
   if config.model.student_lora_rank == 0:
-    return jax.eval_shape(lambda p: init_student_params(models, p), teacher_params)
+    return jax.eval_shape(lambda p: init_student_params(models, p, config), teacher_params)
   from scott_jax.models import lora
 
-  _, extra = _student_layout(models, teacher_params)
+  _, extra, halves = _student_layout(models, teacher_params)
   m = config.model
-  return {STUDENT_LORA: lora.init_shapes(teacher_params, tuple(m.student_lora_targets), m.student_lora_rank),
-          STUDENT_FULL: traverse_util.unflatten_dict(extra)}
+  base = _without_conv_out(teacher_params) if halves else teacher_params
+  full = {**extra, **{p: jax.ShapeDtypeStruct(spec.shape, spec.dtype) for p, (_, spec) in halves.items()}}
+  return {STUDENT_LORA: lora.init_shapes(base, tuple(m.student_lora_targets), m.student_lora_rank),
+          STUDENT_FULL: traverse_util.unflatten_dict(full)}
 
 
 def is_lora_student(student: PyTree) -> bool:
@@ -313,7 +352,7 @@ def init_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spec: d
   if config.model.student_lora_rank:  # lora.init runs on the host (as the discriminator's): pass it in
     student = init_student_params(models, frozen["unet"], config)
     return jax.jit(lambda s, d: _assemble_state(config, models, s, d), out_shardings=shardings)(student, disc)
-  return jax.jit(lambda f, d: _assemble_state(config, models, init_student_params(models, f["unet"]), d),
+  return jax.jit(lambda f, d: _assemble_state(config, models, init_student_params(models, f["unet"], config), d),
                  out_shardings=shardings)(frozen, disc)
 
 
@@ -408,9 +447,16 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
   student's gradient is the pullback of dL_CD/dx + lambda_eff dL_G/dx (Eq. 7, lambda_eff by `gan.weighting`
   and `gan.start_step`, `losses.adversarial_weight`).
 
+  A Gaussian student (``consistency.student_output``, SCott v1): the vjp gives its (mean, logvar) at (z_tn, t_n),
+  L_CD is `losses.gaussian_kl`(EMA target's Gaussian at (z_tm_hat, t_m) || student's) with
+  ``consistency.var_floor``, and the discriminator sees a reparameterised draw x = mean + exp(logvar / 2) noise
+  (noise from fold_in(k_cd, 3)), so dL_G/dx reaches both halves through the draw's pullback; lambda_eff's norms
+  are taken over both halves' gradients.
+
   metrics: float32 scalars loss (student total), loss_cd, loss_g, loss_d, d_real, d_fake (mean logits),
   disc_accuracy (`losses.disc_accuracy`), grad_ratio = ||lambda_eff dL_G/dx|| / ||dL_CD/dx|| at the student's
-  output, lambda_eff, grad_norm_disc (before clipping), lr_disc, w (mean guidance weight).
+  output, lambda_eff, grad_norm_disc (before clipping), lr_disc, w (mean guidance weight); a Gaussian student adds
+  std_student and std_target (root mean variance of f over the batch, at t_n and of the target at t_m).
   """
   c = config
   schedule = models.schedule
@@ -419,6 +465,7 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
   _, lr_d = make_optimizer(c.optim.disc_lr, c.optim)
   solver_kwargs = solvers.solver_kwargs(c.solver.name, c.solver)
   cc = c.consistency
+  gaussian = cc.student_output == "gaussian"
 
   def disc_logits(dparams: PyTree, frozen: PyTree, x: Array, t: Array, text: Array, pooled: Array) -> Array:
     t, text, pooled = disc.condition(t, text, pooled, frozen["uncond_text"], frozen["uncond_pooled"])
@@ -433,7 +480,8 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
     cond = {"text": text, "w": w}
     uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
     student_fn = make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
-    f = losses.make_consistency_fn(student_fn, schedule, timestep_scaling=cc.timestep_scaling)
+    make_f = losses.make_gaussian_consistency_fn if gaussian else losses.make_consistency_fn
+    f = make_f(student_fn, schedule, timestep_scaling=cc.timestep_scaling)
     problem = losses.make_cd_target(
       f, make_teacher_eps_fn(models, frozen["unet"], uncond), schedule, solver=c.solver.name,
       solver_kwargs=solver_kwargs, skip=c.solver.skip, h=c.solver.h, grid=cc.grid,
@@ -441,10 +489,22 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
     t_n = problem["t_n"]
 
     # Eq. 1: the student's prediction and the consistency loss's gradient at it.
-    x_fake, pull_student = jax.vjp(lambda p: f(p, problem["z_tn"], t_n, cond)[0], state.student)
-    loss_cd, g_cd = jax.value_and_grad(
-      lambda x: jnp.mean(losses.distance(x, problem["target"], cc.distance, cc.huber_c)))(x_fake)
-    metrics = {"loss_cd": loss_cd, "w": jnp.mean(w)}
+    if gaussian:
+      # SCott v1: the student's Gaussian (mean, logvar), the KL to the target's, and the GAN's sample: a
+      # reparameterised draw x = mean + std * noise, whose pullback carries dL_G/dx to both halves.
+      out, pull_student = jax.vjp(lambda p: f(p, problem["z_tn"], t_n, cond)[0], state.student)
+      target_mean, target_logvar = problem["target"]
+      loss_cd, g_cd = jax.value_and_grad(lambda o: jnp.mean(
+        losses.gaussian_kl(target_mean, target_logvar, o[0], o[1], cc.var_floor)))(out)
+      noise = jax.random.normal(jax.random.fold_in(k_cd, 3), out[0].shape, out[0].dtype)
+      x_fake, pull_draw = jax.vjp(lambda o: consistency.gaussian_draw(o[0], o[1], noise), out)
+      metrics = {"loss_cd": loss_cd, "w": jnp.mean(w), "std_student": jnp.sqrt(jnp.mean(jnp.exp(out[1]))),
+                 "std_target": jnp.sqrt(jnp.mean(jnp.exp(target_logvar)))}
+    else:
+      x_fake, pull_student = jax.vjp(lambda p: f(p, problem["z_tn"], t_n, cond)[0], state.student)
+      loss_cd, g_cd = jax.value_and_grad(
+        lambda x: jnp.mean(losses.distance(x, problem["target"], cc.distance, cc.huber_c)))(x_fake)
+      metrics = {"loss_cd": loss_cd, "w": jnp.mean(w)}
 
     g_x, g_disc = g_cd, {}
     if gan:
@@ -463,16 +523,24 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
       g_disc = jax.tree_util.tree_map(jnp.add, pull_real(ct_real)[0], pull_fake(ct_fake)[0])
       loss_g, ct_g = jax.value_and_grad(losses.hinge_g_loss)(fake)
       g_adv = pull_fake(ct_g)[1]  # dL_G/dx; its parameter half is dead code XLA removes
-      lam = losses.adversarial_weight(g_cd, g_adv, c.gan.lambda_adv, c.gan.weighting, c.gan.max_weight)
+      if gaussian:  # at the student's output (mean, logvar), through the draw; the weighting on both halves
+        g_adv = pull_draw(g_adv)[0]
+        g_cd_flat, g_adv_flat = (jnp.concatenate([g[0].ravel(), g[1].ravel()]) for g in (g_cd, g_adv))
+      else:
+        g_cd_flat, g_adv_flat = g_cd, g_adv
+      lam = losses.adversarial_weight(g_cd_flat, g_adv_flat, c.gan.lambda_adv, c.gan.weighting, c.gan.max_weight)
       lam = jnp.where(state.step >= c.gan.start_step, lam, 0.0)
-      g_x = g_cd + lam * g_adv
+      g_x = jax.tree_util.tree_map(lambda a, b: a + lam * b, g_cd, g_adv)
       metrics.update(loss_g=loss_g, loss=losses.total_student_loss(loss_cd, loss_g, lam), loss_d=loss_d,
                      d_real=jnp.mean(real), d_fake=jnp.mean(fake), disc_accuracy=losses.disc_accuracy(real, fake),
-                     grad_ratio=jnp.linalg.norm(lam * g_adv) / (jnp.linalg.norm(g_cd) + 1e-12), lambda_eff=lam,
-                     grad_norm_disc=optax.tree.norm(g_disc), lr_disc=lr_d(state.step))
+                     grad_ratio=jnp.linalg.norm(lam * g_adv_flat) / (jnp.linalg.norm(g_cd_flat) + 1e-12),
+                     lambda_eff=lam, grad_norm_disc=optax.tree.norm(g_disc), lr_disc=lr_d(state.step))
     else:
       metrics.update(loss_g=jnp.zeros(()), loss=loss_cd)
-    (g_student,) = pull_student(g_x.astype(x_fake.dtype))
+    if gaussian:
+      (g_student,) = pull_student(jax.tree_util.tree_map(lambda g, o: g.astype(o.dtype), g_x, out))
+    else:
+      (g_student,) = pull_student(g_x.astype(x_fake.dtype))
     return g_student, g_disc, metrics, key
 
   return gradients
@@ -527,19 +595,21 @@ def student_timesteps(config: ConfigDict, num_steps: int) -> tuple[int, ...]:
 
 
 def student_pipeline(config: ConfigDict, models: Models) -> pipeline_lib.Pipeline:
-  """The student's `scott_jax.pipeline.Pipeline` (no parameters): LCM settings of ``config.consistency`` and
-  k-step timesteps on `sampling_grid` (``consistency.timestep_rule``, DECISION)."""
+  """The student's `scott_jax.pipeline.Pipeline` (no parameters): LCM settings of ``config.consistency``,
+  k-step timesteps on `sampling_grid` (``consistency.timestep_rule``, DECISION) and the student's output kind
+  (``consistency.student_output``)."""
   c = config.consistency
   return pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer, models.schedule,
                                models.max_length, float(c.timestep_scaling), int(c.num_ddim_timesteps),
-                               sampling_grid(config))
+                               sampling_grid(config), c.student_output)
 
 
 def make_sampler(config: ConfigDict, models: Models) -> Callable:
   """sample(student_state, frozen, input_ids (N, L), num_steps, key) -> uint8 images (N, H, W, 3) (host).
 
   `scott_jax.pipeline.make_sampler` (kind "student", one jitted sampler per step count) on `student_pipeline`
-  at data.resolution with CFG scale train.sample_guidance_scale (w = g - 1); a LoRA state is merged first.
+  at data.resolution with CFG scale train.sample_guidance_scale (w = g - 1) (a Gaussian student as
+  ``sample.gaussian``); a LoRA state is merged first.
   """
   pipe = student_pipeline(config, models)
   samplers: dict[int, pipeline_lib.Sampler] = {}
@@ -548,7 +618,7 @@ def make_sampler(config: ConfigDict, models: Models) -> Callable:
   def sample(student: PyTree, frozen: PyTree, input_ids: Any, num_steps: int, key: Array) -> np.ndarray:
     if num_steps not in samplers:
       samplers[num_steps] = pipeline_lib.make_sampler(pipe, kind="student", steps=num_steps,
-                                                      height=config.data.resolution)
+                                                      height=config.data.resolution, gaussian=config.sample.gaussian)
     unet = merge(student, frozen["unet"]) if is_lora_student(student) else student
     params = {"unet": unet, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
     return np.asarray(samplers[num_steps](params, input_ids, key, config.train.sample_guidance_scale))

@@ -374,8 +374,15 @@ def test_method_configs_are_the_paper_settings():
   assert distill.method_config(c, "scott_h1", 0, "").solver.h == 1
   ddim = distill.method_config(c, "scott_ddim", 0, "")
   assert (ddim.solver.name, ddim.solver.eta, ddim.solver.h) == ("ddim", c.digits.ablation_eta, 3)
+  gauss = distill.method_config(c, "scott_gaussian", 0, "")
+  assert gauss.consistency.student_output == "gaussian" and gauss.gan.enabled
+  assert (gauss.solver.name, gauss.solver.noise_fn, gauss.solver.h) == ("er_sde", 7, 3)
+  gauss_no_gan = distill.method_config(c, "scott_gaussian_no_gan", 0, "")
+  assert gauss_no_gan.consistency.student_output == "gaussian" and not gauss_no_gan.gan.enabled
+  assert scott.consistency.student_output == "point"
   for m in distill.METHODS:
     config_lib.validate(distill.method_config(c, m, 0, "/t"))
+    assert m in distill.TITLES
   assert c.solver.name == "er_sde"  # the experiment config itself is untouched
   with pytest.raises(ValueError, match="'nope'"):
     distill.method_config(c, "nope", 0, "")

@@ -252,3 +252,41 @@ def test_lora_training_run_exports(run, tmp_path):
   train.train(cfg, workdir)
   assert os.path.isfile(os.path.join(workdir, "samples", "step0000002_1step.png"))
   check_lora_export(cfg, workdir, export.run_export(cfg, workdir), step=2)
+
+
+@pytest.mark.slow
+def test_gaussian_student_exports(tmp_path):
+  """A Gaussian student (consistency.student_output gaussian): the Flax export holds both halves (8 output channels,
+  ``student_output`` gaussian) bit for bit and samples by drawing or by the mean; the diffusers export is the
+  standard U-Net of the mean half (4 channels, a note in the folder) and gives our images sampled with the mean."""
+  teacher = TINY["write_tiny_pipeline"](str(tmp_path / "teacher"))
+  cfg = tiny_config(teacher)
+  cfg.consistency.student_output = "gaussian"
+  cfg.consistency.logvar_init = -4.0  # draws visibly different from the mean
+  workdir = str(tmp_path / "run")
+  states = write_checkpoints(cfg, workdir)
+  cfg.export.out_dir = str(tmp_path / "out")
+  written = export.run_export(cfg, workdir)
+  pipe, params = pipeline.load_exported(written["flax"])
+  assert pipe.student_output == "gaussian" and pipe.unet.config.out_channels == 8
+  saved, got = _leaves(states[3].ema), _leaves(params["unet"])
+  assert set(got) == set(saved) and all(np.array_equal(got[k], saved[k]) for k in saved)
+  assert os.path.isfile(os.path.join(written["diffusers"], export.GAUSSIAN_NOTE))
+  torch_pipe = diffusers.DiffusionPipeline.from_pretrained(written["diffusers"])
+  assert torch_pipe.unet.config.out_channels == 4
+  shape = pipeline.latent_shape(pipe, 2, 32, 32)
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
+  gen = torch.Generator().manual_seed(9)
+  noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()])
+  mean_sampler = pipeline.make_sampler(pipe, kind="student", steps=2, height=32, output="float", gaussian="mean")
+  ours = np.asarray(mean_sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z,
+                                 noises=noises))
+  with torch.no_grad():
+    ref = torch_pipe(PROMPTS, height=32, width=32, timesteps=mean_sampler.timesteps.tolist(), guidance_scale=6.0,
+                     latents=torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), output_type="np",
+                     generator=torch.Generator().manual_seed(9)).images
+  np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
+  drawn = pipeline.make_sampler(pipe, kind="student", steps=2, height=32, output="float", gaussian="sample")
+  a = np.asarray(drawn(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
+  b = np.asarray(drawn(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(1), 6.0, latents=z, noises=noises))
+  assert np.abs(a - ours).max() > 1e-3 and np.abs(a - b).max() > 1e-3  # the draws depend on the key alone

@@ -629,3 +629,136 @@ def test_gan_weighting_fields_are_validated(key, value, match):
   c[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=f"'{key}' has value .*{match}"):
     config_lib.validate(c)
+
+
+def _gaussian(config):
+  cfg = config_lib.ConfigDict(config.to_dict())
+  cfg.consistency.student_output = "gaussian"
+  return config_lib.validate(cfg)
+
+
+@pytest.mark.slow
+def test_gaussian_student_starts_as_the_teacher_and_its_gradient_flows_through_the_draw(env, tiny):
+  """consistency.student_output = gaussian: the student's conv_out has twice the teacher's channels (mean half =
+  the teacher's, log-variance half: zero kernel, bias consistency.logvar_init), so its mean output equals the
+  teacher's; the state's shapes match abstract_state and the mesh rules shard it. `make_gradients` (one vjp of the
+  student giving (mean, logvar), the KL, the discriminator on a reparameterised draw) gives the losses and both
+  gradients of a two-pass reference written with jax.value_and_grad of KL + lambda L_G(D(mean + std * noise)), and
+  the GAN's gradient reaches the log-variance half (the draw's pullback)."""
+  import flax.traverse_util as traverse_util
+
+  from scott_jax import losses
+
+  config0, _, frozen, _, batch, _ = tiny
+  config = _gaussian(config0)
+  models, _ = train_lib.load_models(config)
+  assert models.student.config.out_channels == 2 * models.teacher.config.out_channels == 8
+  state = train_lib.init_state(config, models, frozen, batch)
+  teacher_out = {k: np.asarray(v) for k, v in frozen["unet"]["params"]["conv_out"].items()}
+  conv = {k: np.asarray(v) for k, v in state.student["params"]["conv_out"].items()}
+  np.testing.assert_array_equal(conv["kernel"][..., :4], teacher_out["kernel"])
+  np.testing.assert_array_equal(conv["bias"][:4], teacher_out["bias"])
+  assert np.all(conv["kernel"][..., 4:] == 0) and np.all(conv["bias"][4:] == config.consistency.logvar_init)
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+             zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
+  mesh = parallel.make_mesh(config.mesh)
+  state_sh, _, _ = parallel.shardings_for(config.mesh, mesh, abstract, frozen, train_lib.global_batch_spec(batch))
+  assert traverse_util.flatten_dict(state_sh.student)[("params", "conv_out", "kernel")] is not None
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  t = jnp.asarray([999, 259], jnp.int32)
+  text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  out = jax.jit(lambda p: train_lib.make_student_fn(models, 256)(p, z, t, {"text": text, "w": jnp.asarray([3., 9.])}))(
+    state.student)
+  ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
+  np.testing.assert_allclose(np.asarray(out[..., :4]), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[..., 4:]), config.consistency.logvar_init, atol=1e-6)
+
+  state = _perturbed_disc(state)
+  leaves, tree = jax.tree_util.tree_flatten(state.student)  # a student whose variance half is not constant
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  state = state.replace(student=jax.tree_util.tree_unflatten(tree, [
+    x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]))
+  g_s, g_d, m, _ = jax.jit(lambda s: train_lib.make_gradients(config, models)(s, batch, frozen))(state)
+
+  def reference(s):
+    c = config
+    _, k_vae, k_w, k_cd = jax.random.split(s.key, 4)
+    z0, text, pooled = train_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
+    w = jax.random.uniform(k_w, (z0.shape[0],), jnp.float32, c.consistency.w_min, c.consistency.w_max)
+    cond = {"text": text, "w": w}
+    uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape)
+    f = losses.make_gaussian_consistency_fn(
+      train_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"]), models.schedule)
+    from scott_jax import solvers
+    problem = losses.make_cd_target(f, train_lib.make_teacher_eps_fn(models, frozen["unet"], uncond),
+                                    models.schedule, solver=c.solver.name,
+                                    solver_kwargs=solvers.solver_kwargs(c.solver.name, c.solver), skip=c.solver.skip,
+                                    h=c.solver.h, grid=c.consistency.grid)(s.ema, z0, cond, k_cd)
+    noise = jax.random.normal(jax.random.fold_in(k_cd, 3), z0.shape, jnp.float32)
+
+    def logits(d, x, t):
+      tt, tx, pl = models.disc.condition(t, text, pooled, frozen["uncond_text"], frozen["uncond_pooled"])
+      return models.disc.apply(d, frozen["unet"], x, tt, tx, pl)
+
+    def student_objective(params):
+      (mean, logvar), _ = f(params, problem["z_tn"], problem["t_n"], cond)
+      kl = jnp.mean(losses.gaussian_kl(*problem["target"], mean, logvar, c.consistency.var_floor))
+      x = mean + jnp.exp(0.5 * logvar) * noise
+      return kl + c.gan.lambda_adv * losses.hinge_g_loss(logits(s.disc, x, problem["t_n"])), (kl, x)
+
+    (_, (kl, x)), g_student = jax.value_and_grad(student_objective, has_aux=True)(s.student)
+    x = jax.lax.stop_gradient(x)
+    g_disc = jax.grad(lambda d: losses.hinge_d_loss(logits(d, z0, problem["t_n"]), logits(d, x, problem["t_n"])))(
+      s.disc)
+    return g_student, g_disc, kl
+
+  r_s, r_d, kl = jax.jit(reference)(state)
+  np.testing.assert_allclose(float(m["loss_cd"]), float(kl), rtol=1e-5)
+  assert float(m["grad_ratio"]) > 0.0 and float(m["std_student"]) > 0.0
+  for got, want in ((g_s, r_s), (g_d, r_d)):
+    flat_want = jax.tree_util.tree_leaves(want)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in flat_want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), flat_want, strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+  nogan = config_lib.ConfigDict(config.to_dict())
+  nogan.gan.enabled = False
+  nogan_models = train_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
+                                        models.tokenizer, models.max_length)
+  g_cd, _, _, _ = jax.jit(lambda s: train_lib.make_gradients(nogan, nogan_models)(s, batch, frozen))(state)
+  # The KL's gradient scales as 1 / var, so at the paper's fixed lambda the GAN's share is tiny here: the adaptive
+  # weighting puts it at lambda_adv times the KL's (norms over both halves), and the log-variance half moves.
+  adaptive = config_lib.ConfigDict(config.to_dict())
+  adaptive.gan.update(dict(weighting="adaptive", max_weight=1e9))
+  g_a, _, m_a, _ = jax.jit(lambda s: train_lib.make_gradients(adaptive, models)(s, batch, frozen))(state)
+  np.testing.assert_allclose(float(m_a["grad_ratio"]), config.gan.lambda_adv, rtol=1e-3)
+  logvar_half = lambda g: np.asarray(g["params"]["conv_out"]["kernel"][..., 4:])  # noqa: E731
+  assert np.abs(logvar_half(g_a) - logvar_half(g_cd)).max() > 1e-3 * np.abs(logvar_half(g_cd)).max()
+
+
+@pytest.mark.slow
+def test_gaussian_lora_student(env):
+  """A Gaussian LoRA student: the doubled conv_out is trained in full beside cond_proj (never in the overlay),
+  abstract_state matches init_state, the merged student's mean half equals the teacher, and a step runs."""
+  config = _gaussian(_config(env["folder"], "student=lora"))
+  models, frozen = train_lib.load_models(config)
+  batch = train_lib.prepare_batch(train_lib.make_source(config).batch(0), models)
+  state = train_lib.init_state(config, models, frozen, batch)
+  full = state.student["full"]["params"]  # :student=lora has no guidance embedding (guidance_embed_dim 0)
+  assert set(full) == {"conv_out"} and full["conv_out"]["kernel"].shape == (3, 3, 32, 8)
+  assert not any("conv_out" in k for k in str(jax.tree_util.tree_structure(state.student["lora"])).split("'"))
+  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+             zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  t = jnp.asarray([999, 259], jnp.int32)
+  text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  student_fn = train_lib.make_student_fn(models, config.consistency.guidance_embed_dim, frozen["unet"],
+                                         config.model.student_lora_alpha)
+  out = jax.jit(lambda s: student_fn(s, z, t, {"text": text, "w": jnp.asarray([3.0, 12.0])}))(state.student)
+  ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
+  np.testing.assert_allclose(np.asarray(out[..., :4]), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  state, metrics = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
+  assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())

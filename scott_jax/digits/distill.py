@@ -19,6 +19,9 @@ Methods (``config.digits.distill_methods``), each a set of overrides of the expe
   ode           the ODE control with SCott's settings: ER-SDE noise fn 1 (the deterministic ODE solver), order,
                 skip and h as SCott, no GAN (Table 5's teacher comparison, one change from scott_no_gan)
   scott_fixed_gan  SCott with the paper's fixed lambda_adv from step 0 (gan.weighting fixed, start_step 0)
+  scott_gaussian   SCott v1's Gaussian student: SCott's teacher and ``config.gan``, the student predicting a
+                   Gaussian per pixel trained with the KL consistency loss (consistency.student_output gaussian)
+  scott_gaussian_no_gan  the Gaussian student without the adversarial loss
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from scott_jax.digits import data as data_lib
 
 METHODS = DIGITS_METHODS
 TITLES = {"scott": "SCott", "lcm": "LCM", "scott_no_gan": "SCott w/o GAN", "scott_ddim": "SCott DDIM-eta",
-          "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN", "ode": "ODE control", "scott_fixed_gan": "SCott fixed GAN"}
+          "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN", "ode": "ODE control", "scott_fixed_gan": "SCott fixed GAN",
+          "scott_gaussian": "SCott Gaussian", "scott_gaussian_no_gan": "SCott Gaussian w/o GAN"}
 DONE = "done.json"
 
 
@@ -61,7 +65,9 @@ def method_config(config: ConfigDict, method: str, seed: int, teacher_path: str)
     c.solver.noise_fn = 1
   if method == "scott_fixed_gan":
     c.gan.update(dict(weighting="fixed", start_step=0))
-  if method in ("lcm", "scott_no_gan", "ode"):
+  if method in ("scott_gaussian", "scott_gaussian_no_gan"):
+    c.consistency.student_output = "gaussian"
+  if method in ("lcm", "scott_no_gan", "ode", "scott_gaussian_no_gan"):
     c.gan.enabled = False
     c.gan.lambda_adv = 0.0
   return c
