@@ -12,7 +12,7 @@ teacher's diffusers folder is WORKDIR/teacher_pipeline. Writes WORKDIR/report.md
 Variants: ``default``, ``quick`` (fewer steps and samples; the CI test and a first look), ``ablations``
 (the default plus SCott without GAN, with the DDIM-eta teacher, with h = 1, and LCM + GAN), ``evidence`` (mode
 evidence, `scott_jax.digits.evidence`: the decisive experiment behind docs/evidence.md; same teacher and
-classifier as the default, 8 arms x 5 seeds, learning curves, 2,000 samples per row) and ``evidence_quick``
+classifier as the default, 10 arms x 5 seeds, learning curves, 2,000 samples per row) and ``evidence_quick``
 (the same pipeline at CI size).
 
   python -m scott_jax.main --config configs/digits.py:evidence --workdir runs/evidence \
@@ -60,15 +60,17 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
     c.train.update(dict(num_steps=20, log_every=10, checkpoint_every=10))
   if variant in ("evidence", "evidence_quick"):
     c.default_mode = "evidence"
-    # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h; (a) is every run's step 0.
+    # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h, i, j; (a) is every run's step 0.
     c.digits.update(dict(distill_methods=("lcm", "scott_no_gan", "scott_fixed_gan", "scott", "ode", "lcm_gan",
-                                          "scott_h1"), first_methods=4, distill_seeds=(0, 1, 2, 3, 4),
+                                          "scott_h1", "scott_gaussian_no_gan", "scott_gaussian"), first_methods=4,
+                         distill_seeds=(0, 1, 2, 3, 4),
                          samples_per_digit=200, eval_batch=500, eval_guidance_scales=(1.0,),
                          # on both training grids (skip 20 and 24): 999 - 120 k
                          eval_timesteps=((999,), (999, 519), (999, 759, 519, 279)), evidence_teacher_steps=50,
                          bootstrap=1000, probe_steps=300, probe_batch=16,
                          probe_grid=(("zero", 1e-4), ("normal", 1e-4), ("zero", 2.5e-4), ("normal", 2.5e-4),
                                      ("zero", 1e-3), ("normal", 1e-3))))
+    c.consistency.logvar_init = -7.0  # the Gaussian arms: as configs/toy2d.py (-10 learns the variance slowly)
     c.consistency.w_min = 0.0  # CFG 1 (w = 0), the second evaluation scale, inside every student's training range
     # The working GAN of docs/evidence.md ("scott_fixed_gan" is the paper's fixed lambda from step 0).
     c.gan.update(dict(head_init="zero", weighting="adaptive", max_weight=10.0, start_step=50))

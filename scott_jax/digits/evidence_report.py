@@ -28,7 +28,7 @@ from scott_jax.config import ConfigDict
 UNTRAINED = "untrained"
 # (arm letter, method) in the lettering; the untrained student is step 0 of any run.
 LETTERS = {UNTRAINED: "a", "lcm": "b", "ode": "c", "scott_no_gan": "d", "scott_fixed_gan": "e", "scott": "f",
-           "lcm_gan": "g", "scott_h1": "h"}
+           "lcm_gan": "g", "scott_h1": "h", "scott_gaussian_no_gan": "i", "scott_gaussian": "j"}
 # (A, B, what the paper claims: A better than B)
 ORDERINGS = (
   ("scott_no_gan", "ode", "Table 5: the SDE teacher beats the ODE teacher (SCott w/o GAN vs the ODE control)"),
@@ -39,6 +39,8 @@ ORDERINGS = (
   ("scott", "lcm", "Table 2: SCott beats LCM"),
   ("scott_fixed_gan", "lcm", "Table 2 with the paper's fixed lambda: SCott (fixed GAN) beats LCM"),
   ("scott", "scott_fixed_gan", "(ours) the balanced GAN beats the paper's fixed lambda"),
+  ("scott_gaussian_no_gan", "scott_no_gan", "v1: the Gaussian student beats the point student (no GAN)"),
+  ("scott_gaussian", "scott", "v1: the Gaussian student beats the point student (with the GAN)"),
   ("lcm", UNTRAINED, "(control) LCM distillation beats the untrained student"),
   ("scott", UNTRAINED, "(control) SCott distillation beats the untrained student"),
 )
