@@ -139,23 +139,9 @@ def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: Noise
     raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
   if student_output not in consistency.STUDENT_OUTPUTS:
     raise ValueError(f"unknown student output '{student_output}'; allowed: {', '.join(consistency.STUDENT_OUTPUTS)}")
-  if student_output == "gaussian":
-    f = make_gaussian_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
-    problem_fn = make_cd_target(f, teacher_eps_fn, schedule, solver=solver, solver_kwargs=solver_kwargs, skip=skip,
-                                h=h, grid=grid, num_ddim_timesteps=num_ddim_timesteps)
-
-    def gaussian_loss_fn(params: PyTree, target_params: PyTree, z0: jax.Array, cond: PyTree,
-                         key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-      problem = problem_fn(target_params, z0, cond, key)
-      (mean, logvar), x0_pred = f(params, problem["z_tn"], problem["t_n"], cond)
-      target_mean, target_logvar = problem["target"]
-      loss = jnp.mean(gaussian_kl(target_mean, target_logvar, mean, logvar, var_floor))
-      aux = {"loss_cd": loss, "t_n": problem["t_n"], "x_fake": mean, "mean": mean, "logvar": logvar,
-             "x0_pred": x0_pred, "z_tn": problem["z_tn"], "eps": problem["eps"]}
-      return loss, aux
-
-    return gaussian_loss_fn
-  f = make_consistency_fn(student_fn, schedule, timestep_scaling=timestep_scaling)
+  gaussian = student_output == "gaussian"
+  f = (make_gaussian_consistency_fn if gaussian else make_consistency_fn)(student_fn, schedule,
+                                                                          timestep_scaling=timestep_scaling)
   problem_fn = make_cd_target(f, teacher_eps_fn, schedule, solver=solver, solver_kwargs=solver_kwargs, skip=skip,
                               h=h, grid=grid, num_ddim_timesteps=num_ddim_timesteps)
 
@@ -163,10 +149,15 @@ def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: Noise
               key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     problem = problem_fn(target_params, z0, cond, key)
     pred, x0_pred = f(params, problem["z_tn"], problem["t_n"], cond)
-    loss = jnp.mean(distance(pred, problem["target"], distance_kind, huber_c))
-    aux = {"loss_cd": loss, "t_n": problem["t_n"], "x_fake": pred, "x0_pred": x0_pred, "z_tn": problem["z_tn"],
-           "eps": problem["eps"]}
-    return loss, aux
+    aux = {"t_n": problem["t_n"], "x0_pred": x0_pred, "z_tn": problem["z_tn"], "eps": problem["eps"]}
+    if gaussian:
+      (mean, logvar), (target_mean, target_logvar) = pred, problem["target"]
+      loss = jnp.mean(gaussian_kl(target_mean, target_logvar, mean, logvar, var_floor))
+      aux.update(x_fake=mean, mean=mean, logvar=logvar)
+    else:
+      loss = jnp.mean(distance(pred, problem["target"], distance_kind, huber_c))
+      aux.update(x_fake=pred)
+    return loss, dict(aux, loss_cd=loss)
 
   return loss_fn
 
