@@ -120,9 +120,9 @@ def fid_many(features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.
   x = features.astype(np.float64)
   mu = x.mean(axis=1)
   xc = x - mu[:, None, :]
-  cov = np.einsum("rnf,rng->rfg", xc, xc) / (x.shape[1] - 1)
+  cov = np.matmul(xc.transpose(0, 2, 1), xc) / (x.shape[1] - 1)  # BLAS; einsum here would not use it
   root = _sqrtm_psd(sigma_r)
-  inner = np.einsum("fg,rgh,hk->rfk", root, cov, root)
+  inner = root @ cov @ root
   tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0.0, None)).sum(axis=1)
   return (np.sum((mu - mu_r) ** 2, axis=1) + np.trace(cov, axis1=1, axis2=2) + np.trace(sigma_r)
           - 2.0 * tr_sqrt)
