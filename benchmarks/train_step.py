@@ -193,21 +193,9 @@ def make_config(kind: str, size: str, batch: int, resolution: int, dtype: str, a
 def abstract_setup(config: config_lib.ConfigDict, size: str) -> tuple[train_lib.Models, Any, Any, Any]:
   """(Models, frozen, batch, state) as ShapeDtypeStructs for ``config`` on the architectures of ``size``."""
   from scott_jax import plan
-  from scott_jax.models import unet as unet_lib
-  from scott_jax.models.clip_text import CLIPTextModel
-  from scott_jax.models.vae import AutoencoderKL
 
   unet_cfg, vae_cfg, text_cfg, max_length = architectures(size)
-  dtype = jnp.dtype(config.model.dtype)
-  vae, text = AutoencoderKL(vae_cfg, dtype=dtype), CLIPTextModel(text_cfg, dtype=dtype)
-  models = train_lib.build_models(config, unet_cfg, vae, text, None, max_length)
-  key = jax.random.key(0)
-  f = vae_cfg.downsample_factor
-  text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
-  out = jax.eval_shape(text.apply, text_params, jax.ShapeDtypeStruct((1, max_length), jnp.int32))
-  frozen = {"unet": unet_lib.abstract_params(unet_cfg),
-            "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, f, f, vae_cfg.in_channels), jnp.float32)),
-            "text_encoder": text_params, "uncond_text": out.last_hidden_state, "uncond_pooled": out.pooler_output}
+  models, frozen = plan.models_from_architectures(config, unet_cfg, vae_cfg, text_cfg, max_length)
   batch = plan.batch_spec(config, models)
   state = train_lib.abstract_state(config, models, frozen, batch)
   return models, frozen, batch, state

@@ -76,10 +76,6 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
 
   The Models' tokenizer is None (the step never tokenizes).
   """
-  from scott_jax.models import unet as unet_lib
-  from scott_jax.models.clip_text import CLIPTextModel
-  from scott_jax.models.vae import AutoencoderKL
-
   arch = config.mesh.plan_architecture
   if arch == "sd15":
     unet_cfg, vae_cfg, text_cfg, max_length = sd15_architectures()
@@ -87,6 +83,16 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
     unet_cfg, vae_cfg, text_cfg, max_length = teacher_architectures(config.model.teacher_path)
   else:
     raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15")
+  return models_from_architectures(config, unet_cfg, vae_cfg, text_cfg, max_length)
+
+
+def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, text_cfg: Any,
+                              max_length: int) -> tuple[train_lib.Models, PyTree]:
+  """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs."""
+  from scott_jax.models import unet as unet_lib
+  from scott_jax.models.clip_text import CLIPTextModel
+  from scott_jax.models.vae import AutoencoderKL
+
   dtype = jnp.dtype(config.model.dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
