@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax import config as config_lib
-from scott_jax import train as train_lib
+from scott_jax import step as step_lib
+from scott_jax import student as student_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"scott": ("sd15_scott.py", None), "nogan": ("sd15_scott.py", "gan=off"), "lcm": ("sd15_lcm.py", None)}
@@ -190,14 +191,14 @@ def make_config(kind: str, size: str, batch: int, resolution: int, dtype: str, a
   return config_lib.validate(c)
 
 
-def abstract_setup(config: config_lib.ConfigDict, size: str) -> tuple[train_lib.Models, Any, Any, Any]:
+def abstract_setup(config: config_lib.ConfigDict, size: str) -> tuple[student_lib.Models, Any, Any, Any]:
   """(Models, frozen, batch, state) as ShapeDtypeStructs for ``config`` on the architectures of ``size``."""
   from scott_jax import plan
 
   unet_cfg, vae_cfg, text_cfg, max_length = architectures(size)
   models, frozen = plan.models_from_architectures(config, unet_cfg, vae_cfg, text_cfg, max_length)
   batch = plan.batch_spec(config, models)
-  state = train_lib.abstract_state(config, models, frozen, batch)
+  state = step_lib.abstract_state(config, models, frozen, batch)
   return models, frozen, batch, state
 
 
@@ -233,31 +234,31 @@ def random_batch(batch_spec: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # The unit and the step's parts.
 
-def unit_fn(models: train_lib.Models) -> Callable:
+def unit_fn(models: student_lib.Models) -> Callable:
   """(teacher params, latents, t, text) -> teacher U-Net output: the unit of both ratios."""
   return lambda p, z, t, ctx: models.teacher.apply(p, z, t, ctx)
 
 
-def unit_args(models: train_lib.Models, frozen: Any, batch: Any, b: int | None = None) -> tuple[Any, ...]:
-  enc = train_lib.encode_shapes(models, frozen, batch)
+def unit_args(models: student_lib.Models, frozen: Any, batch: Any, b: int | None = None) -> tuple[Any, ...]:
+  enc = student_lib.encode_shapes(models, frozen, batch)
   z, text = enc[0], enc[1]
   b = z.shape[0] if b is None else b
   return (frozen["unet"], jax.ShapeDtypeStruct((b, *z.shape[1:]), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32),
           jax.ShapeDtypeStruct((b, *text.shape[1:]), jnp.float32))
 
 
-def part_flops(config: config_lib.ConfigDict, models: train_lib.Models, frozen: Any, batch: Any, state: Any,
+def part_flops(config: config_lib.ConfigDict, models: student_lib.Models, frozen: Any, batch: Any, state: Any,
                compiled: bool) -> dict[str, float]:
   """FLOPs of the step's parts compiled on their own (see the module docstring); B = the batch size."""
   c = config
-  z, text, pooled = train_lib.encode_shapes(models, frozen, batch)
+  z, text, pooled = student_lib.encode_shapes(models, frozen, batch)
   b = z.shape[0]
   sds = jax.ShapeDtypeStruct
   t = sds((b,), jnp.int32)
   cond = {"text": text, "w": sds((b,), jnp.float32)}
-  student_fn = train_lib.make_student_fn(models, c.consistency.guidance_embed_dim, None, c.model.student_lora_alpha)
+  student_fn = student_lib.make_student_fn(models, c.consistency.guidance_embed_dim, None, c.model.student_lora_alpha)
   parts = {
-    "encode": lambda f, bt: train_lib.encode_batch(models, f, bt, None),
+    "encode": lambda f, bt: student_lib.encode_batch(models, f, bt, None),
     "teacher_2B": unit_fn(models),
     "student_fwd": lambda p, z, t, cond: student_fn(p, z, t, cond),
     "student_fwd_bwd": jax.value_and_grad(lambda p, z, t, cond: jnp.mean(student_fn(p, z, t, cond) ** 2)),
@@ -325,8 +326,8 @@ def time_step(config: config_lib.ConfigDict, size: str, repeats: int) -> dict[st
   models, frozen_s, batch_s, _ = abstract_setup(config, size)
   frozen = random_like(frozen_s, 1)
   batch = random_batch(batch_s, 2)
-  state = train_lib.init_state(config, models, frozen, batch)
-  step = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))
+  state = step_lib.init_state(config, models, frozen, batch)
+  step = jax.jit(step_lib.make_train_step(config, models), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t0
@@ -340,7 +341,7 @@ def time_step(config: config_lib.ConfigDict, size: str, repeats: int) -> dict[st
 
   t_step = _median_seconds(run, repeats)
   fwd = jax.jit(unit_fn(models))
-  z, text, _ = jax.jit(lambda f, b: train_lib.encode_batch(models, f, b, None))(frozen, batch)
+  z, text, _ = jax.jit(lambda f, b: student_lib.encode_batch(models, f, b, None))(frozen, batch)
   t = jnp.full((z.shape[0],), 500, jnp.int32)
   jax.block_until_ready(fwd(frozen["unet"], z, t, text))
   t_fwd = _median_seconds(lambda: fwd(frozen["unet"], z, t, text), repeats)
@@ -381,19 +382,19 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     row.update({k: known[k] for k in ("step_flops", "unit_flops", "model_flops", "loops_left", "flop_ratio")})
     row["flops_mode"] = f"{known['flops_mode']} (from {args.flops_json})"
     return _timed(row, kind, args)
-  row["step_flops"], row["loops_left"] = count_flops(train_lib.make_train_step(fcfg, models), state, batch, frozen,
+  row["step_flops"], row["loops_left"] = count_flops(step_lib.make_train_step(fcfg, models), state, batch, frozen,
                                                      compiled=compiled)
   row["unit_flops"], _ = count_flops(unit_fn(models), *unit_args(models, frozen, batch), compiled=compiled)
   row["flop_ratio"] = row["step_flops"] / row["unit_flops"]
   if args.remat:
     mcfg = make_config(kind, args.size, args.batch, args.resolution, args.dtype, "xla", False)
     m_models, m_frozen, m_batch, m_state = abstract_setup(mcfg, args.size)
-    row["model_flops"], _ = count_flops(train_lib.make_train_step(mcfg, m_models), m_state, m_batch, m_frozen,
+    row["model_flops"], _ = count_flops(step_lib.make_train_step(mcfg, m_models), m_state, m_batch, m_frozen,
                                         compiled=compiled)
   else:
     row["model_flops"] = row["step_flops"]
   if args.scan_count:  # what cost analysis says without unrolling (the loop body once)
-    row["step_flops_scan"], row["loops_scan"] = count_flops(train_lib.make_train_step(fcfg, models), state, batch,
+    row["step_flops_scan"], row["loops_scan"] = count_flops(step_lib.make_train_step(fcfg, models), state, batch,
                                                             frozen, compiled=compiled, unroll=False)
   if args.check:
     parts = part_flops(fcfg, models, frozen, batch, state, compiled)
@@ -460,7 +461,7 @@ def max_batch(kind: str, args: argparse.Namespace, limit_bytes: float, candidate
     cfg = make_config(kind, args.size, b, args.resolution, args.dtype, args.attention, args.remat)
     models, frozen, batch, state = abstract_setup(cfg, args.size)
     t0 = time.perf_counter()
-    compiled = jax.jit(train_lib.make_train_step(cfg, models), donate_argnums=(0,)).lower(state, batch,
+    compiled = jax.jit(step_lib.make_train_step(cfg, models), donate_argnums=(0,)).lower(state, batch,
                                                                                           frozen).compile()
     mem = memory_of(compiled)
     out.append({"kind": kind, "batch": b, "memory": mem, "fits": mem.get("peak_estimate_bytes", 0) <= limit_bytes,

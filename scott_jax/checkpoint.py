@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import flax.traverse_util as traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -562,3 +563,82 @@ class PreemptionGuard:
 def install_sigterm_handler() -> PreemptionGuard:
   """Installs a ``PreemptionGuard`` for SIGTERM and returns it (call ``uninstall()`` to undo)."""
   return PreemptionGuard().install()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading one field of a checkpoint without the train state's code (export, the eval job, sampling).
+
+_KEY_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
+
+
+class CheckpointReadError(RuntimeError):
+  """A finalised checkpoint step that cannot be read (missing manifest, unreadable arrays, missing field)."""
+
+
+def finalised_steps(directory: str | os.PathLike) -> tuple[list[int], list[str]]:
+  """(complete steps ascending, names of steps still being written) in a checkpoint directory.
+
+  orbax writes a step into ``<step>.orbax-checkpoint-tmp-<t>`` and renames it to ``<step>`` when complete, so
+  an integer-named directory is complete. A missing directory gives ([], []).
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return [], []
+  steps, pending = [], []
+  for name in os.listdir(directory):
+    if _TMP_MARK in name:
+      pending.append(name)
+    elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+      steps.append(int(name))
+  return sorted(steps), sorted(pending)
+
+
+def _parse_keystr(key: str) -> tuple[str, ...]:
+  """``.ema['params']['conv_in']['kernel']`` (jax.tree_util.keystr) -> ('ema', 'params', 'conv_in', 'kernel')."""
+  parts = [next(g for g in m.groups() if g is not None) for m in _KEY_PART.finditer(key)]
+  if "".join(m.group(0) for m in _KEY_PART.finditer(key)) != key:
+    raise ValueError(f"cannot parse state key {key!r}")
+  return tuple(parts)
+
+
+def read_manifest(directory: str | os.PathLike, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  """The manifest of checkpoint ``step`` (`scott_jax.checkpoint`): {leaf path: (shape, dtype)}."""
+  path = os.path.join(os.fspath(directory), str(step), "manifest", "metadata")
+  try:
+    with open(path) as fh:
+      manifest = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointReadError(f"checkpoint step {step} in {os.fspath(directory)} has no readable manifest "
+                              f"({path}): {e}") from e
+  if manifest.get("format") != MANIFEST_FORMAT:
+    raise CheckpointReadError(f"{path}: manifest format {manifest.get('format')!r}, expected "
+                              f"{MANIFEST_FORMAT!r}")
+  return {_parse_keystr(k): (tuple(v["shape"]), v["dtype"]) for k, v in manifest["leaves"].items()}
+
+
+def restore_subtree(directory: str | os.PathLike, step: int, field: str) -> PyTree:
+  """The train-state field ``field`` (e.g. "ema") of checkpoint ``step``, as a nested dict of device arrays.
+
+  Only that subtree is read (orbax partial restore), its target built from the manifest. Raises
+  CheckpointReadError naming the step when the step is missing, has no such field or cannot be read.
+  """
+  directory = os.path.abspath(os.fspath(directory))  # orbax rejects relative paths
+  step_dir = os.path.join(directory, str(step))
+  if not os.path.isdir(step_dir):
+    raise CheckpointReadError(f"checkpoint step {step} does not exist in {directory}")
+  leaves = {p[1:]: v for p, v in read_manifest(directory, step).items() if p[0] == field}
+  if not leaves:
+    raise CheckpointReadError(f"checkpoint step {step} in {directory} has no field '{field}'")
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = traverse_util.unflatten_dict(
+    {p: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding) for p, (shape, dtype) in leaves.items()})
+  item = {field: abstract}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      out = reader.restore(os.path.join(step_dir, "state"),
+                           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # noqa: BLE001 - any orbax failure means the step is unreadable
+    raise CheckpointReadError(f"checkpoint step {step} in {directory} cannot be read: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+  return out[field]

@@ -53,7 +53,7 @@ import numpy as np
 from absl import logging
 
 from scott_jax import checkpoint as ckpt_lib
-from scott_jax import export, pipeline
+from scott_jax import export, pipeline, student
 from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid
 
@@ -207,9 +207,7 @@ def row_key(row: dict[str, Any]) -> tuple[int, int, str]:
 def run_timesteps(config: Any) -> dict[int, tuple[int, ...]]:
   """{steps: descending timesteps} the job evaluates: ``eval.timesteps`` as given (their lengths must differ,
   the rows are keyed by step count), else each ``eval.sample_steps`` entry on the run's sampling grid
-  (`scott_jax.train.student_timesteps`, ``consistency.timestep_rule``)."""
-  from scott_jax import train
-
+  (`scott_jax.student.student_timesteps`, ``consistency.timestep_rule``)."""
   ec = config.eval
   if ec.timesteps:
     out = {len(ts): tuple(int(t) for t in ts) for ts in ec.timesteps}
@@ -217,7 +215,7 @@ def run_timesteps(config: Any) -> dict[int, tuple[int, ...]]:
       raise ValueError(f"eval.timesteps {ec.timesteps}: the lists must have different lengths (rows are keyed by "
                        "the number of steps)")
     return out
-  return {int(k): train.student_timesteps(config, int(k)) for k in ec.sample_steps}
+  return {int(k): student.student_timesteps(config, int(k)) for k in ec.sample_steps}
 
 
 def check_rows(rows: list[dict[str, Any]], timesteps: dict[int, tuple[int, ...]], path: str) -> None:
@@ -462,7 +460,7 @@ class Evaluator:
         continue
       try:
         new += self.evaluate_step(step)
-      except export.CheckpointReadError:
+      except ckpt_lib.CheckpointReadError:
         if not os.path.isdir(os.path.join(self.run.directory, str(step))):
           logging.warning("eval: checkpoint step %d was deleted before it was evaluated; skipped", step)
           continue

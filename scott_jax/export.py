@@ -10,14 +10,14 @@ Formats written by `export` (config ``export.formats``):
 
 (a) ``flax``: `export_flax` -> ``scott_export.json`` (U-Net / VAE / text-encoder architectures, schedule, LCM
     settings, provenance) + ``unet/vae/text_encoder.safetensors`` (float32, '/'-joined Flax parameter paths)
-    + ``tokenizer/``; `scott_jax.pipeline.load_exported` reads it bit for bit, without the training code.
+    + ``tokenizer/``; `scott_jax.export.load_exported` reads it bit for bit, without the training code.
 (b) ``diffusers``: `export_diffusers` -> a `LatentConsistencyModelPipeline` folder: ``unet/`` (the student with
     ``time_cond_proj_dim``, `loading.save_unet`), ``scheduler/`` (an LCMScheduler config with the run's
     schedule, timestep_scaling and original_inference_steps), and the teacher's ``vae/``, ``text_encoder/``,
     ``tokenizer/`` copied file by file (the frozen networks are the teacher's, unchanged).
     ``diffusers.DiffusionPipeline.from_pretrained`` loads it. LCMScheduler picks LCM's timesteps; a run on the
     skip grid (``consistency.timestep_rule = "grid"``) samples its own k-step times when they are passed as
-    ``timesteps=`` (`scott_jax.train.student_timesteps`, also stored in the Flax export as ``sampling_grid``).
+    ``timesteps=`` (`scott_jax.student.student_timesteps`, also stored in the Flax export as ``sampling_grid``).
 (c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`, alpha
     ``model.student_lora_alpha``), only when the student state is a LoRA overlay (``model.student_lora_rank``
     >= 1); diffusers' ``load_lora_weights`` on the teacher's pipeline then gives the student U-Net. A student
@@ -37,116 +37,42 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 from typing import Any
 
 import flax.traverse_util as traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from safetensors.numpy import load_file, save_file
 
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import pipeline as pipeline_lib
+from scott_jax import student
+from scott_jax.checkpoint import CheckpointReadError, finalised_steps, restore_subtree
+from scott_jax.models import loading, lora
+from scott_jax.models import unet as unet_lib
+from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
+from scott_jax.models.vae import AutoencoderKL, VAEConfig
+from scott_jax.schedules import NoiseSchedule
 
 PyTree = Any
 
 PARAM_FIELDS = ("ema", "student")
+EXPORT_FORMAT = "scott_jax.export/1"
+EXPORT_CONFIG = "scott_export.json"
+EXPORT_ABAR = "abar.npy"
+EXPORT_PARAMS = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 GUIDANCE_FILE = "guidance_projection.safetensors"
-_TMP_MARK = ".orbax-checkpoint-tmp"
-_KEY_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([A-Za-z_]\w*)")
-
-
-class CheckpointReadError(RuntimeError):
-  """A finalised checkpoint step that cannot be read (missing manifest, unreadable arrays, missing field)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading checkpoints.
-
-def finalised_steps(directory: str | os.PathLike) -> tuple[list[int], list[str]]:
-  """(complete steps ascending, names of steps still being written) in a checkpoint directory.
-
-  orbax writes a step into ``<step>.orbax-checkpoint-tmp-<t>`` and renames it to ``<step>`` when complete, so
-  an integer-named directory is complete. A missing directory gives ([], []).
-  """
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
-    return [], []
-  steps, pending = [], []
-  for name in os.listdir(directory):
-    if _TMP_MARK in name:
-      pending.append(name)
-    elif name.isdigit() and os.path.isdir(os.path.join(directory, name)):
-      steps.append(int(name))
-  return sorted(steps), sorted(pending)
-
-
-def _parse_keystr(key: str) -> tuple[str, ...]:
-  """``.ema['params']['conv_in']['kernel']`` (jax.tree_util.keystr) -> ('ema', 'params', 'conv_in', 'kernel')."""
-  parts = [next(g for g in m.groups() if g is not None) for m in _KEY_PART.finditer(key)]
-  if "".join(m.group(0) for m in _KEY_PART.finditer(key)) != key:
-    raise ValueError(f"cannot parse state key {key!r}")
-  return tuple(parts)
-
-
-def read_manifest(directory: str | os.PathLike, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-  """The manifest of checkpoint ``step`` (`scott_jax.checkpoint`): {leaf path: (shape, dtype)}."""
-  path = os.path.join(os.fspath(directory), str(step), "manifest", "metadata")
-  try:
-    with open(path) as fh:
-      manifest = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointReadError(f"checkpoint step {step} in {os.fspath(directory)} has no readable manifest "
-                              f"({path}): {e}") from e
-  if manifest.get("format") != ckpt_lib.MANIFEST_FORMAT:
-    raise CheckpointReadError(f"{path}: manifest format {manifest.get('format')!r}, expected "
-                              f"{ckpt_lib.MANIFEST_FORMAT!r}")
-  return {_parse_keystr(k): (tuple(v["shape"]), v["dtype"]) for k, v in manifest["leaves"].items()}
-
-
-def restore_subtree(directory: str | os.PathLike, step: int, field: str) -> PyTree:
-  """The train-state field ``field`` (e.g. "ema") of checkpoint ``step``, as a nested dict of device arrays.
-
-  Only that subtree is read (orbax partial restore), its target built from the manifest. Raises
-  CheckpointReadError naming the step when the step is missing, has no such field or cannot be read.
-  """
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(os.fspath(directory))  # orbax rejects relative paths
-  step_dir = os.path.join(directory, str(step))
-  if not os.path.isdir(step_dir):
-    raise CheckpointReadError(f"checkpoint step {step} does not exist in {directory}")
-  leaves = {p[1:]: v for p, v in read_manifest(directory, step).items() if p[0] == field}
-  if not leaves:
-    raise CheckpointReadError(f"checkpoint step {step} in {directory} has no field '{field}'")
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = traverse_util.unflatten_dict(
-    {p: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding) for p, (shape, dtype) in leaves.items()})
-  item = {field: abstract}
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
-  try:
-    with ocp.PyTreeCheckpointer() as reader:
-      out = reader.restore(os.path.join(step_dir, "state"),
-                           args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # noqa: BLE001 - any orbax failure means the step is unreadable
-    raise CheckpointReadError(f"checkpoint step {step} in {directory} cannot be read: "
-                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
-  return out[field]
-
-
-def is_lora(tree: PyTree) -> bool:
-  """True when ``tree`` is a LoRA overlay (has ``lora_A`` leaves) rather than full parameters."""
-  from scott_jax.models import lora
-
-  return any(lora.LORA_A in p for p in traverse_util.flatten_dict(dict(tree)))
 
 
 class TrainedRun:
   """A training run on disk (the config it was trained with and WORKDIR) for sampling, export and eval.
 
-  ``models()`` loads the teacher folder of ``config.model`` once (`scott_jax.train.load_models`): the student
+  ``models()`` loads the teacher folder of ``config.model`` once (`scott_jax.student.load_models`): the student
   architecture, VAE, text encoder and tokenizer; checkpoints hold only the trainable state.
   """
 
@@ -158,9 +84,8 @@ class TrainedRun:
 
   def models(self) -> tuple[Any, PyTree]:
     if self._loaded is None:
-      from scott_jax import train
 
-      self._loaded = train.load_models(self.config)
+      self._loaded = student.load_models(self.config)
     return self._loaded
 
   def steps(self) -> tuple[list[int], list[str]]:
@@ -175,29 +100,28 @@ class TrainedRun:
 
   def student_state(self, step: int, which: str = "ema") -> PyTree:
     """The student state (``which``: "ema" or "student") at ``step`` as trained: full U-Net parameters, or a
-    LoRA state {"lora", "full"} (`scott_jax.train.init_student_params`); checked against ``config.model``."""
+    LoRA state {"lora", "full"} (`scott_jax.student.init_student_params`); checked against ``config.model``."""
     if which not in PARAM_FIELDS:
       raise ValueError(f"unknown params '{which}'; allowed: {', '.join(PARAM_FIELDS)}")
     tree = restore_subtree(self.directory, step, which)
     rank = self.config.model.student_lora_rank
-    if is_lora(tree) != (rank > 0):
+    lora_state = student.is_lora_student(tree)
+    if lora_state != (rank > 0):
       raise CheckpointReadError(
-        f"checkpoint step {step} field '{which}' holds a {'LoRA' if is_lora(tree) else 'full'} student but "
+        f"checkpoint step {step} field '{which}' holds a {'LoRA' if lora_state else 'full'} student but "
         f"config.model.student_lora_rank = {rank}; use the config the run was trained with")
     return tree
 
   def student_params(self, step: int, which: str = "ema") -> PyTree:
     """The student's U-Net parameters {"params": ...} (``which``: "ema" or "student") at ``step``; a LoRA
-    state is merged onto the teacher weights (`scott_jax.train.student_unet_params`, alpha
+    state is merged onto the teacher weights (`scott_jax.student.student_unet_params`, alpha
     ``model.student_lora_alpha``). Shapes are checked against the student architecture."""
-    from scott_jax import train
-    from scott_jax.models import unet as unet_lib
 
     tree = self.student_state(step, which)  # read errors first, before the models load
     models, frozen = self.models()
-    if is_lora(tree):
+    if student.is_lora_student(tree):
       alpha = float(self.config.model.student_lora_alpha)
-      tree = jax.jit(lambda s, t: train.student_unet_params(s, t, alpha))(tree, frozen["unet"])
+      tree = jax.jit(lambda s, t: student.student_unet_params(s, t, alpha))(tree, frozen["unet"])
     expected = traverse_util.flatten_dict(unet_lib.abstract_params(models.student.config))
     got = traverse_util.flatten_dict(tree)
     bad = sorted("/".join(p) for p in set(expected) ^ set(got))
@@ -209,11 +133,10 @@ class TrainedRun:
 
   def pipeline(self, step: int, which: str = "ema") -> tuple[pipeline_lib.Pipeline, dict[str, PyTree]]:
     """(Pipeline with the student U-Net, params) for checkpoint ``step``."""
-    from scott_jax import train
 
     unet_params = self.student_params(step, which)
     models, frozen = self.models()
-    pipe = train.student_pipeline(self.config, models)
+    pipe = student.student_pipeline(self.config, models)
     params = {"unet": unet_params, "vae": frozen["vae"],
               "text_encoder": frozen["text_encoder"]}
     return pipe, params
@@ -223,11 +146,10 @@ class TrainedRun:
 # Writers.
 
 def _save_flat(path: str, tree: PyTree) -> None:
-  from safetensors.numpy import save_file
 
   flat = {"/".join(k): np.ascontiguousarray(np.asarray(jax.device_get(v)))
           for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-  save_file(flat, path, metadata={"format": pipeline_lib.EXPORT_FORMAT})
+  save_file(flat, path, metadata={"format": EXPORT_FORMAT})
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
@@ -238,10 +160,10 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 
 def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTree],
                 provenance: dict[str, Any] | None = None) -> str:
-  """Format (a): see the module docstring; `pipeline.load_exported(folder)` reads it back bit for bit."""
+  """Format (a): see the module docstring; `export.load_exported(folder)` reads it back bit for bit."""
   os.makedirs(folder, exist_ok=True)
   meta = {
-    "format": pipeline_lib.EXPORT_FORMAT,
+    "format": EXPORT_FORMAT,
     "unet": pipe.unet.config.to_diffusers(),
     "vae": _config_dict(pipe.vae.config),
     "text_encoder": _config_dict(pipe.text_encoder.config),
@@ -253,11 +175,11 @@ def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTr
     "provenance": provenance or {},
   }
   # The schedule is stored as its abar values (any beta schedule round-trips exactly).
-  np.save(os.path.join(folder, pipeline_lib.EXPORT_ABAR), np.asarray(pipe.schedule.abar))
-  for name, file in pipeline_lib.EXPORT_PARAMS.items():
+  np.save(os.path.join(folder, EXPORT_ABAR), np.asarray(pipe.schedule.abar))
+  for name, file in EXPORT_PARAMS.items():
     _save_flat(os.path.join(folder, file), params[name])
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-  with open(os.path.join(folder, pipeline_lib.EXPORT_CONFIG), "w") as fh:
+  with open(os.path.join(folder, EXPORT_CONFIG), "w") as fh:
     json.dump(meta, fh, indent=2, sort_keys=True)
   return folder
 
@@ -316,7 +238,6 @@ def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTr
   teacher. A Gaussian student (``pipe.student_output``) is written as the standard U-Net of its mean half
   (`mean_half`; diffusers has no Gaussian consistency model), with ``SCOTT_GAUSSIAN_STUDENT.md`` in the folder
   and a log line saying so; the Flax export keeps both halves."""
-  from scott_jax.models import loading
 
   os.makedirs(folder, exist_ok=True)
   unet_config = pipe.unet.config
@@ -363,7 +284,6 @@ def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTr
 
 def export_lora(path: str, overlay: PyTree, alpha: float) -> str:
   """Format (c): a PEFT-layout LoRA file (`scott_jax.models.lora.export_peft`, prefix "unet")."""
-  from scott_jax.models import lora
 
   inner = overlay["params"] if set(overlay) == {"params"} else overlay
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -374,9 +294,7 @@ def export_lora(path: str, overlay: PyTree, alpha: float) -> str:
 def export_full_part(path: str, full: PyTree) -> str:
   """The fully trained part of a LoRA student (the guidance projection) as a torch-layout safetensors file
   (`scott_jax.models.loading.to_state_dict` keys, e.g. ``time_embedding.cond_proj.weight``, float32)."""
-  from safetensors.numpy import save_file
 
-  from scott_jax.models import loading
 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file({k: v.astype(np.float32) for k, v in loading.to_state_dict(full).items()}, path,
@@ -399,13 +317,12 @@ def run_export(config: Any, workdir: str) -> dict[str, str]:
   tree = run.student_state(step, which)
   provenance = {"workdir": os.path.abspath(workdir), "step": step, "params": which,
                 "teacher_path": config.model.teacher_path}
-  if is_lora(tree):
+  if student.is_lora_student(tree):
     if "lora" in config.export.formats:
-      from scott_jax import train
 
-      written["lora"] = export_lora(os.path.join(out, "lora", LORA_FILE), tree[train.STUDENT_LORA],
+      written["lora"] = export_lora(os.path.join(out, "lora", LORA_FILE), tree[student.STUDENT_LORA],
                                     float(config.model.student_lora_alpha))
-      full = tree.get(train.STUDENT_FULL, {})
+      full = tree.get(student.STUDENT_FULL, {})
       if config.consistency.student_output == "gaussian":  # a diffusers U-Net has the mean half's channels
         full = traverse_util.unflatten_dict({p: v[..., :v.shape[-1] // 2] if "conv_out" in p[-2:-1] else v
                                              for p, v in traverse_util.flatten_dict(dict(full)).items()})
@@ -423,3 +340,42 @@ def run_export(config: Any, workdir: str) -> dict[str, str]:
   for fmt, path in written.items():
     print(f"export {fmt}: {path}")
   return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the Flax export (format (a)): no training code needed.
+
+def load_exported(folder: str, dtype: str = "float32") -> tuple[pipeline_lib.Pipeline, dict[str, PyTree]]:
+  """A folder written by `scott_jax.export.export_flax` -> (Pipeline, params), bit-identical parameters.
+
+  Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, the student's output kind
+  ``student_output``, point or gaussian (both halves of a Gaussian student's U-Net), provenance), ``abar.npy`` (the
+  schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
+  float32) and ``tokenizer/``.
+  """
+
+
+  path = os.path.join(folder, EXPORT_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder} is not a scott_jax Flax export: no {EXPORT_CONFIG}")
+  with open(path) as fh:
+    meta = json.load(fh)
+  if meta.get("format") != EXPORT_FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+  cdtype = pipeline_lib.DTYPES[dtype]
+  unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
+  vae_config = VAEConfig.from_dict(meta["vae"])
+  vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))
+  text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
+  params = {}
+  for name, file in EXPORT_PARAMS.items():
+    flat = load_file(os.path.join(folder, file))
+    params[name] = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
+  tokenizer = loading.load_tokenizer(folder, "tokenizer")
+  schedule = NoiseSchedule(abar=jnp.asarray(np.load(os.path.join(folder, EXPORT_ABAR))),
+                           prediction_type=meta["prediction_type"])
+  pipe = pipeline_lib.Pipeline(unet, vae, text_encoder, tokenizer, schedule,
+                               pipeline_lib.text_max_length(tokenizer, text_encoder), float(meta["timestep_scaling"]),
+                               int(meta["original_steps"]), tuple(int(t) for t in meta.get("sampling_grid", ())),
+                               meta.get("student_output", "point"))
+  return pipe, params

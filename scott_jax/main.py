@@ -27,7 +27,7 @@ MODES: dict[str, str] = {
     "toy2d": "scott_jax.toy2d:run_toy2d",
     "digits": "scott_jax.digits.run:run_digits",
     "evidence": "scott_jax.digits.evidence:run_evidence",
-    "sample": "scott_jax.pipeline:run_sample",
+    "sample": "scott_jax.sample:run_sample",
     "export": "scott_jax.export:run_export",
     "eval": "scott_jax.evaluate:run_eval",
     "fid_stats": "scott_jax.evaluate:run_fid_stats",

@@ -177,7 +177,7 @@ def batch_shardings(batch_spec: PyTree, mesh: Mesh, mesh_cfg: ConfigDict) -> PyT
 
 
 def state_shardings(abstract_state: PyTree, mesh: Mesh, mesh_cfg: ConfigDict) -> PyTree:
-  """Shardings of a train state (`scott_jax.train.TrainState` or any pytree): the parameter rules on every
+  """Shardings of a train state (`scott_jax.step.TrainState` or any pytree): the parameter rules on every
   leaf, except ``step`` and ``key`` fields (replicated)."""
   out = param_shardings(abstract_state, mesh, mesh_cfg)
   if dataclasses.is_dataclass(abstract_state) and hasattr(out, "replace"):
@@ -215,7 +215,7 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: PyTree, batch_sh: Py
   """``jax.jit(step_fn)`` for ``step_fn(state, batch, frozen) -> (state, metrics)`` with explicit in/out
   shardings (the state keeps its shardings, metrics are replicated) and the state donated.
 
-  ``step_fn`` must be un-jitted (`scott_jax.train.make_train_step` returns it so); a jitted function's
+  ``step_fn`` must be un-jitted (`scott_jax.step.make_train_step` returns it so); a jitted function's
   ``__wrapped__`` is used if given one.
   """
   fn = getattr(step_fn, "__wrapped__", step_fn)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,13 +49,9 @@ from scott_jax.schedules import NoiseSchedule
 Array = jax.Array
 PyTree = Any
 
-EXPORT_FORMAT = "scott_jax.export/1"
-EXPORT_CONFIG = "scott_export.json"
-EXPORT_ABAR = "abar.npy"
-EXPORT_PARAMS = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
 SAMPLER_KINDS = ("student", "teacher")
 OUTPUTS = ("uint8", "float")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +91,7 @@ class Pipeline:
     return tokenize(self.tokenizer, prompts, self.max_length)
 
 
-def _max_length(tokenizer: Any, text_encoder: Any) -> int:
+def text_max_length(tokenizer: Any, text_encoder: Any) -> int:
   return int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
 
 
@@ -106,7 +101,7 @@ def from_components(parts: Any, *, timestep_scaling: float = 10.0, original_step
   folder's scheduler config (beta schedule, prediction type)."""
   schedule = schedule or NoiseSchedule.from_config(parts.scheduler_config)
   pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, schedule,
-                  _max_length(parts.tokenizer, parts.text_encoder), float(timestep_scaling), int(original_steps))
+                  text_max_length(parts.tokenizer, parts.text_encoder), float(timestep_scaling), int(original_steps))
   params = {"unet": parts.unet_params, "vae": parts.vae_params, "text_encoder": parts.text_encoder_params}
   return pipe, params
 
@@ -117,7 +112,7 @@ def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tup
   An LCMScheduler config supplies ``timestep_scaling`` and ``original_inference_steps``."""
   from scott_jax.models import loading
 
-  parts = loading.load_pipeline(path, dtype=_DTYPES[dtype], **unet_kwargs)
+  parts = loading.load_pipeline(path, dtype=DTYPES[dtype], **unet_kwargs)
   sc = parts.scheduler_config
   return from_components(parts, timestep_scaling=float(sc.get("timestep_scaling", 10.0)),
                          original_steps=int(sc.get("original_inference_steps", 50)))
@@ -373,50 +368,6 @@ def generate(sampler: Callable[..., Array], params: dict[str, PyTree], input_ids
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The Flax export (format (a) of scott_jax.export): reading it needs no training code.
-
-def load_exported(folder: str, dtype: str = "float32") -> tuple[Pipeline, dict[str, PyTree]]:
-  """A folder written by `scott_jax.export.export_flax` -> (Pipeline, params), bit-identical parameters.
-
-  Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, the student's output kind
-  ``student_output``, point or gaussian (both halves of a Gaussian student's U-Net), provenance), ``abar.npy`` (the
-  schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
-  float32) and ``tokenizer/``.
-  """
-  import flax.traverse_util as traverse_util
-  from safetensors.numpy import load_file
-
-  from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-  from scott_jax.models.loading import load_tokenizer
-  from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
-  from scott_jax.models.vae import AutoencoderKL, VAEConfig
-
-  path = os.path.join(folder, EXPORT_CONFIG)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{folder} is not a scott_jax Flax export: no {EXPORT_CONFIG}")
-  with open(path) as fh:
-    meta = json.load(fh)
-  if meta.get("format") != EXPORT_FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-  cdtype = _DTYPES[dtype]
-  unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
-  vae_config = VAEConfig.from_dict(meta["vae"])
-  vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))
-  text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
-  params = {}
-  for name, file in EXPORT_PARAMS.items():
-    flat = load_file(os.path.join(folder, file))
-    params[name] = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
-  tokenizer = load_tokenizer(folder, "tokenizer")
-  schedule = NoiseSchedule(abar=jnp.asarray(np.load(os.path.join(folder, EXPORT_ABAR))),
-                           prediction_type=meta["prediction_type"])
-  pipe = Pipeline(unet, vae, text_encoder, tokenizer, schedule, _max_length(tokenizer, text_encoder),
-                  float(meta["timestep_scaling"]), int(meta["original_steps"]),
-                  tuple(int(t) for t in meta.get("sampling_grid", ())), meta.get("student_output", "point"))
-  return pipe, params
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Prompts and images on disk.
 
 PROMPT_KEYS = ("caption", "prompt", "text")
@@ -478,76 +429,3 @@ def write_grid(path: str, images: np.ndarray, cols: int | None = None) -> None:
 
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   Image.fromarray(make_grid(images, cols)).save(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# --mode sample.
-
-def sampler_options(sc: Any) -> dict[str, Any]:
-  """make_sampler keyword arguments for the teacher from a ``config.sample`` section."""
-  kwargs = solvers.solver_kwargs(sc.solver, dict(eta=sc.eta, order=sc.order, noise_fn=sc.noise_fn))
-  return dict(solver=sc.solver, solver_kwargs=kwargs, spacing=sc.spacing, offset=sc.steps_offset)
-
-
-def load_for_config(config: Any, workdir: str, path: str = "", which: str = "ema",
-                    step: int = -1) -> tuple[Pipeline, dict[str, PyTree], str]:
-  """The pipeline the sample/eval modes run: ``path`` a Flax export (scott_export.json) or a diffusers folder
-  (model_index.json); "" = the training run in ``workdir`` at checkpoint ``step`` (-1: latest) with ``which``
-  params ("ema" or "student") on the teacher named by ``config.model``. Returns (pipe, params, description)."""
-  if path:
-    if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
-      return (*load_exported(path, config.model.dtype), f"export {path}")
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-      return (*load_diffusers(path, config.model.dtype), f"diffusers {path}")
-    raise FileNotFoundError(f"{path} is neither a scott_jax Flax export ({EXPORT_CONFIG}) nor a diffusers "
-                            "folder (model_index.json)")
-  from scott_jax import export
-
-  run = export.TrainedRun(config, workdir)
-  step = run.latest_step() if step < 0 else step
-  pipe, params = run.pipeline(step, which)
-  return pipe, params, f"{workdir} step {step} ({which})"
-
-
-def run_sample(config: Any, workdir: str) -> dict[str, float]:
-  """Mode ``sample``: for each entry of ``config.sample.steps`` (or the explicit ``sample.timesteps``) generates
-  the prompts with the student (``sample.model = "student"``) or the teacher (``sample.path``, default
-  ``config.model.teacher_path``; solver, eta, order, noise_fn, spacing from ``config.sample``; a Gaussian student
-  draws from or takes the mean of its Gaussian, ``sample.gaussian``), writes PNGs
-  and a grid to WORKDIR/samples/<label>/ and prints seconds per image after compilation.
-  Returns {label: seconds/image}."""
-  sc = config.sample
-  if sc.model == "teacher" and not sc.path:  # the teacher of the run: config.model.teacher_path
-    pipe, params = load_diffusers(config.model.teacher_path, config.model.dtype)
-    what = f"teacher {config.model.teacher_path}"
-  else:
-    pipe, params, what = load_for_config(config, workdir, sc.path, sc.params, sc.step)
-  prompts = read_prompts(sc.prompt_file) if sc.prompt_file else list(sc.prompts)
-  prompts = [p for p in prompts for _ in range(sc.num_per_prompt)]
-  ids = pipe.tokenize(prompts)
-  res = sc.resolution or config.data.resolution
-  kind = sc.model
-  runs: list[int | tuple[int, ...]] = [tuple(sc.timesteps)] if sc.timesteps else list(sc.steps)
-  teacher_opts = sampler_options(sc) if kind == "teacher" else {}
-  timings = {}
-  batch = min(sc.batch_size, len(prompts))
-  for steps in runs:
-    sampler = make_sampler(pipe, kind=kind, steps=steps, height=res, gaussian=sc.gaussian, **teacher_opts)
-    label = f"{kind}_{len(sampler.timesteps)}step" if not sc.timesteps else f"{kind}_t{'-'.join(map(str, steps))}"
-    key = jax.random.PRNGKey(sc.seed)
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler(params, ids[:batch], key, sc.guidance_scale))  # compile + warm up
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    images = generate(sampler, params, ids, key, sc.guidance_scale, batch)
-    per_image = (time.perf_counter() - t0) / len(prompts)
-    out = os.path.join(workdir, "samples", label)
-    write_images(out, images)
-    write_grid(os.path.join(workdir, "samples", f"{label}_grid.png"), images)
-    with open(os.path.join(out, "prompts.json"), "w") as fh:
-      json.dump({"model": what, "timesteps": sampler.timesteps.tolist(), "guidance_scale": sc.guidance_scale,
-                 "seed": sc.seed, "prompts": prompts}, fh, indent=1)
-    timings[label] = per_image
-    print(f"{label}: timesteps {sampler.timesteps.tolist()} | {per_image:.4f} s/image after compilation "
-          f"({compile_s:.1f} s compile + first batch) | {len(prompts)} images at {res}x{res} -> {out}")
-  return timings

@@ -7,7 +7,7 @@ FLOPs for a config and mesh, before any weights are loaded or any accelerator is
 The networks' architectures come from the config.json files of ``model.teacher_path`` (``plan_architecture =
 "teacher"``, no weight file is read) or from the built-in SD1.5 architecture (``"sd15"``). Parameters, the train
 state and the batch are ``jax.ShapeDtypeStruct``s (``jax.eval_shape`` of the model inits and of
-`scott_jax.train.abstract_state`) carrying the shardings of `scott_jax.parallel`; the step is
+`scott_jax.step.abstract_state`) carrying the shardings of `scott_jax.parallel`; the step is
 ``jit(...).lower(...).compile()``d exactly as training compiles it. ``plan_devices > 0`` makes that many fake
 CPU devices (``jax_num_cpu_devices``; must be set before JAX starts its CPU backend).
 
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax import parallel
-from scott_jax import train as train_lib
+from scott_jax import step as step_lib
+from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
 
 PyTree = Any
@@ -71,8 +72,8 @@ def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
   return unet, vae, text, int(min(tokenizer.model_max_length, text.max_position_embeddings))
 
 
-def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
-  """(Models, frozen) as `scott_jax.train.load_models` builds them, with ShapeDtypeStruct parameters.
+def abstract_models(config: ConfigDict) -> tuple[student_lib.Models, PyTree]:
+  """(Models, frozen) as `scott_jax.student.load_models` builds them, with ShapeDtypeStruct parameters.
 
   The Models' tokenizer is None (the step never tokenizes).
   """
@@ -87,7 +88,7 @@ def abstract_models(config: ConfigDict) -> tuple[train_lib.Models, PyTree]:
 
 
 def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, text_cfg: Any,
-                              max_length: int) -> tuple[train_lib.Models, PyTree]:
+                              max_length: int) -> tuple[student_lib.Models, PyTree]:
   """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs."""
   from scott_jax.models import unet as unet_lib
   from scott_jax.models.clip_text import CLIPTextModel
@@ -96,7 +97,7 @@ def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, t
   dtype = jnp.dtype(config.model.dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
-  models = train_lib.build_models(config, unet_cfg, vae, text, None, max_length)
+  models = student_lib.build_models(config, unet_cfg, vae, text, None, max_length)
   key = jax.random.key(0)
   f = vae_cfg.downsample_factor
   text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
@@ -107,7 +108,7 @@ def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, t
   return models, frozen
 
 
-def batch_spec(config: ConfigDict, models: train_lib.Models) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: ConfigDict, models: student_lib.Models) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch's shapes: precomputed latents for ``data.source = latent_cache``, else images + token ids."""
   b, r = config.train.batch_size, config.data.resolution
   if config.data.source == "latent_cache":
@@ -152,9 +153,9 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   mesh = parallel.make_mesh(config.mesh, devices)
   models, frozen = abstract_models(config)
   batch = batch_spec(config, models)
-  state = train_lib.abstract_state(config, models, frozen, batch)
+  state = step_lib.abstract_state(config, models, frozen, batch)
   state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, state, frozen, batch)
-  step = parallel.jit_train_step(train_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+  step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
   t0 = time.time()
   lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
                        parallel.with_shardings(frozen, frozen_sh))

@@ -17,9 +17,9 @@ import transformers
 from PIL import Image
 from test_export import TINY, tiny_config, write_checkpoints
 
+from scott_jax import checkpoint, evaluate, export
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
-from scott_jax import evaluate, export
 from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid
 
@@ -191,7 +191,7 @@ def test_clear_errors(setup, tmp_path):
   os.remove(bad / "checkpoints" / "2" / "manifest" / "metadata")
   c = cfg.copy_and_resolve_references()
   c.eval.sample_steps = (1,)
-  with pytest.raises(export.CheckpointReadError, match="step 2"):
+  with pytest.raises(checkpoint.CheckpointReadError, match="step 2"):
     evaluate.run_eval(c, str(bad))
   c.eval.checkpoint_steps = (8,)
   with pytest.raises(FileNotFoundError, match=r"\[8\] not found"):

@@ -1,4 +1,4 @@
-"""Export of a trained student: (a) the Flax export round-trips bit for bit through `pipeline.load_exported`;
+"""Export of a trained student: (a) the Flax export round-trips bit for bit through `export.load_exported`;
 (b) the diffusers folder loads with `DiffusionPipeline.from_pretrained` as a LatentConsistencyModelPipeline and
 gives our images for the same latents, prompts and noise; (c) the PEFT LoRA writer; checkpoint reading."""
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from scott_jax import checkpoint, export, pipeline, student, train
 from scott_jax import checkpoint as ckpt_lib
-from scott_jax import export, pipeline, train
+from scott_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))
@@ -37,12 +38,12 @@ def perturb(tree, seed: int, scale: float = 0.02):
 
 
 def write_checkpoints(cfg, workdir: str, steps=(3,), seed: int = 0) -> dict[int, dict]:
-  """Train states of the tiny config (train.init_state layout) with the student and EMA perturbed away from
+  """Train states of the tiny config (step_lib.init_state layout) with the student and EMA perturbed away from
   the teacher (cond_proj included, so w matters), saved with scott_jax.checkpoint. Returns {step: state}."""
-  models, frozen = train.load_models(cfg)
+  models, frozen = student.load_models(cfg)
   spec = {"images": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
           "input_ids": jax.ShapeDtypeStruct((2, models.max_length), jnp.int32)}
-  base = train.init_state(cfg, models, frozen, spec)
+  base = step_lib.init_state(cfg, models, frozen, spec)
   out = {}
   with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=None, save_every=1) as ck:
     for i, step in enumerate(steps):
@@ -71,13 +72,13 @@ def _leaves(tree):
 
 def test_flax_export_round_trips_bit_for_bit(run):
   cfg, workdir, states, written = run
-  pipe, params = pipeline.load_exported(written["flax"])
+  pipe, params = export.load_exported(written["flax"])
   saved = _leaves(states[3].ema)  # cfg.sample.params = "ema", the latest step
   got = _leaves(params["unet"])
   assert set(got) == set(saved)
   for k in saved:
     assert got[k].dtype == saved[k].dtype and np.array_equal(got[k], saved[k]), k
-  models, frozen = train.load_models(cfg)
+  models, frozen = student.load_models(cfg)
   for name in ("vae", "text_encoder"):
     ref, mine = _leaves(frozen[name]), _leaves(params[name])
     assert set(ref) == set(mine) and all(np.array_equal(ref[k], mine[k]) for k in ref)
@@ -122,11 +123,11 @@ def test_lora_file_round_trip_and_skip(run, tmp_path):
 
   cfg, workdir, states, written = run
   assert "lora" not in written  # the student is a full U-Net: (c) is skipped
-  assert not export.is_lora(states[3].ema)
+  assert not student.is_lora_student(states[3].ema)
   params = states[3].ema
   overlay = lora.init(jax.random.PRNGKey(1), params["params"], ["attention"], 4)
   overlay = jax.tree.map(lambda x: x + 0.01, overlay)  # non-zero B
-  assert export.is_lora(overlay)
+  assert any(lora.LORA_B in p for p in _leaves(overlay))
   path = export.export_lora(str(tmp_path / "lora.safetensors"), overlay, 8.0)
   back, alpha = lora.import_peft(path)
   assert alpha == 8.0
@@ -140,21 +141,21 @@ def test_checkpoint_listing_and_errors(run, tmp_path):
   copy = tmp_path / "checkpoints"
   shutil.copytree(directory, copy)
   shutil.copytree(copy / "3", copy / "7.orbax-checkpoint-tmp-1234")
-  steps, pending = export.finalised_steps(copy)
+  steps, pending = checkpoint.finalised_steps(copy)
   assert steps == [3] and pending == ["7.orbax-checkpoint-tmp-1234"]
-  ema = export.restore_subtree(copy, 3, "ema")
+  ema = checkpoint.restore_subtree(copy, 3, "ema")
   assert all(np.array_equal(v, _leaves(states[3].ema)[k]) for k, v in _leaves(ema).items())
-  with pytest.raises(export.CheckpointReadError, match="step 5 does not exist"):
-    export.restore_subtree(copy, 5, "ema")
-  with pytest.raises(export.CheckpointReadError, match="no field 'nope'"):
-    export.restore_subtree(copy, 3, "nope")
+  with pytest.raises(checkpoint.CheckpointReadError, match="step 5 does not exist"):
+    checkpoint.restore_subtree(copy, 5, "ema")
+  with pytest.raises(checkpoint.CheckpointReadError, match="no field 'nope'"):
+    checkpoint.restore_subtree(copy, 3, "nope")
   # Truncate every array file of step 3: a clear error naming the step.
   for root, _, files in os.walk(copy / "3" / "state"):
     for f in files:
       if "ocdbt" in root or f.startswith("d"):
         open(os.path.join(root, f), "wb").close()
-  with pytest.raises(export.CheckpointReadError, match="step 3 .* cannot be read"):
-    export.restore_subtree(copy, 3, "ema")
+  with pytest.raises(checkpoint.CheckpointReadError, match="step 3 .* cannot be read"):
+    checkpoint.restore_subtree(copy, 3, "ema")
 
 
 def lora_config(teacher: str, out_dir: str, embed: int = 0):
@@ -170,7 +171,7 @@ def lora_config(teacher: str, out_dir: str, embed: int = 0):
 
 @pytest.fixture(scope="module")
 def lora_run(run, tmp_path_factory):
-  """Checkpoints of a LoRA student (train.init_state layout, overlay A and B perturbed) exported in every format."""
+  """Checkpoints of a LoRA student (step_lib.init_state layout, overlay A and B perturbed) exported in every format."""
   root = tmp_path_factory.mktemp("lora_export")
   cfg = lora_config(run[0].model.teacher_path, str(root / "out"))
   workdir = str(root / "run")
@@ -189,7 +190,7 @@ def check_lora_export(cfg, workdir: str, written: dict[str, str], step: int) -> 
   trained = export.TrainedRun(cfg, workdir)
   state = trained.student_state(step, "student")
   b_max = max(float(np.abs(b).max()) for p, b in _leaves(state["lora"]).items() if p[-1] == lora.LORA_B)
-  assert export.is_lora(state) and b_max > 1e-3
+  assert student.is_lora_student(state) and b_max > 1e-3
   merged = trained.student_params(step, "student")
   models, frozen = trained.models()
   sd = diffusers.StableDiffusionPipeline.from_pretrained(cfg.model.teacher_path, safety_checker=None,
@@ -208,7 +209,7 @@ def check_lora_export(cfg, workdir: str, written: dict[str, str], step: int) -> 
   scale = np.abs(ref).max()
   assert np.abs(ours - ref).max() <= 1e-4 * scale
   assert np.abs(base - ref).max() > 1e-2 * scale  # the LoRA changes the U-Net
-  pipe, params = pipeline.load_exported(written["flax"])
+  pipe, params = export.load_exported(written["flax"])
   got, want = _leaves(params["unet"]), _leaves(merged)
   assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
   assert pipe.guidance_embed_dim is None and pipe.sampling_grid == tuple(range(15, 1000, 24))
@@ -216,7 +217,7 @@ def check_lora_export(cfg, workdir: str, written: dict[str, str], step: int) -> 
   expected = lora.merge(frozen["unet"], trained.student_state(step, "ema")["lora"], cfg.model.student_lora_alpha)
   for a, b in zip(jax.tree.leaves(ema_params["unet"]), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-  with pytest.raises(export.CheckpointReadError, match="LoRA student but config.model.student_lora_rank = 0"):
+  with pytest.raises(checkpoint.CheckpointReadError, match="LoRA student but config.model.student_lora_rank = 0"):
     export.TrainedRun(tiny_config(cfg.model.teacher_path), workdir).student_params(step)
 
 
@@ -267,7 +268,7 @@ def test_gaussian_student_exports(tmp_path):
   states = write_checkpoints(cfg, workdir)
   cfg.export.out_dir = str(tmp_path / "out")
   written = export.run_export(cfg, workdir)
-  pipe, params = pipeline.load_exported(written["flax"])
+  pipe, params = export.load_exported(written["flax"])
   assert pipe.student_output == "gaussian" and pipe.unet.config.out_channels == 8
   saved, got = _leaves(states[3].ema), _leaves(params["unet"])
   assert set(got) == set(saved) and all(np.array_equal(got[k], saved[k]) for k in saved)

@@ -80,7 +80,9 @@ def test_two_processes_match_one_process(runs):
   final checkpoint's student, EMA and optimizer state; the checkpoint keeps both processes' data states; the
   state spans both processes (each device holds about half of it)."""
   from scott_jax import checkpoint as ckpt_lib
-  from scott_jax import train as train_lib
+  from scott_jax import step as step_lib
+  from scott_jax import student as student_lib
+  from scott_jax.data import batches as batches_lib
 
   single, logs = runs["single"], runs["logs"]
   assert (single["process_count"], single["local_devices"]) == (1, 4) and single["mesh"] == [2, 2, 1]
@@ -89,9 +91,9 @@ def test_two_processes_match_one_process(runs):
   tp.assert_metrics_close(single["metrics"], tp._logged_metrics(logs["proc0"]))
   assert tp._logged_metrics(logs["proc1"]) == tp._logged_metrics(logs["proc0"])  # replicated metrics
   config = tp.tiny_config(runs["folder"], data=2, fsdp=2)
-  models, frozen = train_lib.load_models(config)
-  spec = train_lib.global_batch_spec(train_lib.prepare_batch(train_lib.make_source(config).batch(0), models))
-  abstract = train_lib.abstract_state(config, models, frozen, spec)
+  models, frozen = student_lib.load_models(config)
+  spec = batches_lib.global_batch_spec(batches_lib.prepare_batch(batches_lib.make_source(config).batch(0), models))
+  abstract = step_lib.abstract_state(config, models, frozen, spec)
   with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(runs["multi_dir"]), max_to_keep=None) as ckpt:
     state, data_state = ckpt.restore(tp.NUM_STEPS, abstract)
   one = {"step": tp.NUM_STEPS, "seed": config.seed, "num_examples": 8, "batch_size": tp.BATCH}

@@ -391,7 +391,9 @@ def test_train_loop_on_a_4_device_mesh_matches_one_device(mesh_run):
 
   from scott_jax import checkpoint as ckpt_lib
   from scott_jax import parallel
-  from scott_jax import train as train_lib
+  from scott_jax import step as step_lib
+  from scott_jax import student as student_lib
+  from scott_jax.data import batches as batches_lib
 
   cli_dir = mesh_run["root"] / "cli"
   proc = subprocess.run([str(c) for c in _train_cmd(mesh_run["folder"], cli_dir)], cwd=ROOT, capture_output=True,
@@ -401,9 +403,9 @@ def test_train_loop_on_a_4_device_mesh_matches_one_device(mesh_run):
   assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 1} on 4 devices, 1 process(es)" in log
   assert_metrics_close(mesh_run["results"]["ref"]["metrics"], _logged_metrics(log))
   config = tiny_config(mesh_run["folder"], data=2, fsdp=2)
-  models, frozen = train_lib.load_models(config)
-  spec = train_lib.global_batch_spec(train_lib.prepare_batch(train_lib.make_source(config).batch(0), models))
-  abstract = train_lib.abstract_state(config, models, frozen, spec)
+  models, frozen = student_lib.load_models(config)
+  spec = batches_lib.global_batch_spec(batches_lib.prepare_batch(batches_lib.make_source(config).batch(0), models))
+  abstract = step_lib.abstract_state(config, models, frozen, spec)
   with ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(cli_dir), max_to_keep=None) as ckpt:
     state, data_state = ckpt.restore(NUM_STEPS, abstract)
   assert data_state == {"step": NUM_STEPS, "seed": config.seed, "num_examples": 8, "batch_size": BATCH}
@@ -503,15 +505,17 @@ class _Run:
   def __init__(self, folder, arg=CONFIG_ARG):
     import jax
 
-    from scott_jax import train as train_lib
+    from scott_jax import step as step_lib
+    from scott_jax import student as student_lib
+    from scott_jax.data import batches as batches_lib
 
     self.config = tiny_config(folder, arg=arg)
-    self.models, frozen = train_lib.load_models(self.config)
-    source = train_lib.make_source(self.config)
-    self.batches = [train_lib.prepare_batch(source.batch(k), self.models) for k in range(NUM_STEPS)]
-    self.state0 = jax.device_get(train_lib.init_state(self.config, self.models, frozen, self.batches[0]))
+    self.models, frozen = student_lib.load_models(self.config)
+    source = batches_lib.make_source(self.config)
+    self.batches = [batches_lib.prepare_batch(source.batch(k), self.models) for k in range(NUM_STEPS)]
+    self.state0 = jax.device_get(step_lib.init_state(self.config, self.models, frozen, self.batches[0]))
     self.frozen = jax.device_get(frozen)
-    self.step_fn = train_lib.make_train_step(self.config, self.models)
+    self.step_fn = step_lib.make_train_step(self.config, self.models)
 
   def mesh_cfg(self, data, fsdp):
     c = self.config.mesh.copy_and_resolve_references()

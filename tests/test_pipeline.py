@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from scott_jax import pipeline
+from scott_jax import pipeline, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))
@@ -195,7 +195,7 @@ def test_sample_mode_writes_pngs_and_timing(lcm_folder, tmp_path, capsys):
   cfg.sample.update(dict(path=lcm_folder, steps=(1,), batch_size=2, resolution=32,
                          prompts=tuple(PROMPTS), num_per_prompt=2))
   config_lib.validate(cfg)
-  timings = pipeline.run_sample(cfg, str(tmp_path))
+  timings = sample.run_sample(cfg, str(tmp_path))
   assert set(timings) == {"student_1step"}
   for label in timings:
     files = sorted(os.listdir(tmp_path / "samples" / label))

@@ -24,8 +24,11 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cc
 
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
-from scott_jax import parallel
+from scott_jax import loop, parallel
+from scott_jax import step as step_lib
+from scott_jax import student as student_lib
 from scott_jax import train as train_lib
+from scott_jax.data import batches as batches_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_scott.py")
@@ -78,10 +81,10 @@ def env(tmp_path_factory):
 def tiny(env):
   """Models, frozen params, an initial state, a fixed batch and the compiled step of the default tiny config."""
   config = _config(env["folder"])
-  models, frozen = train_lib.load_models(config)
-  source = train_lib.make_source(config)
-  batch = train_lib.prepare_batch(source.batch(0), models)
-  state = train_lib.init_state(config, models, frozen, batch)
+  models, frozen = student_lib.load_models(config)
+  source = batches_lib.make_source(config)
+  batch = batches_lib.prepare_batch(source.batch(0), models)
+  state = step_lib.init_state(config, models, frozen, batch)
   return config, models, frozen, state, batch, _compile_like_train(config, models, state, batch, frozen)
 
 
@@ -89,10 +92,10 @@ def _compile_like_train(config, models, state, batch, frozen):
   """The step compiled as `train_lib.train` compiles it (sharded jit on the config's 1-device mesh), so the
   `python -m scott_jax.main` runs below find it in the persistent compilation cache."""
   mesh = parallel.make_mesh(config.mesh)
-  spec = train_lib.global_batch_spec(batch)
-  abstract = train_lib.abstract_state(config, models, frozen, spec)
+  spec = batches_lib.global_batch_spec(batch)
+  abstract = step_lib.abstract_state(config, models, frozen, spec)
   state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, abstract, frozen, spec)
-  step = parallel.jit_train_step(train_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+  step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
   return step.lower(parallel.with_shardings(abstract, state_sh), parallel.with_shardings(spec, batch_sh),
                     parallel.with_shardings(frozen, frozen_sh)).compile()
 
@@ -113,7 +116,7 @@ def test_student_starts_as_the_teacher(tiny):
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   t = jnp.asarray([999, 259], jnp.int32)
   text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
-  student_fn = train_lib.make_student_fn(models, 256)
+  student_fn = student_lib.make_student_fn(models, 256)
   out = jax.jit(lambda p, w: student_fn(p, z, t, {"text": text, "w": w}))(state.student, jnp.asarray([3.0, 12.0]))
   ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -167,7 +170,7 @@ def test_fixed_batch_lowers_cd_loss_and_the_gan_plays(tiny):
 
 
 def _latent_batch(models, frozen, batch):
-  z0, text, pooled = jax.jit(lambda b: train_lib.encode_batch(models, frozen, b, None))(batch)
+  z0, text, pooled = jax.jit(lambda b: student_lib.encode_batch(models, frozen, b, None))(batch)
   return {"latents": np.asarray(z0), "text_embeds": np.asarray(text), "pooled_text_embeds": np.asarray(pooled)}
 
 
@@ -175,14 +178,14 @@ def test_latent_batches_are_accepted(tiny):
   """The step takes precomputed latents + text embeddings (by key names) as well as images + token ids: same
   state and metrics structure (traced, not compiled); a batch with neither set of keys is a clear error."""
   config, models, frozen, state, batch, _ = tiny
-  fn = train_lib.make_train_step(config, models)
+  fn = step_lib.make_train_step(config, models)
   out_images = jax.eval_shape(fn, state, batch, frozen)
   out_latents = jax.eval_shape(fn, state, _latent_batch(models, frozen, batch), frozen)
   assert jax.tree_util.tree_structure(out_images) == jax.tree_util.tree_structure(out_latents)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
              zip(jax.tree_util.tree_leaves(out_images), jax.tree_util.tree_leaves(out_latents), strict=True))
   with pytest.raises(KeyError, match="images.*input_ids.*latents"):
-    train_lib.encode_batch(models, frozen, {"images": batch["images"]}, None)
+    student_lib.encode_batch(models, frozen, {"images": batch["images"]}, None)
 
 
 @pytest.mark.slow
@@ -191,7 +194,7 @@ def test_latent_batches_match_image_batches(tiny):
   config, models, frozen, state, batch, _ = tiny
   cfg = config_lib.ConfigDict(config.to_dict())
   cfg.model.vae_sample = False
-  fn = train_lib.make_train_step(cfg, models)
+  fn = step_lib.make_train_step(cfg, models)
   run = jax.jit(lambda s, b: fn(s, b, frozen)[1]["loss"])
   a, b = float(run(state, batch)), float(run(state, _latent_batch(models, frozen, batch)))
   assert np.isfinite(a) and abs(a - b) <= 1e-5 * max(1.0, abs(a)), (a, b)
@@ -199,17 +202,17 @@ def test_latent_batches_match_image_batches(tiny):
 
 def test_non_finite_metrics_raise():
   with pytest.raises(FloatingPointError, match="step 7.*loss_cd"):
-    train_lib._check_finite(7, {"loss": np.float32(1.0), "loss_cd": np.float32(np.nan)})
+    loop.check_finite(7, {"loss": np.float32(1.0), "loss_cd": np.float32(np.nan)})
 
 
 def test_missing_teacher_folder_is_a_clear_error(tmp_path):
   c = TINY.get_config()
   c.model.teacher_path = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="teacher_path=.*nope.*does not exist"):
-    train_lib.load_models(c)
+    student_lib.load_models(c)
   c.model.teacher_path = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="missing"):
-    train_lib.load_models(c)
+    student_lib.load_models(c)
 
 
 def test_unet_options_reach_the_modules(env, tiny):
@@ -221,7 +224,7 @@ def test_unet_options_reach_the_modules(env, tiny):
   config, models, frozen, state, batch, _ = tiny
   c = _config(env["folder"])
   c.model.update(dict(attention="chunked", attention_chunk_size=64, remat=True))
-  opt_models, _ = train_lib.load_models(c)
+  opt_models, _ = student_lib.load_models(c)
   c.mesh.plan_architecture = "teacher"
   abstract_models, _ = plan.abstract_models(c)
   for m in (opt_models, abstract_models):
@@ -231,7 +234,7 @@ def test_unet_options_reach_the_modules(env, tiny):
   assert abstract_models.student == opt_models.student and abstract_models.disc.unet == opt_models.teacher
   c.model.attention = "cudnn"
   with pytest.raises(ValueError, match="attention='cudnn' needs config.model.dtype bfloat16"):
-    train_lib.build_models(c, models.teacher.config, models.vae, models.text_encoder, None, 16)
+    student_lib.build_models(c, models.teacher.config, models.vae, models.text_encoder, None, 16)
   with pytest.raises(config_lib.ConfigError, match="model.attention"):
     c.model.attention = "flash"
     config_lib.validate(c)
@@ -244,14 +247,14 @@ def test_chunked_attention_and_remat_keep_loss_and_gradients(env, tiny):
   config, models, frozen, state, batch, _ = tiny
   c = _config(env["folder"])
   c.model.update(dict(attention="chunked", attention_chunk_size=64, remat=True))
-  opt_models, _ = train_lib.load_models(c)
+  opt_models, _ = student_lib.load_models(c)
   rng = np.random.default_rng(1)
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   cond = {"text": jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32), "w": jnp.asarray([3.0, 9.0])}
   t = jnp.asarray([999, 499], jnp.int32)
 
   def loss_and_grad(m):
-    fn = train_lib.make_student_fn(m, config.consistency.guidance_embed_dim)
+    fn = student_lib.make_student_fn(m, config.consistency.guidance_embed_dim)
     return jax.jit(jax.value_and_grad(lambda p: jnp.mean(fn(p, z, t, cond) ** 2)))(state.student)
 
   (l0, g0), (l1, g1) = loss_and_grad(models), loss_and_grad(opt_models)
@@ -298,7 +301,7 @@ def test_train_reads_the_grain_pipeline_and_in_memory_sources(env, tiny, tmp_pat
   config, models, frozen, _, batch, _ = tiny
   images, captions = arrays.synthetic(6, 32, seed=3)
   _write_folder(tmp_path / "photos", images, captions)
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   train_lib.train(_folder_config(env, tmp_path, 2), str(tmp_path / "folder"))
   state, data_state = _final_state(tmp_path / "folder", abstract, 2)
   expected, first = _pipeline_state(_folder_config(env, tmp_path, 2), models, 2)
@@ -329,7 +332,7 @@ def test_each_captions_layout_trains_a_step(env, tiny, tmp_path, layout):
   rows = write_caption_layout(tmp_path / "photos", layout, images, captions)
   c = _folder_config(env, tmp_path, 1)
   c.data.shuffle = False
-  data = train_lib.make_data(c, models)
+  data = batches_lib.make_data(c, models)
   batch = next(data)
   data.close()
   np.testing.assert_array_equal(batch["input_ids"], tokenize(models.tokenizer, [cap for _, cap in rows[:2]],
@@ -365,7 +368,7 @@ def test_resume_through_the_grain_pipeline_is_exact(env, tiny, tmp_path):
   train_lib.train(_folder_config(env, tmp_path, 2), str(tmp_path / "resumed"))
   train_lib.train(_folder_config(env, tmp_path, 3), str(tmp_path / "resumed"))
   train_lib.train(_folder_config(env, tmp_path, 3), str(tmp_path / "straight"))
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   a, data_a = _final_state(tmp_path / "straight", abstract, 3)
   b, data_b = _final_state(tmp_path / "resumed", abstract, 3)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
@@ -424,7 +427,7 @@ def test_resume_is_exact_after_sigterm(env, tiny):
   assert f"Resumed from checkpoint step {stopped[0]}" in resumed_text
   straight_text = _wait(proc, straight_log)
   assert "step 6/6" in straight_text and "ETA" in straight_text and "images/s" in straight_text
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   a, data_a = _final_state(straight, abstract, 6)
   b, data_b = _final_state(killed, abstract, 6)
   assert data_a == data_b == {"step": 6, "seed": 0, "num_examples": 8, "batch_size": 2}
@@ -438,7 +441,7 @@ def test_resume_is_exact_after_sigterm(env, tiny):
   # metrics.jsonl: one entry per logged step (log_every 1), the discriminator's diagnostics included; the resumed
   # run dropped the entries past its checkpoint and logged them again, so both runs list steps 1..6 once.
   for run in (straight, killed):
-    entries = [json.loads(ln) for ln in open(run / train_lib.METRICS_FILE)]
+    entries = [json.loads(ln) for ln in open(run / loop.METRICS_FILE)]
     assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6], run
     for e in entries:
       assert {"disc_accuracy", "grad_ratio", "lambda_eff", "loss_d", "loss_cd"} <= set(e)
@@ -455,10 +458,10 @@ def test_sample_grids_are_written(tiny, tmp_path):
   from scott_jax.models.clip_text import tokenize
 
   config, models, frozen, state, _, _ = tiny
-  assert train_lib.student_timesteps(config, 2) == (999, 495)  # consistency.timestep_rule "grid", skip 24
-  assert pipeline_lib.make_sampler(train_lib.student_pipeline(config, models), steps=2,
+  assert student_lib.student_timesteps(config, 2) == (999, 495)  # consistency.timestep_rule "grid", skip 24
+  assert pipeline_lib.make_sampler(student_lib.student_pipeline(config, models), steps=2,
                                    height=32).timesteps.tolist() == [999, 495]
-  sampler = train_lib.make_sampler(config, models)
+  sampler = student_lib.make_sampler(config, models)
   ids = tokenize(models.tokenizer, list(config.train.sample_prompts), models.max_length)
   out = {}
   for k in (1, 2):
@@ -482,17 +485,17 @@ def test_lora_student_state(env, embed):
 
   config = _config(env["folder"], "student=lora,gan=off")
   config.consistency.guidance_embed_dim = embed
-  models, frozen = train_lib.load_models(config)
+  models, frozen = student_lib.load_models(config)
   assert models.student.config.time_cond_proj_dim == (embed or None)
-  source = train_lib.make_source(config)
-  batch = train_lib.prepare_batch(source.batch(0), models)
-  state = train_lib.init_state(config, models, frozen, batch)
-  assert train_lib.is_lora_student(state.student) and set(state.student) == {"lora", "full"}
+  source = batches_lib.make_source(config)
+  batch = batches_lib.prepare_batch(source.batch(0), models)
+  state = step_lib.init_state(config, models, frozen, batch)
+  assert student_lib.is_lora_student(state.student) and set(state.student) == {"lora", "full"}
   n = lora.count_params
   assert n(state.student["full"]) == embed * 32 and n(state.student["lora"]) < 0.2 * n(frozen["unet"])
   assert lora.select_targets(frozen["unet"], tuple(config.model.student_lora_targets)) == sorted(
     "/".join(p[:-1]) for p in traverse_util.flatten_dict(state.student["lora"]) if p[-1] == "lora_A")
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(state)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
              zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
@@ -500,7 +503,7 @@ def test_lora_student_state(env, embed):
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   t = jnp.asarray([999, 259], jnp.int32)
   text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
-  student_fn = train_lib.make_student_fn(models, embed, frozen["unet"], config.model.student_lora_alpha)
+  student_fn = student_lib.make_student_fn(models, embed, frozen["unet"], config.model.student_lora_alpha)
   out = jax.jit(lambda s, w: student_fn(s, z, t, {"text": text, "w": w}))(state.student, jnp.asarray([3.0, 12.0]))
   ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -514,11 +517,11 @@ VARIANTS = [("sd15_scott", a) for a in ("eta=0.2", "h=1", "gan=off", "teacher=lc
 @pytest.mark.parametrize("name,arg", VARIANTS)
 def test_every_variant_runs_one_step(env, name, arg):
   config = _config(env["folder"], arg)
-  models, frozen = train_lib.load_models(config)
-  source = train_lib.make_source(config)
-  batch = train_lib.prepare_batch(source.batch(0), models)
-  state = train_lib.init_state(config, models, frozen, batch)
-  state, metrics = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
+  models, frozen = student_lib.load_models(config)
+  source = batches_lib.make_source(config)
+  batch = batches_lib.prepare_batch(source.batch(0), models)
+  state = step_lib.init_state(config, models, frozen, batch)
+  state, metrics = jax.jit(step_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
   assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
   assert ("loss_d" in metrics) == config.gan.enabled
 
@@ -540,13 +543,13 @@ def _two_pass_gradients(config, models, state, batch, frozen):
 
   c = config
   key, k_vae, k_w, k_cd = jax.random.split(state.key, 4)
-  z0, text, pooled = train_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
+  z0, text, pooled = student_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
   w = jax.random.uniform(k_w, (z0.shape[0],), jnp.float32, c.consistency.w_min, c.consistency.w_max)
   cond = {"text": text, "w": w}
   uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape)
   cd_loss = losses.make_cd_loss(
-    train_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha),
-    train_lib.make_teacher_eps_fn(models, frozen["unet"], uncond), models.schedule, solver=c.solver.name,
+    student_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha),
+    student_lib.make_teacher_eps_fn(models, frozen["unet"], uncond), models.schedule, solver=c.solver.name,
     solver_kwargs=solvers.solver_kwargs(c.solver.name, c.solver), skip=c.solver.skip, h=c.solver.h,
     grid=c.consistency.grid, num_ddim_timesteps=c.consistency.num_ddim_timesteps)
 
@@ -582,7 +585,7 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   state = _perturbed_disc(state)
 
   def run(cfg, m=models):
-    return jax.jit(lambda s: train_lib.make_gradients(cfg, m)(s, batch, frozen))(state)
+    return jax.jit(lambda s: step_lib.make_gradients(cfg, m)(s, batch, frozen))(state)
 
   def with_gan(**gan):
     cfg = config_lib.ConfigDict(config.to_dict())
@@ -610,7 +613,7 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   assert float(m_off["lambda_eff"]) == 0.0 and float(m_off["grad_ratio"]) == 0.0
   assert float(m_off["loss"]) == float(m_off["loss_cd"])
   nogan = with_gan(enabled=False)
-  nogan_models = train_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
+  nogan_models = student_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
                                         models.tokenizer, models.max_length)
   g_cd, _, _, _ = run(nogan, nogan_models)
   for a, b in zip(jax.tree_util.tree_leaves(g_off), jax.tree_util.tree_leaves(g_cd), strict=True):
@@ -651,26 +654,26 @@ def test_gaussian_student_starts_as_the_teacher_and_its_gradient_flows_through_t
 
   config0, _, frozen, _, batch, _ = tiny
   config = _gaussian(config0)
-  models, _ = train_lib.load_models(config)
+  models, _ = student_lib.load_models(config)
   assert models.student.config.out_channels == 2 * models.teacher.config.out_channels == 8
-  state = train_lib.init_state(config, models, frozen, batch)
+  state = step_lib.init_state(config, models, frozen, batch)
   teacher_out = {k: np.asarray(v) for k, v in frozen["unet"]["params"]["conv_out"].items()}
   conv = {k: np.asarray(v) for k, v in state.student["params"]["conv_out"].items()}
   np.testing.assert_array_equal(conv["kernel"][..., :4], teacher_out["kernel"])
   np.testing.assert_array_equal(conv["bias"][:4], teacher_out["bias"])
   assert np.all(conv["kernel"][..., 4:] == 0) and np.all(conv["bias"][4:] == config.consistency.logvar_init)
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
              zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
   mesh = parallel.make_mesh(config.mesh)
-  state_sh, _, _ = parallel.shardings_for(config.mesh, mesh, abstract, frozen, train_lib.global_batch_spec(batch))
+  state_sh, _, _ = parallel.shardings_for(config.mesh, mesh, abstract, frozen, batches_lib.global_batch_spec(batch))
   assert traverse_util.flatten_dict(state_sh.student)[("params", "conv_out", "kernel")] is not None
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   t = jnp.asarray([999, 259], jnp.int32)
   text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
-  out = jax.jit(lambda p: train_lib.make_student_fn(models, 256)(p, z, t, {"text": text, "w": jnp.asarray([3., 9.])}))(
-    state.student)
+  student_fn = student_lib.make_student_fn(models, 256)
+  out = jax.jit(lambda p: student_fn(p, z, t, {"text": text, "w": jnp.asarray([3., 9.])}))(state.student)
   ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
   np.testing.assert_allclose(np.asarray(out[..., :4]), np.asarray(ref), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(out[..., 4:]), config.consistency.logvar_init, atol=1e-6)
@@ -680,19 +683,19 @@ def test_gaussian_student_starts_as_the_teacher_and_its_gradient_flows_through_t
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   state = state.replace(student=jax.tree_util.tree_unflatten(tree, [
     x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]))
-  g_s, g_d, m, _ = jax.jit(lambda s: train_lib.make_gradients(config, models)(s, batch, frozen))(state)
+  g_s, g_d, m, _ = jax.jit(lambda s: step_lib.make_gradients(config, models)(s, batch, frozen))(state)
 
   def reference(s):
     c = config
     _, k_vae, k_w, k_cd = jax.random.split(s.key, 4)
-    z0, text, pooled = train_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
+    z0, text, pooled = student_lib.encode_batch(models, frozen, batch, k_vae if c.model.vae_sample else None)
     w = jax.random.uniform(k_w, (z0.shape[0],), jnp.float32, c.consistency.w_min, c.consistency.w_max)
     cond = {"text": text, "w": w}
     uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape)
     f = losses.make_gaussian_consistency_fn(
-      train_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"]), models.schedule)
+      student_lib.make_student_fn(models, c.consistency.guidance_embed_dim, frozen["unet"]), models.schedule)
     from scott_jax import solvers
-    problem = losses.make_cd_target(f, train_lib.make_teacher_eps_fn(models, frozen["unet"], uncond),
+    problem = losses.make_cd_target(f, student_lib.make_teacher_eps_fn(models, frozen["unet"], uncond),
                                     models.schedule, solver=c.solver.name,
                                     solver_kwargs=solvers.solver_kwargs(c.solver.name, c.solver), skip=c.solver.skip,
                                     h=c.solver.h, grid=c.consistency.grid)(s.ema, z0, cond, k_cd)
@@ -724,14 +727,14 @@ def test_gaussian_student_starts_as_the_teacher_and_its_gradient_flows_through_t
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
   nogan = config_lib.ConfigDict(config.to_dict())
   nogan.gan.enabled = False
-  nogan_models = train_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
+  nogan_models = student_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
                                         models.tokenizer, models.max_length)
-  g_cd, _, _, _ = jax.jit(lambda s: train_lib.make_gradients(nogan, nogan_models)(s, batch, frozen))(state)
+  g_cd, _, _, _ = jax.jit(lambda s: step_lib.make_gradients(nogan, nogan_models)(s, batch, frozen))(state)
   # The KL's gradient scales as 1 / var, so at the paper's fixed lambda the GAN's share is tiny here: the adaptive
   # weighting puts it at lambda_adv times the KL's (norms over both halves), and the log-variance half moves.
   adaptive = config_lib.ConfigDict(config.to_dict())
   adaptive.gan.update(dict(weighting="adaptive", max_weight=1e9))
-  g_a, _, m_a, _ = jax.jit(lambda s: train_lib.make_gradients(adaptive, models)(s, batch, frozen))(state)
+  g_a, _, m_a, _ = jax.jit(lambda s: step_lib.make_gradients(adaptive, models)(s, batch, frozen))(state)
   np.testing.assert_allclose(float(m_a["grad_ratio"]), config.gan.lambda_adv, rtol=1e-3)
   logvar_half = lambda g: np.asarray(g["params"]["conv_out"]["kernel"][..., 4:])  # noqa: E731
   assert np.abs(logvar_half(g_a) - logvar_half(g_cd)).max() > 1e-3 * np.abs(logvar_half(g_cd)).max()
@@ -742,23 +745,23 @@ def test_gaussian_lora_student(env):
   """A Gaussian LoRA student: the doubled conv_out is trained in full beside cond_proj (never in the overlay),
   abstract_state matches init_state, the merged student's mean half equals the teacher, and a step runs."""
   config = _gaussian(_config(env["folder"], "student=lora"))
-  models, frozen = train_lib.load_models(config)
-  batch = train_lib.prepare_batch(train_lib.make_source(config).batch(0), models)
-  state = train_lib.init_state(config, models, frozen, batch)
+  models, frozen = student_lib.load_models(config)
+  batch = batches_lib.prepare_batch(batches_lib.make_source(config).batch(0), models)
+  state = step_lib.init_state(config, models, frozen, batch)
   full = state.student["full"]["params"]  # :student=lora has no guidance embedding (guidance_embed_dim 0)
   assert set(full) == {"conv_out"} and full["conv_out"]["kernel"].shape == (3, 3, 32, 8)
   assert not any("conv_out" in k for k in str(jax.tree_util.tree_structure(state.student["lora"])).split("'"))
-  abstract = train_lib.abstract_state(config, models, frozen, batch)
+  abstract = step_lib.abstract_state(config, models, frozen, batch)
   assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
              zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(state), strict=True))
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
   t = jnp.asarray([999, 259], jnp.int32)
   text = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
-  student_fn = train_lib.make_student_fn(models, config.consistency.guidance_embed_dim, frozen["unet"],
+  student_fn = student_lib.make_student_fn(models, config.consistency.guidance_embed_dim, frozen["unet"],
                                          config.model.student_lora_alpha)
   out = jax.jit(lambda s: student_fn(s, z, t, {"text": text, "w": jnp.asarray([3.0, 12.0])}))(state.student)
   ref = jax.jit(lambda p: models.teacher.apply(p, z, t, text))(frozen["unet"])
   np.testing.assert_allclose(np.asarray(out[..., :4]), np.asarray(ref), atol=1e-5, rtol=1e-5)
-  state, metrics = jax.jit(train_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
+  state, metrics = jax.jit(step_lib.make_train_step(config, models), donate_argnums=(0,))(state, batch, frozen)
   assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())

@@ -100,7 +100,7 @@ def load_data(resolution: int = 16, test_fraction: float = 0.2, seed: int = 0) -
 
 def to_model(images: np.ndarray) -> np.ndarray:
   """Grey uint8 RGB images (N, R, R, 3) -> the model space (N, R, R, 1) float32 in [-1, 1] (the first channel,
-  ``/ 127.5 - 1`` as train.prepare_batch)."""
+  ``/ 127.5 - 1`` as batches.prepare_batch)."""
   return np.asarray(images, np.float32)[..., :1] / 127.5 - 1.0
 
 

@@ -32,31 +32,9 @@ from absl import logging
 
 from scott_jax.config import ConfigDict
 from scott_jax.digits import data as data_lib
-from scott_jax.digits import distill, evaluation
+from scott_jax.digits import distill, evaluation, evidence_report
 from scott_jax.digits import run as run_lib
-
-EVIDENCE = "evidence"  # WORKDIR/evidence: the teacher rows, the eval inputs, the report
-RUNS = "evidence_runs"  # WORKDIR/evidence_runs/<method>_seed<k>: the student runs (`distill.run_dir`)
-TEACHER_ROWS = "teacher_rows"
-
-
-def scale_tag(scale: float) -> str:
-  """The file-name tag of a CFG scale: 2.0 -> "g2", 1.5 -> "g1.5"."""
-  return f"g{float(scale):g}"
-
-
-def scales(config: ConfigDict) -> tuple[float, ...]:
-  """The CFG scales evaluated: the experiment's ``digits.guidance_scale`` first, then the other
-  ``digits.eval_guidance_scales``."""
-  d = config.digits
-  return (float(d.guidance_scale),) + tuple(float(g) for g in d.eval_guidance_scales if g != d.guidance_scale)
-
-
-def run_order(config: ConfigDict) -> list[tuple[str, int]]:
-  """(method, seed) in training order: the first ``digits.first_methods`` methods seed by seed, then the rest."""
-  d = config.digits
-  first, rest = list(d.distill_methods[:d.first_methods]), list(d.distill_methods[d.first_methods:])
-  return [(m, s) for group in (first, rest) for s in d.distill_seeds for m in group]
+from scott_jax.digits.evidence_layout import EVIDENCE, RUNS, TEACHER_ROWS, eval_dir, run_order, scale_tag, scales
 
 
 def write_inputs(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> tuple[str, str]:
@@ -92,11 +70,6 @@ def eval_config(config: ConfigDict, workdir: str, method: str, seed: int, scale:
                      timesteps=tuple(tuple(ts) for ts in d.eval_timesteps), checkpoint_steps=checkpoint_steps,
                      guidance_scale=float(scale), save_images=8 * data_lib.NUM_CLASSES, save_features=True))
   return config_lib.validate(c)
-
-
-def eval_dir(workdir: str, method: str, seed: int, scale: float) -> str:
-  """The eval job's WORKDIR for one run and scale: WORKDIR/evidence_runs/<method>_seed<k>/evidence_<tag>."""
-  return os.path.join(distill.run_dir(workdir, method, seed, RUNS), f"evidence_{scale_tag(scale)}")
 
 
 def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> None:
@@ -191,8 +164,6 @@ def run_evidence(config: ConfigDict, workdir: str) -> str:
   """Mode ``evidence``: stages setup, teacher, classifier (shared with mode digits), the teacher rows, then every
   run of `run_order` trained and evaluated in turn, then the report (`evidence_report.write`). Returns the
   report's path ("" when a run stopped early: rerun to resume)."""
-  from scott_jax.digits import evidence_report
-
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as fh:
     fh.write(config.to_json_best_effort(indent=2))

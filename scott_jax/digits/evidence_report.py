@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from scott_jax import loop
 from scott_jax.config import ConfigDict
+from scott_jax.digits import evidence_layout as layout
 
 UNTRAINED = "untrained"
 # (arm letter, method) in the issue's lettering; the untrained student is step 0 of any run.
@@ -67,16 +69,16 @@ def load_rows(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   features path and whether its checkpoint is the run's last. Step-0 rows are also returned as the untrained
   arm (method "untrained")."""
   from scott_jax import evaluate
-  from scott_jax.digits import distill, evidence
+  from scott_jax.digits import distill
 
   out = []
-  for method, seed in evidence.run_order(config):
-    run_wd = distill.run_dir(workdir, method, seed, evidence.RUNS)
+  for method, seed in layout.run_order(config):
+    run_wd = distill.run_dir(workdir, method, seed, layout.RUNS)
     done = distill.read_done(run_wd)
     if done is None:
       continue
-    for scale in evidence.scales(config):
-      eval_wd = evidence.eval_dir(workdir, method, seed, scale)
+    for scale in layout.scales(config):
+      eval_wd = layout.eval_dir(workdir, method, seed, scale)
       for r in _read_jsonl(os.path.join(eval_wd, evaluate.EVAL_SUBDIR, evaluate.RESULTS_FILE)):
         feats = evaluate.features_path(eval_wd, int(r["step"]), r["params"], int(r["steps"]))
         row = dict(r, method=method, seed=seed, scale=float(scale), features_file=feats,
@@ -99,11 +101,10 @@ def final_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float, int], dict[
 
 
 def read_metrics(workdir: str, method: str, seed: int) -> list[dict[str, Any]]:
-  """The training metrics (`scott_jax.train` METRICS_FILE) of one run."""
-  from scott_jax import train
-  from scott_jax.digits import distill, evidence
+  """The training metrics (`scott_jax.loop.METRICS_FILE`) of one run."""
+  from scott_jax.digits import distill
 
-  return _read_jsonl(os.path.join(distill.run_dir(workdir, method, seed, evidence.RUNS), train.METRICS_FILE))
+  return _read_jsonl(os.path.join(distill.run_dir(workdir, method, seed, layout.RUNS), loop.METRICS_FILE))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,13 +184,12 @@ def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float,
   """Every paper ordering (`ORDERINGS`) at every scale and step count where both arms have finished seeds
   (paired by seed; the untrained arm is paired with every seed of the other) -> bootstrap results."""
   from scott_jax import evaluate
-  from scott_jax.digits import evidence
 
-  mu_r, sigma_r, _ = evaluate.read_reference(os.path.join(workdir, evidence.EVIDENCE, "reference.npz"), False)
+  mu_r, sigma_r, _ = evaluate.read_reference(os.path.join(workdir, layout.EVIDENCE, "reference.npz"), False)
   d = config.digits
   out = []
   for a, b, claim in ORDERINGS:
-    for scale in evidence.scales(config):
+    for scale in layout.scales(config):
       for k in d.student_steps:
         ra, rb = finals.get((a, scale, k), {}), finals.get((b, scale, k), {})
         if not ra or not rb:
@@ -258,13 +258,12 @@ def _plot_disc(path: str, config: ConfigDict, workdir: str) -> dict[str, dict[st
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from scott_jax.digits import evidence
 
   titles = _titles()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   summary = {}
   for method in config.digits.distill_methods:
-    logs = [read_metrics(workdir, m, s) for m, s in evidence.run_order(config) if m == method]
+    logs = [read_metrics(workdir, m, s) for m, s in layout.run_order(config) if m == method]
     logs = [lg for lg in logs if lg and "disc_accuracy" in lg[0]]
     if not logs:
       continue
@@ -315,23 +314,23 @@ def _fmt_interval(x: tuple[float, float, float], spec: str) -> str:
 def write(config: ConfigDict, workdir: str) -> str:
   """Writes WORKDIR/evidence/report.md (and ``digits.evidence_doc``) from what the run has measured so far;
   returns the report's path."""
-  from scott_jax.digits import distill, evidence
+  from scott_jax.digits import distill
 
   d = config.digits
   titles = _titles()
-  out_dir = os.path.join(workdir, evidence.EVIDENCE)
+  out_dir = os.path.join(workdir, layout.EVIDENCE)
   fig_dir = os.path.join(out_dir, "figures")
   os.makedirs(fig_dir, exist_ok=True)
   rows = load_rows(config, workdir)
   finals = final_rows(rows)
-  teacher_dir = os.path.join(out_dir, evidence.TEACHER_ROWS)
+  teacher_dir = os.path.join(out_dir, layout.TEACHER_ROWS)
   teacher = []
   for f in sorted(os.listdir(teacher_dir)) if os.path.isdir(teacher_dir) else []:
     if f.endswith(".json"):
       with open(os.path.join(teacher_dir, f)) as fh:
         teacher.append(json.load(fh))
-  runs = [(m, s, distill.read_done(distill.run_dir(workdir, m, s, evidence.RUNS)))
-          for m, s in evidence.run_order(config)]
+  runs = [(m, s, distill.read_done(distill.run_dir(workdir, m, s, layout.RUNS)))
+          for m, s in layout.run_order(config)]
   done = [(m, s, info) for m, s, info in runs if info is not None]
   lines = ["# Evidence: what SCott's parts do on the digits experiment", "",
            "Generated by `python -m scott_jax.main --config configs/digits.py:evidence --workdir "
@@ -353,7 +352,7 @@ def write(config: ConfigDict, workdir: str) -> str:
            f"{d.eval_seed}, the same for every arm and seed; sampling timesteps "
            + ", ".join(f"{len(ts)}-step {list(ts)}" for ts in d.eval_timesteps)
            + " for every arm (on both the skip-20 and the skip-24 training grids).",
-           f"- CFG scales {', '.join(f'{g:g}' for g in evidence.scales(config))}: the first is the experiment's "
+           f"- CFG scales {', '.join(f'{g:g}' for g in layout.scales(config))}: the first is the experiment's "
            "(learning curves at every checkpoint), the others at step 0 and the last checkpoint.",
            f"- Seeds {list(d.distill_seeds)}; differences: mean over seeds, 95% paired bootstrap interval over seeds "
            f"and samples ({d.bootstrap} replicates). FID from the digit classifier's features against the test "
@@ -364,7 +363,7 @@ def write(config: ConfigDict, workdir: str) -> str:
   lines += ["## Final checkpoints", "",
             "| arm | CFG | steps | seeds | FID | accuracy | coverage |", "|---|---:|---:|---:|---:|---:|---:|"]
   for method in (UNTRAINED, *d.distill_methods):
-    for scale in evidence.scales(config):
+    for scale in layout.scales(config):
       for k in d.student_steps:
         per_seed = finals.get((method, scale, k))
         if not per_seed:
@@ -450,9 +449,9 @@ def write(config: ConfigDict, workdir: str) -> str:
     if _grid(os.path.join(fig_dir, name), r["images_dir"]):
       lines += [f"({LETTERS.get(method, '?')}) {titles[method]}:", "", f"![{method}](figures/{name})", ""]
   for t in teacher:
-    src = os.path.join(teacher_dir, f"ddim{t['steps']}_{evidence.scale_tag(t['guidance_scale'])}.png")
+    src = os.path.join(teacher_dir, f"ddim{t['steps']}_{layout.scale_tag(t['guidance_scale'])}.png")
     if os.path.isfile(src):
-      name = f"grid_teacher_{evidence.scale_tag(t['guidance_scale'])}.png"
+      name = f"grid_teacher_{layout.scale_tag(t['guidance_scale'])}.png"
       shutil.copyfile(src, os.path.join(fig_dir, name))
       lines += [f"teacher DDIM {t['steps']} at CFG {t['guidance_scale']:g}:", "", f"![teacher](figures/{name})", ""]
   text = "\n".join(lines) + "\n"

@@ -1,8 +1,8 @@
 """The discriminator probe: the SCott train step's discriminator update alone, against a frozen student.
 
-Each probe step is the train step's discriminator update: the gradients of `scott_jax.train.make_gradients`
+Each probe step is the train step's discriminator update: the gradients of `scott_jax.step.make_gradients`
 (the very function the train step uses) on the next batch of the run's data, then the discriminator's AdamW
-update of `scott_jax.train.make_train_step`; the student, its EMA and its optimizer state are never updated (the
+update of `scott_jax.step.make_train_step`; the student, its EMA and its optimizer state are never updated (the
 untrained student: the teacher with a zero guidance projection), so the discriminator always sees the same
 generator. XLA drops what the discriminator's update does not need (the student's backward pass, the teacher's
 solve), so a probe step costs a fraction of a train step. It answers "can this discriminator, at these
@@ -19,7 +19,10 @@ import jax
 import numpy as np
 import optax
 
+from scott_jax import step as step_lib
+from scott_jax import student
 from scott_jax.config import ConfigDict
+from scott_jax.data import batches
 
 PROBE_METRICS = ("loss_d", "disc_accuracy", "d_real", "d_fake")
 
@@ -29,21 +32,19 @@ def run_probe(config: ConfigDict, source: Any, num_steps: int, log_every: int = 
   ``log_every`` steps and at the last one; each value is the mean over the steps since the previous entry.
 
   ``config``: a train config with the GAN on (its model.teacher_path a pipeline folder); ``source``: the data
-  as for `scott_jax.train.make_data` (e.g. an `arrays.ArraySource` of global batches). Runs on one device.
+  as for `scott_jax.data.batches.make_data` (e.g. an `arrays.ArraySource` of global batches). Runs on one device.
   """
-  from scott_jax import train
-
   if not config.gan.enabled:
     raise ValueError("the discriminator probe needs config.gan.enabled = True")
-  models, frozen = train.load_models(config)
-  data = train.make_data(config, models, source)
+  models, frozen = student.load_models(config)
+  data = batches.make_data(config, models, source)
   batch = next(data)
-  state = train.init_state(config, models, frozen, batch)
-  gradients = train.make_gradients(config, models)
-  tx_d, _ = train.make_optimizer(config.optim.disc_lr, config.optim)
+  state = step_lib.init_state(config, models, frozen, batch)
+  gradients = step_lib.make_gradients(config, models)
+  tx_d, _ = step_lib.make_optimizer(config.optim.disc_lr, config.optim)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state: train.TrainState, batch: dict[str, Any], frozen: Any) -> tuple[train.TrainState, dict[str, Any]]:
+  def step(state: step_lib.TrainState, batch: dict[str, Any], frozen: Any) -> tuple[step_lib.TrainState, dict]:
     _, g_disc, metrics, key = gradients(state, batch, frozen)
     updates, opt_disc = tx_d.update(g_disc, state.opt_disc, state.disc)
     state = state.replace(step=state.step + 1, disc=optax.apply_updates(state.disc, updates), opt_disc=opt_disc,
