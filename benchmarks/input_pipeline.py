@@ -3,7 +3,7 @@
 Builds a data set of real photos (skimage.data, JPEG q90, native sizes 300-1411 px, cycled to --num_images
 files) as an image folder and as webdataset tar shards, a latent cache of the same size (SD1.5 shapes:
 latents 64x64x4, text 77x768, pooled 768, float16), optionally tfds mock data, then times
-`scott_jax.data.pipeline.make_pipeline` batches (resize short side + crop to --resolution, [-1, 1] float32)
+`scott_jax.data.loader.make_loader` batches (resize short side + crop to --resolution, [-1, 1] float32)
 after a warm-up. Also times the single-threaded per-image decode + resize + crop, the cost a core pays.
 
 The train step of the paper consumes 40 images per step (batch 40 on 4 A100s, 40K steps); the pipeline
@@ -88,10 +88,10 @@ def build_cache(root: str, n: int, resolution: int) -> str:
 
 
 def time_pipeline(data, batch_size: int, num_batches: int, warmup: int = 2) -> float:
-  """images/s of `make_pipeline` batches after ``warmup`` batches."""
-  from scott_jax.data import pipeline
+  """images/s of `make_loader` batches after ``warmup`` batches."""
+  from scott_jax.data import loader
 
-  p = pipeline.make_pipeline(data, batch_size=batch_size, seed=0, shard_index=0, shard_count=1)
+  p = loader.make_loader(data, batch_size=batch_size, seed=0, shard_index=0, shard_count=1)
   for _ in range(warmup):
     next(p)
   t = time.perf_counter()

@@ -222,32 +222,55 @@ def sampling_grid(rule: str, kind: str, *, skip: int, num_ddim_timesteps: int = 
 
 
 def multistep_sample(f_fn: Callable[[Array, Array], Array], z_T: Array, timesteps: Array | np.ndarray,
-                     schedule: NoiseSchedule, key: Array, *, gaussian: str | None = None) -> Array:
-  """Multistep consistency sampling (notes section 6; diffusers `LCMScheduler.step`).
+                     schedule: NoiseSchedule, key: Array | None = None, *, gaussian: str | None = None,
+                     noises: Array | None = None, draws: Array | None = None) -> Array:
+  """Multistep consistency sampling (notes section 6; diffusers `LCMScheduler.step`); the one k-step student
+  sampler (`scott_jax.pipeline.student_latents` runs it on a U-Net).
 
   ``f_fn(z, t) -> f`` is the consistency function (B, ...) at a scalar int timestep t; ``timesteps`` (K,)
-  descending ints (e.g. `lcm_timesteps(K)`). x0 = f(z_t, t); between steps z_t' = alpha_t' x0 + sigma_t' xi
-  with fresh noise xi. Returns the last x0 (B, ...). One lax.scan: jit-able with f_fn closed over.
+  descending ints (e.g. `lcm_timesteps(K)`). x0 = f(z_t, t); between steps z_t' = alpha_t' x0 + sigma_t' xi.
+  Returns the last x0 (B, ...). One lax.scan: jit-able with f_fn closed over.
+
+  The noise: ``key`` (xi at step i from split(key, K)[i]), or ``noises`` (K - 1, B, ...) standard normal used
+  in order (as LCMScheduler draws them), one of the two.
 
   A Gaussian student (``gaussian`` "sample" or "mean", `GAUSSIAN_SAMPLING`): ``f_fn(z, t) -> (mean, logvar)``
-  (`gaussian_consistency_output`) and x0 is a draw `gaussian_draw` (noise from fold_in(step key, 1)) or the
-  mean. The renoising draws are those of the point student's loop.
+  (`gaussian_consistency_output`) and x0 is a draw `gaussian_draw` or the mean. A draw's noise comes from
+  fold_in(step key, 1) with ``key``, else from ``draws`` (K, B, ...) standard normal. The renoising draws are
+  those of the point student's loop.
   """
   if gaussian is not None and gaussian not in GAUSSIAN_SAMPLING:
     raise ValueError(f"unknown Gaussian sampling '{gaussian}'; allowed: {', '.join(GAUSSIAN_SAMPLING)}")
+  if (key is None) == (noises is None):
+    raise ValueError("multistep_sample needs exactly one of key and noises")
   ts = jnp.asarray(timesteps, jnp.int32)
+  k = ts.shape[0]
   nxt = jnp.concatenate([ts[1:], ts[-1:]])
-  keys = jax.random.split(key, ts.shape[0])
+  if key is not None:
+    randomness = (jax.random.split(key, k),)
+  else:
+    if noises.shape[0] != k - 1:
+      raise ValueError(f"noises must have {k - 1} entries for {k} timesteps, got {noises.shape[0]}")
+    xi = jnp.concatenate([jnp.asarray(noises, z_T.dtype), jnp.zeros((1,) + z_T.shape, z_T.dtype)], axis=0)
+    if gaussian == "sample" and (draws is None or draws.shape[0] != k):
+      raise ValueError(f"Gaussian draws need {k} entries of noise in draws, got "
+                       f"{None if draws is None else draws.shape[0]}")
+    randomness = (xi, jnp.asarray(draws, z_T.dtype)) if gaussian == "sample" else (xi,)
 
   def body(z, inp):
-    t, t_next, k = inp
+    t, t_next = inp[:2]
+    if key is not None:
+      step_key = inp[2]
+      xi_t = jax.random.normal(step_key, z.shape, z.dtype)
+      draw = jax.random.normal(jax.random.fold_in(step_key, 1), z.shape, z.dtype) if gaussian == "sample" else None
+    else:
+      xi_t, draw = inp[2], (inp[3] if gaussian == "sample" else None)
     x0 = f_fn(z, t)
     if gaussian == "sample":
-      x0 = gaussian_draw(x0[0], x0[1], jax.random.normal(jax.random.fold_in(k, 1), z.shape, z.dtype))
+      x0 = gaussian_draw(x0[0], x0[1], draw)
     elif gaussian == "mean":
       x0 = x0[0]
-    z_next = schedule.add_noise(x0, jax.random.normal(k, z.shape, z.dtype), t_next)
-    return z_next, x0
+    return schedule.add_noise(x0, xi_t, t_next), x0
 
-  _, x0s = jax.lax.scan(body, z_T, (ts, nxt, keys))
+  _, x0s = jax.lax.scan(body, z_T, (ts, nxt, *randomness))
   return x0s[-1]

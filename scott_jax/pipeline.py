@@ -169,12 +169,29 @@ def to_uint8(images01: Array) -> Array:
 
 def apply_unet(pipe: Pipeline, unet_params: PyTree, z: Array, t: Array, text: Array | Mapping[str, Array],
                timestep_cond: Array | None = None) -> Array:
-  """The U-Net's output for latents z (B, h, w, C) at t (B,) under the text condition ``text``: the prompt states
-  (B, L, D), or for an SDXL U-Net a dict ``{"states": (B, L, D), "text_embeds": (B, P), "time_ids": (B, n)}``
-  (`sdxl_condition`)."""
+  """``pipe.unet``'s output for latents z (B, h, w, C) at t (B,) under the text condition ``text`` (`unet_output`)."""
+  return unet_output(pipe.unet, unet_params, z, t, text, timestep_cond)
+
+
+def unet_output(unet: Any, unet_params: PyTree, z: Array, t: Array, text: Array | Mapping[str, Array],
+                timestep_cond: Array | None = None) -> Array:
+  """A U-Net module's output for latents z (B, h, w, C) at t (B,) under the text condition ``text``: the prompt
+  states (B, L, D), or for an SDXL U-Net a dict ``{"states": (B, L, D), "text_embeds": (B, P), "time_ids": (B,
+  n)}`` (`sdxl_condition`)."""
   if isinstance(text, Mapping):
-    return pipe.unet.apply(unet_params, z, t, text["states"], timestep_cond, text["text_embeds"], text["time_ids"])
-  return pipe.unet.apply(unet_params, z, t, text, timestep_cond=timestep_cond)
+    return unet.apply(unet_params, z, t, text["states"], timestep_cond, text["text_embeds"], text["time_ids"])
+  return unet.apply(unet_params, z, t, text, timestep_cond=timestep_cond)
+
+
+def make_eps_fn(unet: Any, unet_params: PyTree, schedule: NoiseSchedule) -> Callable[[Array, Array, Any], Array]:
+  """eps_fn(z, t, text) -> the U-Net's eps (float32) whatever its prediction type (`NoiseSchedule.to_eps`); with
+  `solvers.make_guided_eps_fn` it is the guided teacher of sampling and of the distillation target."""
+
+  def eps_fn(z: Array, t: Array, text: Array | Mapping[str, Array]) -> Array:
+    out = unet_output(unet, unet_params, z, t, text).astype(jnp.float32)
+    return schedule.to_eps(out, z, t)
+
+  return eps_fn
 
 
 def sdxl_condition(states: Array, pooled: Array, time_ids: Array | Sequence[int]) -> dict[str, Array]:
@@ -192,42 +209,30 @@ def student_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[s
 
   text (B, L, D), or the SDXL condition dict of `apply_unet`; z_T (B, h, w, C); timesteps (K,) descending ints;
   w (B,) the LCM guidance weight (CFG scale minus 1); noises (K - 1, B, h, w, C) standard normal, used in order
-  between steps (as LCMScheduler draws them). One lax.scan over the K steps. A U-Net without the guidance
-  embedding ignores w (LCM-LoRA style). A Gaussian student (``pipe.student_output``): x0 at each step is its
-  mean, or with ``draws`` (K, B, h, w, C) standard normal the draw mean + std * draws[k]
+  between steps (as LCMScheduler draws them): `consistency.multistep_sample` on the U-Net. A U-Net without the
+  guidance embedding ignores w (LCM-LoRA style). A Gaussian student (``pipe.student_output``): x0 at each step
+  is its mean, or with ``draws`` (K, B, h, w, C) standard normal the draw mean + std * draws[k]
   (`consistency.gaussian_draw`).
   """
-  ts = jnp.asarray(timesteps, jnp.int32)
-  k = ts.shape[0]
-  if noises.shape[0] != k - 1:
-    raise ValueError(f"noises must have {k - 1} entries for {k} timesteps, got {noises.shape[0]}")
   w_emb = None
   if pipe.guidance_embed_dim is not None:
     w_emb = consistency.guidance_embedding(w.astype(jnp.float32), pipe.guidance_embed_dim)
-  nxt = jnp.concatenate([ts[1:], ts[-1:]])
-  xi = jnp.concatenate([noises, jnp.zeros((1,) + z_T.shape, z_T.dtype)], axis=0)
-
   gaussian = pipe.student_output == "gaussian"
-  if draws is not None and (not gaussian or draws.shape[0] != k):
-    raise ValueError(f"draws need a Gaussian student and {k} entries, got {pipe.student_output} and "
-                     f"{draws.shape[0]}")
+  if draws is not None and not gaussian:
+    raise ValueError(f"draws need a Gaussian student, got {pipe.student_output}")
 
-  def body(z: Array, inp: tuple[Array, ...]) -> tuple[Array, Array]:
-    t, t_next, noise = inp[:3]
+  def f_fn(z: Array, t: Array) -> Array | tuple[Array, Array]:
     tb = jnp.full((z.shape[0],), t, jnp.int32)
     out = apply_unet(pipe, unet_params, z, tb, text, w_emb).astype(jnp.float32)
     if gaussian:
       x0, logvar, _ = consistency.gaussian_consistency_output(out, z, tb, pipe.schedule,
                                                               timestep_scaling=pipe.timestep_scaling)
-      if draws is not None:
-        x0 = consistency.gaussian_draw(x0, logvar, inp[3])
-    else:
-      x0, _ = consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)
-    return pipe.schedule.add_noise(x0, noise, t_next), x0
+      return x0, logvar
+    return consistency.consistency_output(out, z, tb, pipe.schedule, timestep_scaling=pipe.timestep_scaling)[0]
 
-  inputs = (ts, nxt, xi) if draws is None else (ts, nxt, xi, jnp.asarray(draws, jnp.float32))
-  _, x0s = jax.lax.scan(body, z_T.astype(jnp.float32), inputs)
-  return x0s[-1]
+  mode = ("mean" if draws is None else "sample") if gaussian else None
+  return consistency.multistep_sample(f_fn, z_T.astype(jnp.float32), timesteps, pipe.schedule, gaussian=mode,
+                                      noises=noises, draws=draws)
 
 
 def teacher_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[str, Array],
@@ -238,11 +243,7 @@ def teacher_latents(pipe: Pipeline, unet_params: PyTree, text: Array | Mapping[s
   uncond_text (1 or B, L, D): the encoded empty prompt; for SDXL both are condition dicts (`apply_unet`), the
   unconditional one from `SDXLTextEncoders.encode_negative`. The U-Net runs once per step on [uncond; cond].
   """
-
-  def eps_fn(z: Array, t: Array, c: Array | Mapping[str, Array]) -> Array:
-    out = apply_unet(pipe, unet_params, z, t, c).astype(jnp.float32)
-    return pipe.schedule.to_eps(out, z, t)
-
+  eps_fn = make_eps_fn(pipe.unet, unet_params, pipe.schedule)
   guided = solvers.make_guided_eps_fn(eps_fn, text, uncond_text, guidance_scale - 1.0)
   return solvers.sample(guided, z_T.astype(jnp.float32), timesteps, solver=solver, schedule=pipe.schedule,
                         key=key, **solver_kwargs)

@@ -302,7 +302,7 @@ def make_student_fn(models: Models, guidance_embed_dim: int, teacher_params: PyT
     if teacher_params is not None:
       params = student_unet_params(params, teacher_params, lora_alpha)
     w_emb = consistency.guidance_embedding(cond["w"], guidance_embed_dim) if guidance_embed_dim else None
-    out = models.student.apply(params, z, t, cond["text"], timestep_cond=w_emb)
+    out = pipeline_lib.unet_output(models.student, params, z, t, cond["text"], w_emb)
     return out.astype(jnp.float32)
 
   return student_fn
@@ -314,15 +314,10 @@ def make_teacher_eps_fn(models: Models, teacher_params: PyTree, uncond_text: Arr
   uncond_text (B, L, D): the encoded empty prompt; cond = {"text": (B, L, D), "w": (B,)}. One U-Net call on the
   batch [uncond; cond]; the output is converted to eps with the schedule (any prediction type).
   """
-  schedule = models.schedule
-
-  def eps_fn(z: Array, t: Array, text: Array) -> Array:
-    out = models.teacher.apply(teacher_params, z, t, text).astype(jnp.float32)
-    return schedule.to_eps(out, z, t)
+  eps_fn = pipeline_lib.make_eps_fn(models.teacher, teacher_params, models.schedule)
 
   def teacher_eps_fn(z: Array, t: Array, cond: PyTree) -> Array:
-    guided = solvers.make_guided_eps_fn(eps_fn, cond["text"], uncond_text, cond["w"])
-    return guided(z, t)
+    return solvers.make_guided_eps_fn(eps_fn, cond["text"], uncond_text, cond["w"])(z, t)
 
   return teacher_eps_fn
 

@@ -18,7 +18,7 @@ import skimage.data
 from PIL import Image
 
 from scott_jax import config as config_lib
-from scott_jax.data import cache, pipeline, sources, transforms
+from scott_jax.data import cache, loader, sources, transforms
 
 RES = 48
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "retina", "horse")
@@ -144,7 +144,7 @@ def test_unit_range_and_captions():
 def test_folder_batches_match_files(folder, captions_file):
   root, rows = folder
   c = _data_config(source="folder", path=str(root), captions_file=captions_file, shuffle=False)
-  p = pipeline.make_pipeline(c, batch_size=4, seed=0, shard_index=0, shard_count=1, with_metadata=True)
+  p = loader.make_loader(c, batch_size=4, seed=0, shard_index=0, shard_count=1, with_metadata=True)
   batches = _take(p, 3)
   p.close()
   ids = np.concatenate([b["example_ids"] for b in batches])
@@ -220,7 +220,7 @@ def test_folder_without_captions_file_finds_each_layout(tmp_path, photos, layout
   rows = write_caption_layout(tmp_path / "d", layout, [photos[n] for n in names], [f"a photo, {n}" for n in names])
   c = _data_config(source="folder", path=str(tmp_path / "d"), shuffle=False)
   with caplog.at_level(logging.INFO):
-    p = pipeline.make_pipeline(c, batch_size=len(rows), seed=0, shard_index=0, shard_count=1, with_metadata=True)
+    p = loader.make_loader(c, batch_size=len(rows), seed=0, shard_index=0, shard_count=1, with_metadata=True)
   batch = next(p)
   p.close()
   origin = "same-name .txt files" if layout == "txt" else layout
@@ -237,7 +237,7 @@ def test_all_empty_captions_name_the_captions_file_key(tmp_path, photos):
   for k, name in enumerate(sorted(photos)[:3]):
     Image.fromarray(photos[name]).save(tmp_path / f"{k}.png")
   c = _data_config(source="folder", path=str(tmp_path))
-  p = pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  p = loader.make_loader(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
   with pytest.raises(config_lib.ConfigError) as e:
     next(p)
   p.close()
@@ -249,13 +249,13 @@ def test_all_empty_captions_name_the_captions_file_key(tmp_path, photos):
   (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f"{k}.png", "caption": ""}) + "\n"
                                                for k in range(3)))
   c.captions_file = "caps.jsonl"
-  p = pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  p = loader.make_loader(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
   with pytest.raises(config_lib.ConfigError, match="config.data.captions_file='caps.jsonl' gives no caption"):
     next(p)
   p.close()
   c.captions_file = "nope.jsonl"
   with pytest.raises(config_lib.ConfigPathError, match="config.data.captions_file='nope.jsonl' not found"):
-    pipeline.make_pipeline(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
+    loader.make_loader(c, batch_size=2, seed=0, shard_index=0, shard_count=1)
 
 
 def test_folder_shuffle_is_seeded_per_epoch_permutation(folder):
@@ -264,7 +264,7 @@ def test_folder_shuffle_is_seeded_per_epoch_permutation(folder):
   c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl", crop="random")
 
   def run(seed):
-    p = pipeline.make_pipeline(c, batch_size=1, seed=seed, shard_index=0, shard_count=1, with_metadata=True)
+    p = loader.make_loader(c, batch_size=1, seed=seed, shard_index=0, shard_count=1, with_metadata=True)
     out = _take(p, 2 * n)
     p.close()
     return out
@@ -303,7 +303,7 @@ def test_tokenized_batches_match_open_clip(folder, tmp_path):
 
   tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
   c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl")
-  p = pipeline.make_pipeline(c, batch_size=3, seed=0, tokenizer=tokenizer, max_length=16, shard_index=0,
+  p = loader.make_loader(c, batch_size=3, seed=0, tokenizer=tokenizer, max_length=16, shard_index=0,
                              shard_count=1, with_metadata=True)
   b = next(p)
   p.close()
@@ -313,7 +313,7 @@ def test_tokenized_batches_match_open_clip(folder, tmp_path):
   valid = np.cumsum(ref == eot, axis=1) - (ref == eot) == 0  # up to and including the first eot
   np.testing.assert_array_equal(b["input_ids"][valid], ref[valid])
   # Without a tokenizer the batch keeps captions instead of ids.
-  p = pipeline.make_pipeline(c, batch_size=3, seed=0, shard_index=0, shard_count=1)
+  p = loader.make_loader(c, batch_size=3, seed=0, shard_index=0, shard_count=1)
   b2 = next(p)
   p.close()
   assert "input_ids" not in b2 and b2["captions"] == b["captions"]
@@ -323,17 +323,17 @@ def test_resume_continues_exactly(folder):
   root, _ = folder
   c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl", crop="random")
   kw = dict(batch_size=3, seed=5, shard_index=0, shard_count=1, with_metadata=True)
-  straight = pipeline.make_pipeline(c, **kw)
+  straight = loader.make_loader(c, **kw)
   first = _take(straight, 4)
   state = json.loads(json.dumps(straight.get_state()))
   rest = _take(straight, 5)
   straight.close()
-  resumed = pipeline.make_pipeline(c, **kw)
+  resumed = loader.make_loader(c, **kw)
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 5), rest)
   resumed.close()
   assert state["batches"] == 4 and len(first) == 4
-  other = pipeline.make_pipeline(c, **dict(kw, seed=6))
+  other = loader.make_loader(c, **dict(kw, seed=6))
   with pytest.raises(ValueError, match="seed"):
     other.set_state(state)
   other.close()
@@ -345,7 +345,7 @@ def test_two_processes_see_disjoint_shards_covering_the_data(folder):
   c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl")
   seen = []
   for s in range(2):
-    p = pipeline.make_pipeline(c, batch_size=1, seed=0, shard_index=s, shard_count=2, with_metadata=True)
+    p = loader.make_loader(c, batch_size=1, seed=0, shard_index=s, shard_count=2, with_metadata=True)
     ids = [int(next(p)["example_ids"][0]) for _ in range(n)]  # more than one epoch of the shard
     p.close()
     size = len(set(ids))
@@ -355,7 +355,7 @@ def test_two_processes_see_disjoint_shards_covering_the_data(folder):
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(n))
   # The default shard is jax's process (0 of 1 here): the whole data set.
-  p = pipeline.make_pipeline(c, batch_size=1, seed=0, with_metadata=True)
+  p = loader.make_loader(c, batch_size=1, seed=0, with_metadata=True)
   assert {int(next(p)["example_ids"][0]) for _ in range(n)} == set(range(n))
   p.close()
 
@@ -366,7 +366,7 @@ def test_all_bad_source_raises_instead_of_looping(tmp_path, photos):
   (tmp_path / "b.jpg").write_bytes(b"garbage")
   (tmp_path / "b.txt").write_text("a caption")
   c = _data_config(source="folder", path=str(tmp_path))
-  p = pipeline.make_pipeline(c, batch_size=1, seed=0, shard_index=0, shard_count=1)
+  p = loader.make_loader(c, batch_size=1, seed=0, shard_index=0, shard_count=1)
   with pytest.raises(RuntimeError, match="consecutive"):
     next(p)
   p.close()
@@ -375,7 +375,7 @@ def test_all_bad_source_raises_instead_of_looping(tmp_path, photos):
 def test_unknown_source_and_bad_config():
   c = _data_config(source="laion")
   with pytest.raises(ValueError, match="folder, tar, tfds, latent_cache"):
-    pipeline.make_pipeline(c, batch_size=1, seed=0, shard_index=0, shard_count=1)
+    loader.make_loader(c, batch_size=1, seed=0, shard_index=0, shard_count=1)
   cfg = config_lib.defaults()
   cfg.data.crop = "left"
   with pytest.raises(config_lib.ConfigError, match="data.crop"):
@@ -434,7 +434,7 @@ def test_tar_index_and_skips(shards, tmp_path):
   np.testing.assert_array_equal(cached.offsets, src.offsets)
   assert list(cached.keys) == list(src.keys) and cached.skipped == src.skipped
   c = _data_config(source="tar", path=pattern)
-  p = pipeline.make_pipeline(c, batch_size=5, seed=3, shard_index=0, shard_count=1, with_metadata=True,
+  p = loader.make_loader(c, batch_size=5, seed=3, shard_index=0, shard_count=1, with_metadata=True,
                              source=src)
   batches = _take(p, 4)  # 20 examples: every good one at least once, the bad ones skipped
   counts = p.skip_counts()
@@ -463,7 +463,7 @@ def test_tar_resume_across_skips_through_a_checkpoint(shards, tmp_path):
   src = sources.TarShardSource(pattern)
   c = _data_config(source="tar", path=pattern, crop="random")
   kw = dict(batch_size=4, seed=0, shard_index=1, shard_count=2, with_metadata=True, source=src)
-  straight = pipeline.make_pipeline(c, **kw)
+  straight = loader.make_loader(c, **kw)
   _take(straight, 3)
   train_state = {"w": np.arange(3, dtype=np.float32)}
   with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:  # the data state is saved with the train state
@@ -473,7 +473,7 @@ def test_tar_resume_across_skips_through_a_checkpoint(shards, tmp_path):
   with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
     step, _, state = ckpt.restore_latest(train_state)
   assert step == 3 and state["batches"] == 3
-  resumed = pipeline.make_pipeline(c, **kw)
+  resumed = loader.make_loader(c, **kw)
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 4), rest)
   assert resumed.skip_counts() == straight.skip_counts()
@@ -487,11 +487,11 @@ def test_tfds_coco_captions_mock():
   tfds = pytest.importorskip("tensorflow_datasets")
   c = _data_config(source="tfds", tfds_name="coco_captions", tfds_split="train")
   with tfds.testing.mock_data(num_examples=6):
-    src = pipeline.make_source(c)  # one tfds.data_source (slow to open under mock_data) for both runs
+    src = loader.make_source(c)  # one tfds.data_source (slow to open under mock_data) for both runs
     refs = [src.data[i] for i in range(len(src))]
     runs = []
     for _ in range(2):
-      p = pipeline.make_pipeline(c, batch_size=4, seed=0, shard_index=0, shard_count=1, with_metadata=True,
+      p = loader.make_loader(c, batch_size=4, seed=0, shard_index=0, shard_count=1, with_metadata=True,
                                  source=src)
       runs.append(_take(p, 3))
       p.close()
@@ -543,7 +543,7 @@ def test_latent_cache_round_trip(tmp_path):
                                 batches[0]["latents"][1].astype(np.float16).astype(np.float32))
   # The pipeline over the cache: train-step keys, each epoch a permutation of the written examples.
   c = _data_config(source="latent_cache", path=str(tmp_path / "c"))
-  p = pipeline.make_pipeline(c, batch_size=11, seed=0, shard_index=0, shard_count=1, with_metadata=True)
+  p = loader.make_loader(c, batch_size=11, seed=0, shard_index=0, shard_count=1, with_metadata=True)
   b = next(p)
   p.close()
   assert set(b) == {*cache.LATENT_KEYS, "example_ids"} and b["latents"].shape == (11, 4, 4, 4)
@@ -567,7 +567,7 @@ def test_build_latent_cache_one_pass_counts_skips(shards, tmp_path):
             np.stack([ids, -ids], 1)}
 
   c = _data_config(source="tar", path=pattern)  # centre crops, so the oracle below is exact
-  index = pipeline.build_latent_cache(c, encode, str(tmp_path / "c"), batch_size=4, shard_size=3)
+  index = loader.build_latent_cache(c, encode, str(tmp_path / "c"), batch_size=4, shard_size=3)
   horse = sum("horse" in cap for _, cap in good.values())
   assert horse == 1 and index["num_examples"] == len(good) - horse
   assert index["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1, "non_finite": 1,
@@ -596,16 +596,16 @@ def test_worker_processes_give_the_thread_batches_and_resume(folder):
   """grain mp_prefetch workers (spawned processes): same stream as threads; the state round-trips JSON."""
   root, _ = folder
   kw = dict(batch_size=3, seed=2, shard_index=0, shard_count=1, with_metadata=True)
-  threads = pipeline.make_pipeline(_data_config(source="folder", path=str(root), captions_file="captions.jsonl",
+  threads = loader.make_loader(_data_config(source="folder", path=str(root), captions_file="captions.jsonl",
                                                 crop="random"), **kw)
   ref = _take(threads, 6)
   threads.close()
   c = _data_config(source="folder", path=str(root), captions_file="captions.jsonl", crop="random", num_workers=2)
-  p = pipeline.make_pipeline(c, **kw)
+  p = loader.make_loader(c, **kw)
   _assert_batches_equal(_take(p, 3), ref[:3])
   state = json.loads(json.dumps(p.get_state()))
   p.close()
-  resumed = pipeline.make_pipeline(c, **kw)
+  resumed = loader.make_loader(c, **kw)
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 3), ref[3:])
   resumed.close()

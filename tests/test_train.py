@@ -282,9 +282,9 @@ def _folder_config(env, tmp_path, num_steps, source="folder"):
 
 def _pipeline_state(config, models, num_batches):
   """The state of a fresh data pipeline of ``config.data`` after ``num_batches`` batches (and its first batch)."""
-  from scott_jax.data import pipeline as data_pipeline
+  from scott_jax.data import loader as data_loader
 
-  p = data_pipeline.make_pipeline(config.data, batch_size=config.train.batch_size, seed=config.seed,
+  p = data_loader.make_loader(config.data, batch_size=config.train.batch_size, seed=config.seed,
                                   tokenizer=models.tokenizer, max_length=models.max_length)
   batches = [next(p) for _ in range(num_batches)]
   state = p.get_state()
@@ -293,7 +293,7 @@ def _pipeline_state(config, models, num_batches):
 
 
 def test_train_reads_the_grain_pipeline_and_in_memory_sources(env, tiny, tmp_path):
-  """`train` on data.source = folder reads scott_jax.data.make_pipeline (grain): after 2 steps the checkpointed
+  """`train` on data.source = folder reads scott_jax.data.make_loader (grain): after 2 steps the checkpointed
   data state is a fresh pipeline's own state after 2 batches. ``train(..., source=ArraySource)`` trains on the
   given in-memory source instead of config.data (its state is checkpointed). Both run the fixture's program."""
   from scott_jax.data import arrays

@@ -1,5 +1,5 @@
 """The trainer's batches: this process's stream of prepared batches (`make_data`) from an in-memory source or
-`scott_jax.data.pipeline`, the global batch's shapes, and the data state a checkpoint keeps."""
+`scott_jax.data.loader`, the global batch's shapes, and the data state a checkpoint keeps."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from scott_jax.student import Models
 
 def make_source(config: ConfigDict) -> arrays.ArraySource:
   """The in-memory source of ``data.source = "synthetic"``: global batches of train.batch_size, batch k a pure
-  function of (seed, k). The other sources are read by `scott_jax.data.make_pipeline` (see `make_data`)."""
+  function of (seed, k). The other sources are read by `scott_jax.data.make_loader` (see `make_data`)."""
   d = config.data
   if d.source != "synthetic":
     raise ValueError(f"make_source builds only the in-memory 'synthetic' source; data.source '{d.source}' is read "
-                     "by scott_jax.data.make_pipeline (batches.make_data)")
+                     "by scott_jax.data.make_loader (batches.make_data)")
   images, captions = arrays.synthetic(d.num_examples, d.resolution, config.seed)
   return arrays.ArraySource(images, captions, config.train.batch_size, config.seed)
 
@@ -36,7 +36,7 @@ def prepare_batch(raw: dict[str, Any], models: Models) -> dict[str, np.ndarray]:
 
 class ArrayBatches(Iterator[dict[str, np.ndarray]]):
   """This process's rows of an `arrays.ArraySource`'s global batches, prepared (`prepare_batch`), behind the
-  interface the loop uses of `scott_jax.data.pipeline.Pipeline`: next, ``batches``, get_state / set_state, close.
+  interface the loop uses of `scott_jax.data.loader.Loader`: next, ``batches``, get_state / set_state, close.
 
   Process i of n takes rows [i b, (i + 1) b) of every global batch (b = batch size / n), so every process's
   state is the same (step, seed, num_examples, batch_size) dict.
@@ -75,19 +75,19 @@ def make_data(config: ConfigDict, models: Models, source: Any = None) -> Any:
   """This process's stream of prepared batches for the loop (next, ``batches``, get_state / set_state, close).
 
   ``source``: None -> ``config.data`` (synthetic: `make_source` in memory; folder / tar / tfds / latent_cache:
-  `scott_jax.data.make_pipeline`, sharded by process); an `arrays.ArraySource` (or anything with
+  `scott_jax.data.make_loader`, sharded by process); an `arrays.ArraySource` (or anything with
   ``iterator()``) of global batches -> `ArrayBatches`; a random-access source (``len`` and ``[i]`` -> {"image",
-  "caption"}, e.g. `scott_jax.data.sources.InMemorySource`) -> make_pipeline over it. Batches hold "images"
+  "caption"}, e.g. `scott_jax.data.sources.InMemorySource`) -> make_loader over it. Batches hold "images"
   float32 (b, R, R, 3) in [-1, 1] and "input_ids" int32 (b, L), or the latent cache's arrays; b = train.batch_size
   / process count.
   """
-  from scott_jax.data import pipeline as data_pipeline
+  from scott_jax.data import loader as data_loader
 
   if source is None and config.data.source == "synthetic":
     source = make_source(config)
   if source is not None and hasattr(source, "iterator"):
     return ArrayBatches(source, models, config.train.batch_size)
-  return data_pipeline.make_pipeline(config.data, batch_size=parallel.local_batch_size(config.train.batch_size),
+  return data_loader.make_loader(config.data, batch_size=parallel.local_batch_size(config.train.batch_size),
                                      seed=config.seed, tokenizer=models.tokenizer, max_length=models.max_length,
                                      source=source)
 

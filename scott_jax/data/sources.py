@@ -1,4 +1,4 @@
-"""Random-access image-caption sources for the grain pipelines (`scott_jax.data.pipeline`).
+"""Random-access image-caption sources for the grain pipelines (`scott_jax.data.loader`).
 
 Every source has ``len(source)`` and ``source[i] -> {"key": str, "image": ..., "caption": ...}`` where image is
 encoded bytes or a uint8 array and caption is a str, bytes or a list/array of them (one is picked per example).

@@ -8,13 +8,13 @@ The example stream of one process (shard ``s`` of ``n``) is built with grain's `
            -> map_with_index(transform)    read + decode + resize/crop, or a `Skipped` record; in grain threads
            -> to_iter_dataset(ReadOptions) ordered, multithreaded prefetch (optionally mp_prefetch workers)
 
-and `Pipeline` (the iterator the train loop uses) pulls examples in order, drops `Skipped` records (counting
+and `Loader` (the iterator the train loop uses) pulls examples in order, drops `Skipped` records (counting
 them by reason) and stacks the next ``batch_size`` good ones. So batches are always full, and the batch
 sequence is a pure function of (source, seed, shard, batch size): a corrupt image only shifts later
 examples forward. The random crop and the caption choice of stream position p of example i use
 ``np.random.default_rng([seed, i, epoch])`` (epoch = p // shard size), so they are deterministic too.
 
-Resumption: ``Pipeline.get_state()`` is a small JSON dict (grain's ``next_index`` of the example stream, the
+Resumption: ``Loader.get_state()`` is a small JSON dict (grain's ``next_index`` of the example stream, the
 batch count, the skip counts and what the stream depends on); ``set_state`` on a fresh pipeline of the same
 config continues with exactly the batches the original would have produced next.
 
@@ -168,7 +168,7 @@ def example_dataset(num_records: int, transform: Callable[[int, int], Any], *, s
   return it_ds, end - start
 
 
-class Pipeline(Iterator[dict[str, Any]]):
+class Loader(Iterator[dict[str, Any]]):
   """Full, deterministic batches from a grain example stream; checkpointable with get_state/set_state.
 
   Args:
@@ -331,9 +331,9 @@ def make_source(data: Any, seed: int = 0) -> Any:
   raise ValueError(f"unknown data.source '{name}'; allowed: {', '.join(SOURCES)}")
 
 
-def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None, max_length: int | None = None,
+def make_loader(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None, max_length: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None, source: Any = None,
-                  with_metadata: bool = False, num_epochs: int | None = None) -> Pipeline:
+                  with_metadata: bool = False, num_epochs: int | None = None) -> Loader:
   """The input pipeline of ``data`` (the config's ``data`` section) for this process.
 
   Args:
@@ -351,7 +351,7 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
       possibly smaller (e.g. one unshuffled pass to precompute a latent cache).
 
   Returns:
-    a `Pipeline` (iterator of batch dicts, get_state/set_state/close).
+    a `Loader` (iterator of batch dicts, get_state/set_state/close).
   """
   if data.source not in SOURCES:
     raise ValueError(f"unknown data.source '{data.source}'; allowed: {', '.join(SOURCES)}")
@@ -375,7 +375,7 @@ def make_pipeline(data: Any, *, batch_size: int, seed: int, tokenizer: Any = Non
               "num_epochs": num_epochs}
   logging.info("Data pipeline %s: %d examples, shard %d/%d holds %d, batch %d, seed %d.", data.source,
                num_records, shard_index, shard_count, shard_size, batch_size, seed)
-  return Pipeline(dataset, collate, batch_size, identity, max_consecutive_skips=shard_size,
+  return Loader(dataset, collate, batch_size, identity, max_consecutive_skips=shard_size,
                   index_skipped=getattr(src, "skipped", {}), empty_caption_hint=_empty_caption_hint(data, src))
 
 
@@ -406,7 +406,7 @@ def build_latent_cache(data: Any, encode_fn: Callable[[dict[str, Any]], Mapping[
     raise ValueError("build_latent_cache needs a raw image source, not data.source='latent_cache'")
   data = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
   data.shuffle = False
-  p = make_pipeline(data, batch_size=batch_size, seed=0, tokenizer=tokenizer, max_length=max_length,
+  p = make_loader(data, batch_size=batch_size, seed=0, tokenizer=tokenizer, max_length=max_length,
                     shard_index=0, shard_count=1, with_metadata=True, num_epochs=1)
 
   def encoded() -> Iterator[dict[str, Any]]:
