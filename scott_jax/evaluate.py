@@ -54,8 +54,10 @@ from absl import logging
 
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import export, pipeline, student
+from scott_jax.metrics import clip_model, clip_score, fid, inception
 from scott_jax.metrics import coverage as coverage_lib
-from scott_jax.metrics import fid
+from scott_jax.models.clip_text import tokenize
+from scott_jax.models.loading import load_tokenizer
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 PromptMetricFn = Callable[[np.ndarray, list[str]], np.ndarray]
@@ -73,7 +75,6 @@ TRAIN_DONE = ckpt_lib.TRAIN_DONE
 
 def inception_extractor(ec: Any) -> FeatureFn:
   """FID Inception-v3 pool3 features (2048-d) with weights from ``ec.feature_weights``."""
-  from scott_jax.metrics import inception
 
   if not ec.feature_weights:
     raise FileNotFoundError("eval.features='inception' needs eval.feature_weights: the .npz written by "
@@ -299,7 +300,6 @@ _WARM: set[tuple[Callable[..., Any], int, int]] = set()
 @functools.cache
 def _clip_image_fn(model: Any) -> Callable[..., Any]:
   """The jitted CLIP image tower (params, pixels) -> embeddings, one per CLIP architecture (cached)."""
-  from scott_jax.metrics import clip_model
 
   return jax.jit(functools.partial(model.apply, method=clip_model.CLIPModel.get_image_features))
 
@@ -338,9 +338,6 @@ class Evaluator:
     if not self.ec.clip_model:
       return None
     if self._clip is None:
-      from scott_jax.metrics import clip_model, clip_score
-      from scott_jax.models.clip_text import tokenize
-      from scott_jax.models.loading import load_tokenizer
 
       model, params = clip_model.load_clip_model(self.ec.clip_model)
       tok = load_tokenizer(self.ec.clip_model, None)
@@ -350,7 +347,6 @@ class Evaluator:
 
   def _clip_image_embeddings(self, images: np.ndarray) -> np.ndarray:
     """Projected CLIP image embeddings (N, P) in fixed batches (one compiled shape, jitted once per job)."""
-    from scott_jax.metrics import clip_model
 
     model, params, _, image_fn = self._clip_text()
     b = self.ec.batch_size
@@ -404,7 +400,6 @@ class Evaluator:
     clip = self._clip_text()
     out["clip_score"] = None
     if clip is not None:
-      from scott_jax.metrics import clip_score
 
       out["clip_score"] = clip_score.clip_score(self._clip_image_embeddings(images), clip[2])
     return out

@@ -44,6 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax import consistency, solvers
+from scott_jax.models import loading
+from scott_jax.models.clip_text import tokenize
+from scott_jax.models.vae import decode_latents
 from scott_jax.schedules import NoiseSchedule
 
 Array = jax.Array
@@ -86,7 +89,6 @@ class Pipeline:
 
   def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
     """Prompts -> token ids (B, max_length) int32 (padded, truncated), as diffusers' pipelines."""
-    from scott_jax.models.clip_text import tokenize
 
     return tokenize(self.tokenizer, prompts, self.max_length)
 
@@ -110,7 +112,6 @@ def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tup
   """A diffusers-format folder (the teacher, or a student saved by `scott_jax.export`) -> (Pipeline, params).
 
   An LCMScheduler config supplies ``timestep_scaling`` and ``original_inference_steps``."""
-  from scott_jax.models import loading
 
   parts = loading.load_pipeline(path, dtype=DTYPES[dtype], **unet_kwargs)
   sc = parts.scheduler_config
@@ -156,7 +157,6 @@ def encode_prompts(pipe: Pipeline, text_params: PyTree, input_ids: Array) -> Arr
 
 def decode(pipe: Pipeline, vae_params: PyTree, latents: Array) -> Array:
   """Diffusion latents (B, h, w, C) -> images (B, H, W, 3) float32 in [0, 1] (diffusers' postprocess)."""
-  from scott_jax.models.vae import decode_latents
 
   img = decode_latents(pipe.vae, vae_params, latents)
   return jnp.clip(img / 2.0 + 0.5, 0.0, 1.0)

@@ -34,6 +34,11 @@ from scott_jax import parallel
 from scott_jax import step as step_lib
 from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
+from scott_jax.models import loading
+from scott_jax.models import unet as unet_lib
+from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from scott_jax.models.unet import UNetConfig, resolve_attention
+from scott_jax.models.vae import AutoencoderKL, VAEConfig
 
 PyTree = Any
 
@@ -41,9 +46,6 @@ PyTree = Any
 def sd15_architectures() -> tuple[Any, Any, Any, int]:
   """(UNetConfig, VAEConfig, CLIPTextConfig, tokens per prompt) of Stable Diffusion 1.5 (the diffusers configs
   of runwayml/stable-diffusion-v1-5: U-Net 320-640-1280-1280, VAE 128-256-512-512, CLIP ViT-L/14 text)."""
-  from scott_jax.models.clip_text import CLIPTextConfig
-  from scott_jax.models.unet import UNetConfig
-  from scott_jax.models.vae import VAEConfig
 
   unet = UNetConfig(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                     attention_head_dim=(8, 8, 8, 8), layers_per_block=(2, 2, 2, 2))
@@ -57,10 +59,6 @@ def sd15_architectures() -> tuple[Any, Any, Any, int]:
 
 def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
   """The same from a diffusers folder's unet/, vae/, text_encoder/ config.json and tokenizer (no weights)."""
-  from scott_jax.models import loading
-  from scott_jax.models.clip_text import CLIPTextConfig
-  from scott_jax.models.unet import UNetConfig
-  from scott_jax.models.vae import VAEConfig
 
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f"config.model.teacher_path='{path}' does not exist; mode plan reads the architectures "
@@ -90,9 +88,6 @@ def abstract_models(config: ConfigDict) -> tuple[student_lib.Models, PyTree]:
 def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, text_cfg: Any,
                               max_length: int) -> tuple[student_lib.Models, PyTree]:
   """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs."""
-  from scott_jax.models import unet as unet_lib
-  from scott_jax.models.clip_text import CLIPTextModel
-  from scott_jax.models.vae import AutoencoderKL
 
   dtype = jnp.dtype(config.model.dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
@@ -146,7 +141,6 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   shapes; returns the report (see the module docstring; bytes, FLOPs per device)."""
   devices = plan_devices(config.mesh) if devices is None else devices
   if config.model.attention == "auto":  # resolved for the devices planned for, not the host's default backend
-    from scott_jax.models.unet import resolve_attention
 
     config = config.copy_and_resolve_references()
     config.model.attention = resolve_attention("auto", config.model.dtype, devices[0].platform)

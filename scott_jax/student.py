@@ -32,6 +32,11 @@ from scott_jax import consistency, solvers
 from scott_jax import discriminator as disc_lib
 from scott_jax import pipeline as pipeline_lib
 from scott_jax.config import ConfigDict, ConfigError, ConfigPathError
+from scott_jax.models import loading, lora
+from scott_jax.models import unet as unet_lib
+from scott_jax.models.clip_text import tokenize
+from scott_jax.models.unet import UNet2DConditionModel
+from scott_jax.models.vae import encode_to_latents
 from scott_jax.schedules import NoiseSchedule
 
 Array = jax.Array
@@ -100,7 +105,6 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   (prediction, log-variance); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
   (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
   """
-  from scott_jax.models.unet import UNet2DConditionModel
 
   dtype = _dtype(config.model.dtype)
   options = unet_options(config)
@@ -125,8 +129,6 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   frozen = {"unet", "vae", "text_encoder": params, "uncond_text": (1, L, D), "uncond_pooled": (1, D)} where the
   last two are the encoded empty prompt. A missing folder raises FileNotFoundError naming it.
   """
-  from scott_jax.models import loading
-  from scott_jax.models.clip_text import tokenize
 
   path = config.model.teacher_path
   if not path or not os.path.isdir(path):
@@ -158,7 +160,6 @@ def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict,
   of the ones it adds (only the guidance projection ``cond_proj``) and flat {path: (teacher leaf, spec)} of the
   output conv of a Gaussian student (``conv_out`` kernel and bias with twice the teacher's output channels;
   empty for a point student); anything else raises."""
-  from scott_jax.models import unet as unet_lib
 
   shapes = unet_lib.abstract_params(models.student.config)
   teacher_flat = traverse_util.flatten_dict(teacher_params)
@@ -218,7 +219,6 @@ def init_student_params(models: Models, teacher_params: PyTree, config: ConfigDi
   if config is None or config.model.student_lora_rank == 0:
     out = {p: jnp.array(leaf, dtype=spec.dtype, copy=True) for p, (leaf, spec) in shared.items()}
     return traverse_util.unflatten_dict({**out, **zeros})
-  from scott_jax.models import lora
 
   m = config.model
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
@@ -231,7 +231,6 @@ def student_shapes(config: ConfigDict, models: Models, teacher_params: PyTree) -
   """`init_student_params`' shapes and dtypes (jax.ShapeDtypeStruct leaves); ``teacher_params`` may be abstract."""
   if config.model.student_lora_rank == 0:
     return jax.eval_shape(lambda p: init_student_params(models, p, config), teacher_params)
-  from scott_jax.models import lora
 
   _, extra, halves = _student_layout(models, teacher_params)
   m = config.model
@@ -252,7 +251,6 @@ def student_unet_params(student: PyTree, teacher_params: PyTree, lora_alpha: flo
   Pure and jit-able (the train step calls it on every student and EMA use)."""
   if not is_lora_student(student):
     return student
-  from scott_jax.models import lora
 
   flat = traverse_util.flatten_dict(teacher_params)
   flat.update(traverse_util.flatten_dict(student.get(STUDENT_FULL, {})))
@@ -274,7 +272,6 @@ def encode_batch(models: Models, frozen: PyTree, batch: dict[str, Array],
 
   ``key`` samples the VAE posterior (None: its mean).
   """
-  from scott_jax.models.vae import encode_to_latents
 
   if _check_batch(batch) == "latents":
     z0, text, pooled = (jnp.asarray(batch[k], jnp.float32) for k in LATENT_KEYS)

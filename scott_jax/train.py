@@ -20,6 +20,7 @@ from scott_jax import pipeline as pipeline_lib
 from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
 from scott_jax.data import batches as batches_lib
+from scott_jax.models.clip_text import tokenize
 from scott_jax.step import TrainState, abstract_state, init_state, make_train_step
 
 
@@ -56,7 +57,6 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
 
   from clu import metric_writers, periodic_actions  # (clu imports TensorFlow, which logs to stderr)
 
-  from scott_jax.models.clip_text import tokenize
 
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)

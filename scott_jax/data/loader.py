@@ -40,9 +40,9 @@ from absl import logging
 from grain._src.core.sharding import even_split  # public ShardOptions' split rule (grain.sharding has no alias)
 
 from scott_jax.config import ConfigError
+from scott_jax.data import arrays, transforms
 from scott_jax.data import cache as cache_lib
 from scott_jax.data import sources as sources_lib
-from scott_jax.data import transforms
 
 SOURCES = ("folder", "tar", "tfds", "latent_cache", "synthetic")
 STATE_VERSION = 1
@@ -324,7 +324,6 @@ def make_source(data: Any, seed: int = 0) -> Any:
   if name == "latent_cache":
     return cache_lib.LatentCacheSource(data.path)
   if name == "synthetic":
-    from scott_jax.data import arrays
 
     images, captions = arrays.synthetic(data.num_examples, data.resolution, seed)
     return sources_lib.InMemorySource(images, captions)

@@ -23,7 +23,7 @@ import optax
 
 from scott_jax.config import ConfigDict
 from scott_jax.digits import loop
-from scott_jax.digits.data import NUM_CLASSES
+from scott_jax.digits.data import NUM_CLASSES, PROMPT_PREFIX, WORDS
 
 Array = jax.Array
 PyTree = Any
@@ -191,7 +191,6 @@ def uint8_apply(folder: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndar
 def prompted_digits(prompts: list[str]) -> np.ndarray:
   """The digit (N,) int32 of each prompt "a handwritten digit <word>" (`scott_jax.digits.data.prompt`); a prompt
   of another form raises ValueError naming it."""
-  from scott_jax.digits.data import PROMPT_PREFIX, WORDS
 
   out = []
   for p in prompts:

@@ -37,6 +37,7 @@ import numpy as np
 
 from scott_jax.models import loading
 from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, tokenize
+from scott_jax.models.vae import PixelSpaceConfig, pixel_space_config_json
 
 WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_PREFIX = "a handwritten digit"
@@ -258,7 +259,6 @@ def write_pixel_space(folder: str) -> None:
   """vae/config.json marking the pipeline folder as pixel space (`scott_jax.models.vae.PixelSpace`): images
   (B, R, R, 3) grey RGB <-> one grey model channel, so `scott_jax.train` and the samplers read the teacher
   folder like an SD1.5 one."""
-  from scott_jax.models.vae import PixelSpaceConfig, pixel_space_config_json
 
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as fh:

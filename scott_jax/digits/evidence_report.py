@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from scott_jax import loop
+from scott_jax import evaluate, loop
 from scott_jax.config import ConfigDict
+from scott_jax.digits import distill, evaluation
 from scott_jax.digits import evidence_layout as layout
 
 UNTRAINED = "untrained"
@@ -49,7 +50,6 @@ ORDERINGS = (
 
 
 def _titles() -> dict[str, str]:
-  from scott_jax.digits import distill
 
   return {UNTRAINED: "untrained student", **distill.TITLES}
 
@@ -68,8 +68,6 @@ def load_rows(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Every evaluated student row of the finished runs: the eval job's row plus method, seed, scale, its
   features path and whether its checkpoint is the run's last. Step-0 rows are also returned as the untrained
   arm (method "untrained")."""
-  from scott_jax import evaluate
-  from scott_jax.digits import distill
 
   out = []
   for method, seed in layout.run_order(config):
@@ -102,7 +100,6 @@ def final_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float, int], dict[
 
 def read_metrics(workdir: str, method: str, seed: int) -> list[dict[str, Any]]:
   """The training metrics (`scott_jax.loop.METRICS_FILE`) of one run."""
-  from scott_jax.digits import distill
 
   return _read_jsonl(os.path.join(distill.run_dir(workdir, method, seed, layout.RUNS), loop.METRICS_FILE))
 
@@ -183,7 +180,6 @@ def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float,
                 ) -> list[dict[str, Any]]:
   """Every paper ordering (`ORDERINGS`) at every scale and step count where both arms have finished seeds
   (paired by seed; the untrained arm is paired with every seed of the other) -> bootstrap results."""
-  from scott_jax import evaluate
 
   mu_r, sigma_r, _ = evaluate.read_reference(os.path.join(workdir, layout.EVIDENCE, "reference.npz"), False)
   d = config.digits
@@ -292,7 +288,6 @@ def _grid(path: str, images_dir: str) -> bool:
   """The 8-per-digit grid of a row's saved images (the first 80 prompts hold 8 of each digit)."""
   from PIL import Image
 
-  from scott_jax.digits import evaluation
 
   if not os.path.isdir(images_dir):
     return False
@@ -314,7 +309,6 @@ def _fmt_interval(x: tuple[float, float, float], spec: str) -> str:
 def write(config: ConfigDict, workdir: str) -> str:
   """Writes WORKDIR/evidence/report.md (and ``digits.evidence_doc``) from what the run has measured so far;
   returns the report's path."""
-  from scott_jax.digits import distill
 
   d = config.digits
   titles = _titles()
