@@ -73,8 +73,17 @@ def _check_args(argv: Sequence[str]) -> None:
                                    "expected a Python file with get_config(), e.g. configs/sd15_scott.py")
 
 
+def usage() -> str:
+  """The ``--help`` text: the command line, the modes and the flags."""
+  return ("usage: python -m scott_jax.main --config configs/X.py[:arg] [--workdir DIR] [--mode MODE] "
+          "[--config.a.b=value ...]\n\nmodes: " + ", ".join(sorted(MODES)) + "\n\n" + FLAGS.main_module_help())
+
+
 def run(argv: Sequence[str]) -> None:
   """Parses ``argv`` (program name first) and runs the selected mode."""
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(usage())
+    sys.exit(0)
   try:
     _check_args(argv[1:])
     FLAGS(list(argv))

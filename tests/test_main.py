@@ -69,3 +69,15 @@ def test_sample_teacher_mode_end_to_end(tmp_path):
   mean = float(out.split("mean:")[1].split()[0])
   std = float(out.split("std:")[1].split()[0])
   assert abs(mean - 0.5) < 0.03 and abs(std - 0.3) < 0.03
+
+
+def test_help_lists_the_modes_and_flags_and_exits_0():
+  """`--help` prints the command line, every registered mode and the flags, without importing a mode."""
+  from scott_jax import main
+
+  proc = _run("--help")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("usage: python -m scott_jax.main --config")
+  for mode in main.MODES:
+    assert mode in proc.stdout
+  assert "--workdir" in proc.stdout and "--config" in proc.stdout
