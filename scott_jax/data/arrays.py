@@ -1,21 +1,20 @@
-"""A minimal deterministic in-memory image-caption source (the tiny tests and small user folders).
+"""A minimal deterministic in-memory image-caption source (the tiny tests and the digits runs).
 
 The examples are held in memory as uint8 images (N, H, W, 3) and N captions. The batch at step k depends only
 on (seed, k): the example stream is the concatenation of per-epoch permutations (epoch e uses
 ``np.random.default_rng([seed, e]).permutation(N)``) and step k takes stream positions k*B .. k*B + B - 1.
 So the iterator state is a small JSON dict ``{"step", "seed", "num_examples", "batch_size"}`` and a resumed
-run sees exactly the batches a straight run would have seen. The grain/tfds pipelines come later.
+run sees exactly the batches a straight run would have seen. Folders, tar shards and tfds are read by
+`scott_jax.data.loader`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SYNTHETIC_WORDS = ("red", "green", "blue", "striped", "round", "square", "small", "large", "bright", "dark")
 SYNTHETIC_NOUNS = ("circle", "stripe", "gradient", "checkerboard", "blob")
 
@@ -86,44 +85,6 @@ class ArrayIterator(Iterator[dict[str, Any]]):
       if int(state[key]) != mine[key]:
         raise ValueError(f"data iterator state has {key}={state[key]} but this source has {key}={mine[key]}")
     self.step = int(state["step"])
-
-
-def _square_resize(img: Any, resolution: int) -> np.ndarray:
-  """PIL image -> uint8 (resolution, resolution, 3): bilinear resize of the short side, then centre crop."""
-  from PIL import Image
-
-  img = img.convert("RGB")
-  w, h = img.size
-  scale = resolution / min(w, h)
-  nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-  img = img.resize((nw, nh), Image.BILINEAR)
-  left, top = (nw - resolution) // 2, (nh - resolution) // 2
-  return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-
-
-def load_folder(path: str, resolution: int) -> tuple[np.ndarray, list[str]]:
-  """Images and captions from a folder: every image file ``x.png`` (also jpg/jpeg/webp/bmp) with ``x.txt``.
-
-  Returns (uint8 (N, resolution, resolution, 3), N captions), sorted by file name. A missing folder, an image
-  without its caption file or a folder without images raises.
-  """
-  from PIL import Image
-
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"data folder '{path}' does not exist")
-  names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-  if not names:
-    raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in data folder '{path}'")
-  images, captions = [], []
-  for name in names:
-    caption_file = os.path.join(path, os.path.splitext(name)[0] + ".txt")
-    if not os.path.isfile(caption_file):
-      raise FileNotFoundError(f"image '{name}' has no caption file '{caption_file}'")
-    with open(caption_file, encoding="utf-8") as fh:
-      captions.append(fh.read().strip())
-    with Image.open(os.path.join(path, name)) as img:
-      images.append(_square_resize(img, resolution))
-  return np.stack(images), captions
 
 
 def synthetic(num_examples: int, resolution: int, seed: int) -> tuple[np.ndarray, list[str]]:
