@@ -75,7 +75,6 @@ TRAIN_DONE = ckpt_lib.TRAIN_DONE
 
 def inception_extractor(ec: Any) -> FeatureFn:
   """FID Inception-v3 pool3 features (2048-d) with weights from ``ec.feature_weights``."""
-
   if not ec.feature_weights:
     raise FileNotFoundError("eval.features='inception' needs eval.feature_weights: the .npz written by "
                             "`python -m scott_jax.metrics.inception --out PATH`")
@@ -300,7 +299,6 @@ _WARM: set[tuple[Callable[..., Any], int, int]] = set()
 @functools.cache
 def _clip_image_fn(model: Any) -> Callable[..., Any]:
   """The jitted CLIP image tower (params, pixels) -> embeddings, one per CLIP architecture (cached)."""
-
   return jax.jit(functools.partial(model.apply, method=clip_model.CLIPModel.get_image_features))
 
 
@@ -338,7 +336,6 @@ class Evaluator:
     if not self.ec.clip_model:
       return None
     if self._clip is None:
-
       model, params = clip_model.load_clip_model(self.ec.clip_model)
       tok = load_tokenizer(self.ec.clip_model, None)
       ids = tokenize(tok, self.prompts, min(tok.model_max_length, model.config.text.max_position_embeddings))
@@ -347,7 +344,6 @@ class Evaluator:
 
   def _clip_image_embeddings(self, images: np.ndarray) -> np.ndarray:
     """Projected CLIP image embeddings (N, P) in fixed batches (one compiled shape, jitted once per job)."""
-
     model, params, _, image_fn = self._clip_text()
     b = self.ec.batch_size
     out = []
@@ -400,7 +396,6 @@ class Evaluator:
     clip = self._clip_text()
     out["clip_score"] = None
     if clip is not None:
-
       out["clip_score"] = clip_score.clip_score(self._clip_image_embeddings(images), clip[2])
     return out
 

@@ -84,7 +84,6 @@ class TrainedRun:
 
   def models(self) -> tuple[Any, PyTree]:
     if self._loaded is None:
-
       self._loaded = student.load_models(self.config)
     return self._loaded
 
@@ -294,8 +293,6 @@ def export_lora(path: str, overlay: PyTree, alpha: float) -> str:
 def export_full_part(path: str, full: PyTree) -> str:
   """The fully trained part of a LoRA student (the guidance projection) as a torch-layout safetensors file
   (`scott_jax.models.loading.to_state_dict` keys, e.g. ``time_embedding.cond_proj.weight``, float32)."""
-
-
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file({k: v.astype(np.float32) for k, v in loading.to_state_dict(full).items()}, path,
             metadata={"format": "pt"})
@@ -319,7 +316,6 @@ def run_export(config: Any, workdir: str) -> dict[str, str]:
                 "teacher_path": config.model.teacher_path}
   if student.is_lora_student(tree):
     if "lora" in config.export.formats:
-
       written["lora"] = export_lora(os.path.join(out, "lora", LORA_FILE), tree[student.STUDENT_LORA],
                                     float(config.model.student_lora_alpha))
       full = tree.get(student.STUDENT_FULL, {})
@@ -353,8 +349,6 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[pipeline_lib.Pip
   schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
   float32) and ``tokenizer/``.
   """
-
-
   path = os.path.join(folder, EXPORT_CONFIG)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{folder} is not a scott_jax Flax export: no {EXPORT_CONFIG}")

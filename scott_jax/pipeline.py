@@ -89,7 +89,6 @@ class Pipeline:
 
   def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
     """Prompts -> token ids (B, max_length) int32 (padded, truncated), as diffusers' pipelines."""
-
     return tokenize(self.tokenizer, prompts, self.max_length)
 
 
@@ -112,7 +111,6 @@ def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tup
   """A diffusers-format folder (the teacher, or a student saved by `scott_jax.export`) -> (Pipeline, params).
 
   An LCMScheduler config supplies ``timestep_scaling`` and ``original_inference_steps``."""
-
   parts = loading.load_pipeline(path, dtype=DTYPES[dtype], **unet_kwargs)
   sc = parts.scheduler_config
   return from_components(parts, timestep_scaling=float(sc.get("timestep_scaling", 10.0)),
@@ -157,7 +155,6 @@ def encode_prompts(pipe: Pipeline, text_params: PyTree, input_ids: Array) -> Arr
 
 def decode(pipe: Pipeline, vae_params: PyTree, latents: Array) -> Array:
   """Diffusion latents (B, h, w, C) -> images (B, H, W, 3) float32 in [0, 1] (diffusers' postprocess)."""
-
   img = decode_latents(pipe.vae, vae_params, latents)
   return jnp.clip(img / 2.0 + 0.5, 0.0, 1.0)
 

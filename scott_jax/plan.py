@@ -46,7 +46,6 @@ PyTree = Any
 def sd15_architectures() -> tuple[Any, Any, Any, int]:
   """(UNetConfig, VAEConfig, CLIPTextConfig, tokens per prompt) of Stable Diffusion 1.5 (the diffusers configs
   of runwayml/stable-diffusion-v1-5: U-Net 320-640-1280-1280, VAE 128-256-512-512, CLIP ViT-L/14 text)."""
-
   unet = UNetConfig(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                     attention_head_dim=(8, 8, 8, 8), layers_per_block=(2, 2, 2, 2))
   vae = VAEConfig(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -59,7 +58,6 @@ def sd15_architectures() -> tuple[Any, Any, Any, int]:
 
 def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
   """The same from a diffusers folder's unet/, vae/, text_encoder/ config.json and tokenizer (no weights)."""
-
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f"config.model.teacher_path='{path}' does not exist; mode plan reads the architectures "
                             "from its config.json files (or set config.mesh.plan_architecture=sd15)")
@@ -88,7 +86,6 @@ def abstract_models(config: ConfigDict) -> tuple[student_lib.Models, PyTree]:
 def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, text_cfg: Any,
                               max_length: int) -> tuple[student_lib.Models, PyTree]:
   """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs."""
-
   dtype = jnp.dtype(config.model.dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)

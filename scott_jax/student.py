@@ -105,7 +105,6 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   (prediction, log-variance); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
   (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
   """
-
   dtype = _dtype(config.model.dtype)
   options = unet_options(config)
   teacher = UNet2DConditionModel(unet_config, dtype=dtype, **options)
@@ -129,7 +128,6 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   frozen = {"unet", "vae", "text_encoder": params, "uncond_text": (1, L, D), "uncond_pooled": (1, D)} where the
   last two are the encoded empty prompt. A missing folder raises FileNotFoundError naming it.
   """
-
   path = config.model.teacher_path
   if not path or not os.path.isdir(path):
     raise ConfigPathError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
@@ -160,7 +158,6 @@ def _student_layout(models: Models, teacher_params: PyTree) -> tuple[dict, dict,
   of the ones it adds (only the guidance projection ``cond_proj``) and flat {path: (teacher leaf, spec)} of the
   output conv of a Gaussian student (``conv_out`` kernel and bias with twice the teacher's output channels;
   empty for a point student); anything else raises."""
-
   shapes = unet_lib.abstract_params(models.student.config)
   teacher_flat = traverse_util.flatten_dict(teacher_params)
   doubled = models.student.config.out_channels == 2 * models.teacher.config.out_channels
@@ -272,7 +269,6 @@ def encode_batch(models: Models, frozen: PyTree, batch: dict[str, Array],
 
   ``key`` samples the VAE posterior (None: its mean).
   """
-
   if _check_batch(batch) == "latents":
     z0, text, pooled = (jnp.asarray(batch[k], jnp.float32) for k in LATENT_KEYS)
   else:

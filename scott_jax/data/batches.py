@@ -30,7 +30,6 @@ def make_source(config: ConfigDict) -> arrays.ArraySource:
 
 def prepare_batch(raw: dict[str, Any], models: Models) -> dict[str, np.ndarray]:
   """Host side: uint8 images -> float32 [-1, 1]; captions -> token ids (B, max_length) int32."""
-
   images = np.asarray(raw["images"], np.float32) / 127.5 - 1.0
   return {"images": images, "input_ids": tokenize(models.tokenizer, raw["captions"], models.max_length)}
 
@@ -82,7 +81,6 @@ def make_data(config: ConfigDict, models: Models, source: Any = None) -> Any:
   float32 (b, R, R, 3) in [-1, 1] and "input_ids" int32 (b, L), or the latent cache's arrays; b = train.batch_size
   / process count.
   """
-
   if source is None and config.data.source == "synthetic":
     source = make_source(config)
   if source is not None and hasattr(source, "iterator"):

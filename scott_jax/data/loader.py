@@ -324,7 +324,6 @@ def make_source(data: Any, seed: int = 0) -> Any:
   if name == "latent_cache":
     return cache_lib.LatentCacheSource(data.path)
   if name == "synthetic":
-
     images, captions = arrays.synthetic(data.num_examples, data.resolution, seed)
     return sources_lib.InMemorySource(images, captions)
   raise ValueError(f"unknown data.source '{name}'; allowed: {', '.join(SOURCES)}")

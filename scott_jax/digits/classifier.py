@@ -191,7 +191,6 @@ def uint8_apply(folder: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndar
 def prompted_digits(prompts: list[str]) -> np.ndarray:
   """The digit (N,) int32 of each prompt "a handwritten digit <word>" (`scott_jax.digits.data.prompt`); a prompt
   of another form raises ValueError naming it."""
-
   out = []
   for p in prompts:
     head, _, word = p.strip().rpartition(" ")

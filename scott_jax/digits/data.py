@@ -259,7 +259,6 @@ def write_pixel_space(folder: str) -> None:
   """vae/config.json marking the pipeline folder as pixel space (`scott_jax.models.vae.PixelSpace`): images
   (B, R, R, 3) grey RGB <-> one grey model channel, so `scott_jax.train` and the samplers read the teacher
   folder like an SD1.5 one."""
-
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as fh:
     json.dump(pixel_space_config_json(PixelSpaceConfig(in_channels=3, out_channels=3, latent_channels=1)), fh,

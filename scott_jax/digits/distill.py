@@ -91,7 +91,6 @@ def read_done(directory: str) -> dict[str, Any] | None:
 
 def source(config: ConfigDict, data: data_lib.DigitsData) -> Any:
   """The training split with its prompts as an in-memory source (batch at step k a function of (seed, k))."""
-
   captions = [data_lib.prompt(label) for label in data.train_labels]
   return arrays.ArraySource(data.train_images, captions, config.train.batch_size, config.seed)
 
@@ -100,7 +99,6 @@ def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, m
                   seed: int, runs: str = "distill") -> dict[str, Any] | None:
   """Trains (or resumes, or skips when done) one student in `run_dir` (``runs``); returns its done info (method,
   seed, steps, seconds), or None when training stopped early (a signal)."""
-
   directory = run_dir(workdir, method, seed, runs)
   done = read_done(directory)
   if done is not None:

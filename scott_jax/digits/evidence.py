@@ -44,7 +44,6 @@ from scott_jax.schedules import NoiseSchedule
 def write_inputs(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> tuple[str, str]:
   """The eval job's prompts (``samples_per_digit`` per digit, `evaluation.eval_labels` order) and reference
   (classifier features of the test split) under WORKDIR/evidence; returns their paths."""
-
   out = os.path.join(workdir, EVIDENCE)
   os.makedirs(out, exist_ok=True)
   prompts = os.path.join(out, run_lib.EVAL_PROMPTS)
@@ -63,7 +62,6 @@ def eval_config(config: ConfigDict, workdir: str, method: str, seed: int, scale:
   """The eval-job config of one run at one CFG scale: the digits student eval config (`run.student_eval_config`)
   on the evidence prompts, at ``digits.eval_timesteps`` (the same for every arm), with per-image features kept
   and the first 80 images saved (8 per digit: the grids)."""
-
   d = config.digits
   c = run_lib.student_eval_config(config, workdir, method, seed, 0)
   c.eval.update(dict(prompt_file=os.path.join(workdir, EVIDENCE, run_lib.EVAL_PROMPTS),
@@ -76,7 +74,6 @@ def eval_config(config: ConfigDict, workdir: str, method: str, seed: int, scale:
 def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> None:
   """The eval job on one finished run: every checkpoint at the experiment's scale, step 0 and the last step at
   the other scales (rows already in a results.jsonl are skipped)."""
-
   run_wd = distill.run_dir(workdir, method, seed, RUNS)
   base = distill.method_config(config, method, seed, os.path.join(workdir, run_lib.PIPELINE))
   run = export.TrainedRun(base, run_wd)
@@ -94,7 +91,6 @@ def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> No
 def teacher_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[dict[str, Any]]:
   """The teacher's DDIM rows at every scale on the evidence prompts and noise seed: metrics, per-image features
   and hits in WORKDIR/evidence/teacher_rows/<tag>.json / .npz, grids <tag>.png (cached)."""
-
   d = config.digits
   out_dir = os.path.join(workdir, EVIDENCE, TEACHER_ROWS)
   os.makedirs(out_dir, exist_ok=True)
@@ -134,7 +130,6 @@ def probe_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> l
   """The discriminator probe (`scott_jax.digits.probe`) for every (head init, disc lr) of ``digits.probe_grid``:
   the evidence config's discriminator on the LCM + GAN run config (the fakes are the untrained student's either
   way), batch ``digits.probe_batch``, ``digits.probe_steps`` steps; cached in WORKDIR/evidence/probe.json."""
-
   d = config.digits
   path = os.path.join(workdir, EVIDENCE, "probe.json")
   rows = []

@@ -68,7 +68,6 @@ def load_rows(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Every evaluated student row of the finished runs: the eval job's row plus method, seed, scale, its
   features path and whether its checkpoint is the run's last. Step-0 rows are also returned as the untrained
   arm (method "untrained")."""
-
   out = []
   for method, seed in layout.run_order(config):
     run_wd = distill.run_dir(workdir, method, seed, layout.RUNS)
@@ -100,7 +99,6 @@ def final_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, float, int], dict[
 
 def read_metrics(workdir: str, method: str, seed: int) -> list[dict[str, Any]]:
   """The training metrics (`scott_jax.loop.METRICS_FILE`) of one run."""
-
   return _read_jsonl(os.path.join(distill.run_dir(workdir, method, seed, layout.RUNS), loop.METRICS_FILE))
 
 
@@ -180,7 +178,6 @@ def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float,
                 ) -> list[dict[str, Any]]:
   """Every paper ordering (`ORDERINGS`) at every scale and step count where both arms have finished seeds
   (paired by seed; the untrained arm is paired with every seed of the other) -> bootstrap results."""
-
   mu_r, sigma_r, _ = evaluate.read_reference(os.path.join(workdir, layout.EVIDENCE, "reference.npz"), False)
   d = config.digits
   out = []
@@ -309,7 +306,6 @@ def _fmt_interval(x: tuple[float, float, float], spec: str) -> str:
 def write(config: ConfigDict, workdir: str) -> str:
   """Writes WORKDIR/evidence/report.md (and ``digits.evidence_doc``) from what the run has measured so far;
   returns the report's path."""
-
   d = config.digits
   titles = _titles()
   out_dir = os.path.join(workdir, layout.EVIDENCE)

@@ -97,7 +97,6 @@ def stage_setup(config: ConfigDict, workdir: str) -> dict[str, Any]:
 def load_text(workdir: str) -> tuple[Any, Any, Any, np.ndarray]:
   """(tokenizer, text encoder, its params, prompt table (11, L, D)) from WORKDIR/teacher_pipeline, through the
   SD loaders."""
-
   folder = os.path.join(workdir, PIPELINE)
   tokenizer = loading.load_tokenizer(folder)
   text_encoder, params = loading.load_text_encoder(folder)
@@ -127,7 +126,6 @@ def stage_teacher(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
 
 def load_classifier(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> tuple[Any, Any]:
   """The trained classifier (module, params); trains it first if needed (resumable)."""
-
   return classifier.train(config, os.path.join(workdir, "classifier"), data_lib.to_model(data.train_images),
                           data.train_labels, data_lib.to_model(data.test_images), data.test_labels)
 
@@ -151,7 +149,6 @@ def stage_classifier(config: ConfigDict, workdir: str, data: data_lib.DigitsData
 
 def teacher_rows(config: ConfigDict, workdir: str) -> list[evaluation.Row]:
   """The teacher rows of ``config.digits.teacher_rows``, the teacher loaded from WORKDIR/teacher_pipeline."""
-
   d = config.digits
   unet, params = loading.load_unet(os.path.join(workdir, PIPELINE), "unet")
   _, _, _, table = load_text(workdir)
@@ -170,7 +167,6 @@ def stage_distill(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -
   """Stage 2: distils a student per (method, seed) of ``config.digits.distill_methods`` x ``distill_seeds`` with
   `scott_jax.train` (`scott_jax.digits.distill`). Returns each run's done info (method, seed, steps, seconds),
   or None when a run was stopped early (rerun to resume)."""
-
   d = config.digits
   t0 = time.time()
   runs = []
@@ -194,7 +190,6 @@ def write_eval_inputs(config: ConfigDict, workdir: str, data: data_lib.DigitsDat
   """The eval job's inputs for the student runs: WORKDIR/eval/prompts.jsonl (the prompt of every label of
   `evaluation.eval_labels`, in order) and WORKDIR/eval/reference.npz (mu, sigma and all feature rows of the
   classifier on the TEST split, `scott_jax.evaluate.write_reference`). Returns their paths."""
-
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   prompts = os.path.join(out_dir, EVAL_PROMPTS)
@@ -214,7 +209,6 @@ def student_eval_config(config: ConfigDict, workdir: str, method: str, seed: int
   feature extractor (FID, prdc against the test split) and as prompt metric (accuracy against the prompted
   digit), no CLIP; CFG scale, batch and seed of the digits rows (so the initial noise is the teacher rows'),
   every image saved (the grids)."""
-
   d = config.digits
   c = distill.method_config(config, method, seed, os.path.join(workdir, PIPELINE))
   n = data_lib.NUM_CLASSES * d.samples_per_digit
@@ -231,14 +225,12 @@ def student_eval_config(config: ConfigDict, workdir: str, method: str, seed: int
 
 def student_name(method: str, seed: int, steps: int) -> str:
   """The row name of a student: "<method title> <steps>-step seed <seed>"."""
-
   return f"{distill.TITLES[method]} {steps}-step seed {seed}"
 
 
 def student_row(config: ConfigDict, workdir: str, method: str, seed: int, eval_row: dict[str, Any]) -> dict[str, Any]:
   """The digits row of one eval-job row of a student run: its metrics (accuracy = the prompt metric), the
   per-digit minimum accuracy and the sample grid WORKDIR/eval/<slug>.png from the images the job saved."""
-
   d = config.digits
   k, step, which = int(eval_row["steps"]), int(eval_row["step"]), str(eval_row["params"])
   name = student_name(method, seed, k)
@@ -266,7 +258,6 @@ def student_results(config: ConfigDict, workdir: str, data: data_lib.DigitsData,
   checkpoint (the run's WORKDIR/distill/<method>_seed<k>/eval/results.jsonl). Each converted row is cached as
   WORKDIR/eval/<slug>.json; a rerun skips cached rows and the eval job skips the rows it already has. Samplers
   compile once per method and step count (`scott_jax.pipeline` caches jitted functions by pipeline value)."""
-
   d = config.digits
   write_eval_inputs(config, workdir, data)
   out = []
@@ -299,7 +290,6 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData, rows
   cached per row in WORKDIR/eval/<slug>.json with its grid <slug>.png), then the student ``runs`` (the done infos
   of `stage_distill`) through the eval job (`student_results`). Returns the row results in order (reference,
   ``rows``, students by method, seed and steps)."""
-
   d = config.digits
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -353,7 +343,6 @@ def stage_eval(config: ConfigDict, workdir: str, data: data_lib.DigitsData, rows
 
 def write_report(config: ConfigDict, workdir: str, results: list[dict[str, Any]], variant: str = "") -> str:
   """Writes WORKDIR/report.md (`scott_jax.digits.report`)."""
-
   stages = {s: read_done(workdir, s) for s in report.STAGES}
   return report.write_report(config, workdir, results, stages, distill.TITLES, variant)
 
