@@ -678,16 +678,6 @@ def _mesh_rules_ok(rules: Any) -> bool:
   return len(set(param_axes)) == len(param_axes)
 
 
-def register(key: str, *, allowed: tuple[Any, ...] | None = None,
-             check: Callable[[Any], bool] | None = None, text: str | None = None) -> None:
-  """Adds a value constraint for ``key`` (dotted path). Used by modules that own a config section."""
-  if allowed is not None:
-    _ALLOWED[key] = tuple(allowed)
-  if check is not None:
-    _RANGES[key] = check
-    _RANGE_TEXT[key] = text or "a valid value"
-
-
 def _flatten(d: ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():

@@ -282,18 +282,6 @@ def allgather_json(value: Any) -> list[Any]:
   return [json.loads(rows[i, :int(n)].tobytes().decode("utf-8")) for i, n in enumerate(sizes)]
 
 
-def describe_shardings(tree: PyTree, shardings: PyTree, limit: int = 0) -> list[str]:
-  """Lines 'path shape -> spec (per-device shape)' for the sharded leaves (``limit`` > 0: at most that many)."""
-  lines = []
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  for (path, x), s in zip(flat, jax.tree.leaves(shardings), strict=True):
-    shape = _leaf_shape(x)
-    local = s.shard_shape(shape)
-    if local != shape:
-      lines.append(f"{jax.tree_util.keystr(path)} {list(shape)} -> {s.spec} ({list(local)} per device)")
-  return lines[:limit] if limit > 0 else lines
-
-
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
   """Bytes one device holds of ``tree`` under ``shardings`` (the largest shard; leaves' own dtypes)."""
   total = 0
