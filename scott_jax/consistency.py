@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import GAUSSIAN_SAMPLING, GRIDS, TIMESTEP_RULES
+
 if TYPE_CHECKING:
   from scott_jax.schedules import NoiseSchedule
 
@@ -79,10 +81,6 @@ def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSche
   return f, x0_hat
 
 
-STUDENT_OUTPUTS = ("point", "gaussian")
-GAUSSIAN_SAMPLING = ("sample", "mean")
-
-
 def split_gaussian(model_out: Array) -> tuple[Array, Array]:
   """A Gaussian student's network output (B, ..., 2C) -> (prediction (B, ..., C), log-variance (B, ..., C)):
   the first half of the channels is the usual model output (eps, v or x0), the second the log-variance of x0_hat
@@ -140,9 +138,6 @@ def ddim_grid(num_ddim_timesteps: int = 50, num_train: int = 1000) -> Array:
   return jnp.asarray(np.round(np.arange(1, num_ddim_timesteps + 1) * step) - 1, jnp.int32)
 
 
-GRIDS = ("skip", "ddim")
-
-
 def skip_grid(skip: int, num_train: int = 1000) -> Array:
   """Training timesteps spaced by the teacher's skip, ascending: {num_train - 1 - k * skip >= 0}.
 
@@ -183,9 +178,6 @@ def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 100
   if not 1 <= num_steps <= original_steps:
     raise ValueError(f"num_steps must be in [1, original_steps={original_steps}], got {num_steps}")
   return grid_timesteps(num_steps, ddim_grid(original_steps, num_train))
-
-
-TIMESTEP_RULES = ("grid", "lcm")
 
 
 def grid_timesteps(num_steps: int, grid: Array | np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax.config import LOGICAL_AXES, MESH_AXES, ConfigDict, ConfigError
+from scott_jax.choices import LOGICAL_AXES, MESH_AXES
+from scott_jax.config import ConfigDict, ConfigError
 
 PyTree = Any
 

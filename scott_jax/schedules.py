@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import BETA_SCHEDULES, PREDICTION_TYPES
+
 Array = jax.Array
 
-BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import ER_SDE_ORDERS, SPACINGS
 from scott_jax.schedules import NoiseSchedule
 
 Array = jax.Array
@@ -161,7 +162,7 @@ def er_sde_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Sol
   difference (x0_t - x0_prev)/(lam_t - lam_prev), so order 3 lowers the error constant but its global order
   stays 2 (tests/test_solvers.py measures the slopes); order 2 is second order.
   """
-  if order not in (1, 2, 3):
+  if order not in ER_SDE_ORDERS:
     raise ValueError(f"er_sde order must be 1, 2 or 3, got {order!r}")
   if noise_fn not in NOISE_FNS:
     raise ValueError(f"er_sde noise_fn must be one of {sorted(NOISE_FNS)}, got {noise_fn!r}")
@@ -258,7 +259,7 @@ def addim_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Solv
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Registry.
+# Registry (its names, in order, are scott_jax.choices.SOLVER_NAMES, which config validation reads).
 
 SOLVERS: dict[str, Callable[..., tuple[Array, SolverState]]] = {
     "ddim": ddim_step,
@@ -374,7 +375,7 @@ def ddim_timesteps(num_steps: int, num_train: int = 1000, spacing: str = "leadin
   elif spacing == "linspace":
     ts = np.linspace(0, num_train - 1, num_steps).round()[::-1]
   else:
-    raise ValueError(f"unknown spacing {spacing!r}; allowed: leading, trailing, linspace")
+    raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
   return ts.astype(np.int64)
 
 

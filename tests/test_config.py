@@ -3,6 +3,8 @@
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +48,31 @@ def test_wrong_type():
   c["solver"]["h"] = "three"
   with pytest.raises(config_lib.ConfigError, match=r"solver\.h.*'three'.*integer"):
     config_lib.validate(config_lib.ConfigDict(c))
+
+
+def test_every_spec_names_a_key_of_the_tree():
+  """A spec for a key that defaults() does not have would never run (a typo in a section's spec)."""
+  known = config_lib._flatten(config_lib.defaults())
+  missing = [key for key in config_lib.SPECS if key not in known]
+  assert not missing, missing
+  assert len(config_lib.SPECS) > 100
+
+
+def test_range_error_is_one_line_with_key_value_and_text():
+  c = config_lib.defaults()
+  c.solver.eta = 2.0
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value) == "config key 'solver.eta' has value 2.0; expected a number in [0, 1]"
+  c = config_lib.defaults()
+  c.consistency.ema_decay = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r"ema_decay' has value 1\.0; expected a number in \[0, 1\)$"):
+    config_lib.validate(c)
+
+
+def test_validation_imports_no_jax():
+  """--help and a config error pay Python's start-up and ml_collections only: config and choices import no jax."""
+  code = ("import sys, scott_jax.config as c; c.validate(c.defaults()); "
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'numpy', 'torch')); "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
