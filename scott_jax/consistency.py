@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax.choices import GAUSSIAN_SAMPLING, GRIDS, TIMESTEP_RULES
+from scott_jax.schedules import expand
 
 if TYPE_CHECKING:
   from scott_jax.schedules import NoiseSchedule
@@ -62,12 +63,6 @@ def guidance_embedding(w: Array, dim: int = 256, dtype: jnp.dtype = jnp.float32)
   return emb
 
 
-def _expand(x: Array, like: Array) -> Array:
-  """Broadcast per-example scalars x (B,) or () against ``like`` (B, ...)."""
-  x = jnp.asarray(x)
-  return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
-
-
 def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSchedule, *,
                        timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[Array, Array]:
   """f = c_skip(t) z + c_out(t) x0_hat and x0_hat, both shaped like z (B, ...).
@@ -77,7 +72,7 @@ def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSche
   """
   x0_hat = schedule.to_x0(model_out, z, t)
   c_skip, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
-  f = _expand(c_skip, z).astype(z.dtype) * z + _expand(c_out, z).astype(z.dtype) * x0_hat
+  f = expand(c_skip, z).astype(z.dtype) * z + expand(c_out, z).astype(z.dtype) * x0_hat
   return f, x0_hat
 
 
@@ -106,7 +101,7 @@ def gaussian_consistency_output(model_out: Array, z: Array, t: Array, schedule: 
   mean, x0_hat = consistency_output(pred, z, t, schedule, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
   _, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
   log_c2 = jnp.where(c_out > 0, 2.0 * jnp.log(jnp.where(c_out > 0, c_out, 1.0)), -jnp.inf)
-  return mean, logvar_net.astype(jnp.float32) + _expand(log_c2, z), x0_hat
+  return mean, logvar_net.astype(jnp.float32) + expand(log_c2, z), x0_hat
 
 
 def gaussian_draw(mean: Array, logvar: Array, noise: Array) -> Array:
