@@ -138,6 +138,9 @@ STEPS = Check(lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k 
               "a non-empty tuple of integers >= 1")
 GUIDANCE = at_least(1.0, number=True, note="CFG scale g; w = g - 1")
 MULTIPLE_OF_8 = Check(lambda v: v >= 0 and v % 8 == 0, "0 or a multiple of 8")
+# The options of a teacher solver, in each section that names one (solver, sample_teacher, sample).
+SOLVER_OPTIONS = {"eta": between(0.0, 1.0), "order": one_of(choices.ER_SDE_ORDERS),
+                  "noise_fn": one_of(choices.ER_SDE_NOISE_FNS)}
 AXIS_SIZE = Check(lambda v: v == -1 or v >= 1, "-1 (fill) or an integer >= 1")
 
 # Section name -> its builder (in the order of the tree), and dotted key -> spec.
@@ -191,9 +194,7 @@ def _schedule() -> ConfigDict:
 
 @_section("solver", {
     "name": one_of(choices.SOLVER_NAMES),
-    "eta": between(0.0, 1.0),
-    "order": one_of(choices.ER_SDE_ORDERS),
-    "noise_fn": one_of(choices.ER_SDE_NOISE_FNS),
+    **SOLVER_OPTIONS,
     "skip": at_least(1),
     "h": at_least(1),
 })
@@ -563,9 +564,7 @@ def _digits() -> ConfigDict:
 @_section("sample_teacher", {
     "solver": one_of(choices.SOLVER_NAMES),
     "num_steps": at_least(1),
-    "eta": between(0.0, 1.0),
-    "order": one_of(choices.ER_SDE_ORDERS),
-    "noise_fn": one_of(choices.ER_SDE_NOISE_FNS),
+    **SOLVER_OPTIONS,
     "num_samples": at_least(2),
     "data_std": above(0),
 })
@@ -596,9 +595,7 @@ def _sample_teacher() -> ConfigDict:
     "resolution": MULTIPLE_OF_8,
     "batch_size": at_least(1),
     "solver": one_of(choices.SOLVER_NAMES),
-    "eta": between(0.0, 1.0),
-    "order": one_of(choices.ER_SDE_ORDERS),
-    "noise_fn": one_of(choices.ER_SDE_NOISE_FNS),
+    **SOLVER_OPTIONS,
     "spacing": one_of(choices.SPACINGS),
     "steps_offset": at_least(0),
     "gaussian": one_of(choices.GAUSSIAN_SAMPLING),
