@@ -45,8 +45,12 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 # The parameters of a checkpoint that sampling, export and evaluation read: the EMA target or the online student.
 PARAMS = ("ema", "student")
 
-# scott_jax.data.pipeline: the sources of make_pipeline.
+# scott_jax.data: the sources of pipeline.make_pipeline; the crops of transforms.crop.
 DATA_SOURCES = ("folder", "synthetic", "tar", "tfds", "latent_cache")
+CROP_MODES = ("center", "random")
+
+# scott_jax.pipeline: what mode sample samples with (the student's multistep sampler or the teacher's solver).
+SAMPLER_KINDS = ("student", "teacher")
 
 # scott_jax.export: what mode export writes.
 EXPORT_FORMATS = ("flax", "diffusers", "lora")
@@ -61,3 +65,9 @@ DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm
 # scott_jax.parallel: the device mesh's axes and the logical axes that config.mesh.rules maps onto them.
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "param_fsdp", "param_tensor")
+# Where the frozen networks live, and when jax.distributed starts (parallel.distributed_spec).
+FROZEN_PLACEMENTS = ("fsdp", "replicate")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+# scott_jax.plan: where mode plan takes the architectures from.
+PLAN_ARCHITECTURES = ("teacher", "sd15")

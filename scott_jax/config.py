@@ -384,7 +384,7 @@ def _train() -> ConfigDict:
     "source": one_of(choices.DATA_SOURCES),
     "resolution": Check(lambda v: v >= 8 and v % 8 == 0, "an integer >= 8, a multiple of 8"),
     "num_examples": at_least(1),
-    "crop": one_of(("center", "random")),
+    "crop": one_of(choices.CROP_MODES),
     "num_threads": at_least(0),
     "prefetch_buffer": at_least(1),
     "num_workers": at_least(0),
@@ -587,7 +587,7 @@ def _sample_teacher() -> ConfigDict:
 
 @_section("sample", {
     "params": one_of(choices.PARAMS),
-    "model": one_of(("student", "teacher")),
+    "model": one_of(choices.SAMPLER_KINDS),
     "steps": STEPS,
     "timesteps": Check(_descending, "a strictly descending tuple of integers >= 0 (or empty)"),
     "guidance_scale": GUIDANCE,
@@ -707,11 +707,11 @@ def _eval() -> ConfigDict:
                    f"pairs (logical, 'axis,axis') with logical in {', '.join(choices.LOGICAL_AXES)} (each once) "
                    f"and axes from {', '.join(choices.MESH_AXES)} (each used once; '' = replicated)"),
     "fsdp_min_size": at_least(0),
-    "frozen": one_of(("fsdp", "replicate")),
-    "distributed": one_of(("auto", "on", "off")),
+    "frozen": one_of(choices.FROZEN_PLACEMENTS),
+    "distributed": one_of(choices.DISTRIBUTED_MODES),
     "num_processes": at_least(0, note="0: from the environment"),
     "process_id": at_least(-1, note="-1: from the environment"),
-    "plan_architecture": one_of(("teacher", "sd15")),
+    "plan_architecture": one_of(choices.PLAN_ARCHITECTURES),
     "plan_devices": at_least(0, note="0: the devices present"),
 })
 def _mesh() -> ConfigDict:
