@@ -17,7 +17,6 @@ never constants in library code.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -46,23 +45,26 @@ class ConfigPathError(ConfigError, FileNotFoundError):
 # ---------------------------------------------------------------------------------------------------
 # Specs: what a constrained key allows. Keys without a spec are checked for type only (that of the default).
 
-@dataclasses.dataclass(frozen=True)
 class OneOf:
   """The value must be one of ``values``; the error lists them: "allowed: 'a', 'b'"."""
 
-  values: tuple[Any, ...]
+  __slots__ = ("values",)
+
+  def __init__(self, values: tuple[Any, ...]):
+    self.values = tuple(values)
 
   def problem(self, value: Any) -> str | None:
     """None if ``value`` is allowed, else the error's tail."""
     return None if value in self.values else "allowed: " + ", ".join(repr(a) for a in self.values)
 
 
-@dataclasses.dataclass(frozen=True)
 class Check:
   """``ok(value)`` must hold; the error says "expected <text>"."""
 
-  ok: Callable[[Any], bool]
-  text: str
+  __slots__ = ("ok", "text")
+
+  def __init__(self, ok: Callable[[Any], bool], text: str):
+    self.ok, self.text = ok, text
 
   def problem(self, value: Any) -> str | None:
     """None if ``value`` passes, else the error's tail."""
@@ -73,7 +75,7 @@ Spec = OneOf | Check
 
 
 def one_of(values: tuple[Any, ...]) -> OneOf:
-  return OneOf(tuple(values))
+  return OneOf(values)
 
 
 def _num(x: float) -> str:
