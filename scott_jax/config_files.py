@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import types
-from collections.abc import Mapping
 from typing import Any
 
 from scott_jax.config import ConfigDict, ConfigError
@@ -112,7 +111,3 @@ def parse_arg(arg: str | None, *, positional: str | None = None, **spec: Any) ->
     given.add(key)
   return out
 
-
-def given(args: Mapping[str, Any]) -> dict[str, Any]:
-  """The entries of parsed ``args`` that are not None (the keys given without a default)."""
-  return {k: v for k, v in args.items() if v is not None}
