@@ -52,10 +52,7 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self) -> None:
-    if self.hidden_act not in clip_text.ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; one of {sorted(clip_text.ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+    clip_text.check_tower(self)
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
 

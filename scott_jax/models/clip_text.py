@@ -56,10 +56,7 @@ class CLIPTextConfig:
   projection_dim: int = 512  # `CLIPTextModelWithProjection` only
 
   def __post_init__(self) -> None:
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; one of {sorted(ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+    check_tower(self)
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> CLIPTextConfig:
@@ -74,6 +71,14 @@ class CLIPTextConfig:
       raise ValueError("use_attention_mask=True (padding mask) is not supported; only the causal mask")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+def check_tower(config: Any) -> None:
+  """ValueError unless a tower config (text or vision) has a known hidden_act and heads dividing hidden_size."""
+  if config.hidden_act not in ACTIVATIONS:
+    raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; one of {sorted(ACTIVATIONS)}")
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(f"hidden_size {config.hidden_size} not divisible by {config.num_attention_heads} heads")
 
 
 @flax.struct.dataclass
