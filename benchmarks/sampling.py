@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import runpy
 import statistics
 import sys
 import tempfile
@@ -98,7 +97,9 @@ def build(name: str, folder: str, half: bool = False):
   unet_kw, vae_kw, text_kw, max_len = _configs(name)
   tok_dir = os.path.join(folder, "tokenizer")
   try:
-    runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))["_write_clip_tokenizer"](tok_dir)
+    from scott_jax.testing.tiny_sd import write_clip_tokenizer
+
+    write_clip_tokenizer(tok_dir)
   except ImportError:  # no open_clip
     _write_byte_tokenizer(tok_dir)
   with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as fh:

@@ -176,13 +176,10 @@ def make_config(kind: str, size: str, batch: int, resolution: int, dtype: str, a
                 remat: bool) -> config_lib.ConfigDict:
   """The step kind's SD1.5 config with the benchmark's batch, resolution and U-Net options; tiny/mid sizes get
   the tiny config's discriminator LoRA rank (4)."""
-  import importlib.util
+  from scott_jax import config_files
 
   name, arg = KINDS[kind]
-  spec = importlib.util.spec_from_file_location(f"_bench_{name[:-3]}", os.path.join(ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = config_files.get_config(name, arg)
   c.train.batch_size = batch
   c.data.update(dict(source="synthetic", path="", resolution=resolution))
   c.model.update(dict(dtype=dtype, attention=attention, remat=remat))

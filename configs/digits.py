@@ -22,14 +22,13 @@ classifier as the default, 10 arms x 5 seeds, learning curves, 2,000 samples per
 from __future__ import annotations
 
 from scott_jax import config as config_lib
+from scott_jax.config_files import parse_arg
 
 VARIANTS = ("default", "quick", "ablations", "evidence", "evidence_quick")
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise config_lib.ConfigError(f"unknown digits variant '{variant}'; allowed: {', '.join(VARIANTS)}")
+  variant = parse_arg(arg, positional="variant", variant=("default", VARIANTS))["variant"]
   c = config_lib.defaults()
   c.default_mode = "digits"
   c.model.teacher_path = ""  # stage 2 reads WORKDIR/teacher_pipeline (written by stage 1)

@@ -10,22 +10,12 @@ holds the SD VAE fine-tuned with MSE (stabilityai/sd-vae-ft-mse), as the RV5.1 m
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from scott_jax import config as config_lib
-
-
-def _sd15():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15_scott.py")
-  spec = importlib.util.spec_from_file_location("_sd15_scott", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from scott_jax import config_files
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
-  c = _sd15().get_config(arg)
+  c = config_files.load("sd15_scott").get_config(arg)  # the same ablation args, parsed there
   c.model.teacher_path = "models/Realistic_Vision_V5.1_noVAE"
   c.model.vae_path = "models/sd-vae-ft-mse"
   return c

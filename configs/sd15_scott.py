@@ -26,58 +26,42 @@ e.g. ``configs/sd15_scott.py:eta=0.2``, ``:h=1``, ``:gan=off``, ``:teacher=lcm``
 
 from __future__ import annotations
 
+from scott_jax import choices
 from scott_jax import config as config_lib
+from scott_jax.config_files import parse_arg
 
+# The ablation args (scott_jax.config_files.parse_arg): (default, allowed); None = not given.
 ETAS = (0.0, 0.1, 0.2, 0.3, 0.6)
-ARGS = {
-    "eta": tuple(str(e) for e in ETAS) + ("0",),
-    "h": ("1", "2", "3"),
-    "gan": ("on", "off"),
-    "teacher": ("er_sde", "lcm"),
-    "disc": ("lora", "full", "no_cond"),
-    "disc_time": ("shared", "paper", "renoise"),
-    "student": ("full", "lora"),
-}
+ARGS = dict(
+    eta=(None, ETAS),
+    h=(None, (1, 2, 3)),
+    gan=(None, ("on", "off")),
+    teacher=(None, ("er_sde", "lcm")),
+    disc=(None, choices.VARIANTS),
+    disc_time=(None, choices.DISC_TIMES),
+    student=(None, ("full", "lora")),
+)
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """'k=v,k=v' -> {k: v}; unknown keys, malformed pairs, repeated keys and values outside ARGS raise."""
-  out: dict[str, str] = {}
-  if not arg:
-    return out
-  for item in arg.split(","):
-    if "=" not in item:
-      raise config_lib.ConfigError(f"config arg '{item}' is not key=value; allowed keys: {', '.join(ARGS)}")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in ARGS:
-      raise config_lib.ConfigError(f"unknown config arg key '{key}'; allowed keys: {', '.join(ARGS)}")
-    if value not in ARGS[key]:
-      raise config_lib.ConfigError(f"config arg '{key}' has value '{value}'; allowed: {', '.join(ARGS[key])}")
-    if key in out:
-      raise config_lib.ConfigError(f"config arg '{key}' given twice")
-    out[key] = value
-  if "eta" in out and out.get("teacher") == "lcm":
+def apply_args(c: config_lib.ConfigDict, args: dict[str, object]) -> config_lib.ConfigDict:
+  """Applies the parsed ablation args (``parse_arg(arg, **ARGS)``) to the config ``c`` (in place); returns it."""
+  if args["eta"] is not None and args["teacher"] == "lcm":
     raise config_lib.ConfigError("config args 'eta' and 'teacher=lcm' conflict (the LCM teacher is DDIM eta 0)")
-  return out
-
-
-def apply_args(c: config_lib.ConfigDict, args: dict[str, str]) -> config_lib.ConfigDict:
-  """Applies the parsed ablation args to the config ``c`` (in place) and returns it."""
-  if "eta" in args:
+  if args["eta"] is not None:
     c.solver.name = "ddim"
-    c.solver.eta = float(args["eta"])
+    c.solver.eta = args["eta"]
     c.solver.order = 1
-  if "h" in args:
-    c.solver.h = int(args["h"])
-  if args.get("teacher") == "lcm":
+  if args["h"] is not None:
+    c.solver.h = args["h"]
+  if args["teacher"] == "lcm":
     c.solver.update(dict(name="ddim", eta=0.0, order=1, h=1, skip=20))
-  if "gan" in args:
+  if args["gan"] is not None:
     c.gan.enabled = args["gan"] == "on"
-  if "disc" in args:
+  if args["disc"] is not None:
     c.gan.variant = args["disc"]
-  if "disc_time" in args:
+  if args["disc_time"] is not None:
     c.gan.disc_time = args["disc_time"]
-  if args.get("student") == "lora":
+  if args["student"] == "lora":
     c.model.update(dict(student_lora_rank=64, student_lora_alpha=64.0))
     c.consistency.guidance_embed_dim = 0
     c.optim.student_lr = 1e-4
@@ -95,4 +79,4 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.train.update(dict(batch_size=40, num_steps=40_000))
   c.data.update(dict(source="folder", path="data/laion_aesthetics_6plus", resolution=512))
   c.model.update(dict(dtype="bfloat16", attention="auto", remat=True, remat_policy="nothing_saveable"))
-  return apply_args(c, parse_arg(arg))
+  return apply_args(c, parse_arg(arg, **ARGS))

@@ -8,6 +8,7 @@ The arg picks a solver preset: ddim (eta 0), ddpm (ddim, eta 1), er_sde (noise f
 """
 
 from scott_jax import config as config_lib
+from scott_jax.config_files import parse_arg
 
 PRESETS = {
     "ddim": dict(solver="ddim", eta=0.0),
@@ -19,9 +20,7 @@ PRESETS = {
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
-  preset = arg or "er_sde"
-  if preset not in PRESETS:
-    raise config_lib.ConfigError(f"unknown solver_demo preset '{preset}'; allowed: {', '.join(PRESETS)}")
+  preset = parse_arg(arg, positional="preset", preset=("er_sde", tuple(PRESETS)))["preset"]
   c = config_lib.defaults()
   c.default_mode = "sample_teacher"
   c.sample_teacher.update(PRESETS[preset])

@@ -1,43 +1,36 @@
 """A tiny SD-shaped SCott run for tests and smoke runs on CPU (random tiny U-Net / VAE / CLIP).
 
-  python -c "import runpy; runpy.run_path('configs/tiny_scott.py')['write_tiny_pipeline']('/tmp/tiny_sd')"
+  python -c "from scott_jax.testing.tiny_sd import write_tiny_pipeline; write_tiny_pipeline('/tmp/tiny_sd')"
   python -m scott_jax.main --config configs/tiny_scott.py --config.model.teacher_path=/tmp/tiny_sd \
       --workdir /tmp/tiny_run
 
-`write_tiny_pipeline(folder)` saves a random tiny Stable Diffusion pipeline in diffusers format (torch and
-diffusers are needed for that only; the run itself loads it through scott_jax's own loaders, the real path):
-U-Net with block_out_channels (32, 64) and one cross-attention block each way, a 2-level VAE (32x32 images ->
-16x16 latents), a 2-layer CLIP text encoder (hidden 32) and the real CLIP BPE tokenizer (from open_clip's
-vocabulary) with 16 tokens per prompt. Batch 2, synthetic data.
+The pipeline is `scott_jax.testing.tiny_sd.write_tiny_pipeline`'s (U-Net channels (32, 64), a 2-level VAE, a
+2-layer CLIP text encoder, 16 tokens per prompt). Batch 2, synthetic data.
 
-The arg takes the same ablation keys as ``configs/sd15_scott.py`` (e.g. ``:eta=0.2``, ``:disc=full``) plus
-``lcm`` (the ``configs/sd15_lcm.py`` settings), so every variant can be run at tiny size (``:student=lora`` at
-rank 4, alpha 4).
+The arg takes the same ablation keys as ``configs/sd15_scott.py`` (e.g. ``:eta=0.2``, ``:disc=full``) or
+``lcm`` alone (the ``configs/sd15_lcm.py`` settings), so every variant can be run at tiny size
+(``:student=lora`` at rank 4, alpha 4).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from scott_jax import config as config_lib
+from scott_jax import config_files
 
-MAX_LENGTH = 16
-
-
-def _load(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f"_{name[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+# TRANSITIONAL (issue 14): tests/test_train.py, test_pipeline.py and test_export.py still take the fixture from
+# this file; once they import scott_jax.testing.tiny_sd, this line goes.
+from scott_jax.testing.tiny_sd import write_tiny_pipeline  # noqa: F401
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
-  if arg == "lcm":
-    c = _load("sd15_lcm.py").get_config()
+  sd15 = config_files.load("sd15_scott")
+  args = config_files.parse_arg(arg, lcm=False, **sd15.ARGS)
+  if args.pop("lcm"):
+    if any(v is not None for v in args.values()):
+      raise config_lib.ConfigError("config arg 'lcm' takes no other args (it is configs/sd15_lcm.py's run)")
+    c = config_files.load("sd15_lcm").get_config()
   else:
-    c = _load("sd15_scott.py").get_config(arg)
+    c = sd15.apply_args(sd15.get_config(), args)
   c.model.teacher_path = ""  # set by the caller: --config.model.teacher_path=<folder of write_tiny_pipeline>
   # The tests compare against float32 references: plain float32 U-Nets, not sd15_scott.py's memory settings.
   c.model.update(dict(dtype="float32", attention="xla", remat=False))
@@ -50,70 +43,3 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                       sample_every=0, sample_steps=(1, 2), sample_prompts=("a red circle", "a dark blob")))
   c.data.update(dict(source="synthetic", path="", resolution=32, num_examples=8))
   return c
-
-
-def _write_clip_tokenizer(folder: str) -> None:
-  """vocab.json + merges.txt built from open_clip's CLIP BPE file (the SD1.5 tokenizer's vocabulary)."""
-  import gzip
-  import json
-
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None:
-    raise ImportError("write_tiny_pipeline needs open_clip (the test extra) for the CLIP BPE vocabulary")
-  path = os.path.join(os.path.dirname(spec.origin), "tokenizer.py")
-  mod_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
-  oc = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(oc)  # the package __init__ imports torchvision; the tokenizer module alone does not
-  merges = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-  chars = list(oc.bytes_to_unicode().values())
-  vocab = chars + [ch + "</w>" for ch in chars] + ["".join(m.split()) for m in merges]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w") as fh:
-    json.dump({t: i for i, t in enumerate(vocab)}, fh)
-  with open(os.path.join(folder, "merges.txt"), "w") as fh:
-    fh.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as fh:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH}, fh)
-
-
-def write_tiny_pipeline(folder: str, seed: int = 0) -> str:
-  """Saves a random tiny StableDiffusionPipeline (diffusers format) into ``folder``; returns ``folder``.
-
-  Weights are the torch default init plus N(0, 0.05^2) noise on every parameter (so no layer is an exact
-  identity or zero), from ``torch.manual_seed(seed)``.
-  """
-  import sys
-
-  try:  # a CUDA torchvision wheel next to CPU torch fails to import; hide it (transformers treats it as absent)
-    import torchvision  # noqa: F401
-  except (ImportError, RuntimeError, OSError):
-    sys.modules["torchvision"] = None
-  import diffusers
-  import torch
-  import transformers
-
-  _write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-  torch.manual_seed(seed)
-  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-    vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", eos_token_id=49407)).eval()
-  unet = diffusers.UNet2DConditionModel(
-    sample_size=16, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
-    attention_head_dim=8).eval()
-  vae = diffusers.AutoencoderKL(
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64), norm_num_groups=16, latent_channels=4, sample_size=32).eval()
-  with torch.no_grad():
-    for p in [*unet.parameters(), *vae.parameters(), *text_encoder.parameters()]:
-      p.add_(0.05 * torch.randn_like(p))
-  pipe = diffusers.StableDiffusionPipeline(
-    vae=vae, text_encoder=text_encoder,
-    tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer")), unet=unet,
-    scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-  pipe.save_pretrained(folder)
-  return folder

@@ -11,14 +11,13 @@ The SCott teacher is config.solver (paper: ER-SDE noise fn 7, order 2, skip 24, 
 """
 
 from scott_jax import config as config_lib
+from scott_jax.config_files import parse_arg
 
 VARIANTS = ("default", "quick")
 
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise config_lib.ConfigError(f"unknown toy2d variant '{variant}'; allowed: {', '.join(VARIANTS)}")
+  variant = parse_arg(arg, positional="variant", variant=("default", VARIANTS))["variant"]
   c = config_lib.defaults()
   c.default_mode = "toy2d"
   c.consistency.ema_decay = 0.95

@@ -23,10 +23,6 @@ Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
 
-def _expand(c: Array, like: Array) -> Array:
-  return c.reshape(c.shape + (1,) * (like.ndim - c.ndim))
-
-
 def gaussian_eps_fn(schedule: NoiseSchedule, mean: float | Array, std: float | Array) -> EpsFn:
   """eps(z, t) for data N(mean, std^2 I): sigma_t (z - alpha_t mean) / (alpha_t^2 std^2 + sigma_t^2).
 

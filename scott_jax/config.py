@@ -1,9 +1,15 @@
 """The one place where configs are defined and validated.
 
 Every experiment config (``configs/*.py``) starts from :func:`defaults` and overrides fields; it never adds
-new top-level keys. :func:`validate` checks the whole tree against the schema below: unknown keys, values
-outside their allowed set and wrongly typed values raise :class:`ConfigError` with a one-line message
-naming the key, the value and what is allowed. ``scott_jax.main`` turns that into exit status 2.
+new top-level keys. :func:`defaults` assembles one builder per section (``_schedule``, ``_solver``, ...); each
+builder is declared with the spec of its constrained keys (`Spec`: an allowed set or a check with its text),
+so a key's default and its constraint stand together and are written once. Named choices (solver names, loss
+distances, mesh axes, ...) come from `scott_jax.choices`, which their owner modules import too.
+
+:func:`validate` checks the whole tree: unknown keys, values outside their allowed set and wrongly typed
+values raise :class:`ConfigError` with a one-line message naming the key, the value and what is allowed.
+``scott_jax.main`` turns that into exit status 2. This module imports no jax: ``--help`` and a config error
+cost only Python's start-up and ml_collections.
 
 Decisions the paper leaves open (``shared/notes/algorithms.md``, marked DECISION there) are fields here,
 never constants in library code.
@@ -16,7 +22,12 @@ from typing import Any
 
 import ml_collections
 
+from scott_jax import choices
+
 ConfigDict = ml_collections.ConfigDict
+# TRANSITIONAL (issue 14): digits/distill.py imports this name; it moves to `from scott_jax.choices import
+# DIGITS_METHODS`, then this line goes.
+DIGITS_METHODS = choices.DIGITS_METHODS
 
 
 class ConfigError(ValueError):
@@ -31,6 +42,123 @@ class ConfigPathError(ConfigError, FileNotFoundError):
   FileNotFoundError)."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Specs: what a constrained key allows. Keys without a spec are checked for type only (that of the default).
+
+class OneOf:
+  """The value must be one of ``values``; the error lists them: "allowed: 'a', 'b'"."""
+
+  __slots__ = ("values",)
+
+  def __init__(self, values: tuple[Any, ...]):
+    self.values = tuple(values)
+
+  def problem(self, value: Any) -> str | None:
+    """None if ``value`` is allowed, else the error's tail."""
+    return None if value in self.values else "allowed: " + ", ".join(repr(a) for a in self.values)
+
+
+class Check:
+  """``ok(value)`` must hold; the error says "expected <text>"."""
+
+  __slots__ = ("ok", "text")
+
+  def __init__(self, ok: Callable[[Any], bool], text: str):
+    self.ok, self.text = ok, text
+
+  def problem(self, value: Any) -> str | None:
+    """None if ``value`` passes, else the error's tail."""
+    return None if self.ok(value) else f"expected {self.text}"
+
+
+Spec = OneOf | Check
+
+
+def one_of(values: tuple[Any, ...]) -> OneOf:
+  return OneOf(values)
+
+
+def _num(x: float) -> str:
+  return f"{x:g}"
+
+
+def _note(note: str) -> str:
+  return f" ({note})" if note else ""
+
+
+def at_least(lo: float, *, number: bool = False, note: str = "") -> Check:
+  """value >= lo: "an integer >= lo" (``number``: "a number >= lo"), then " (note)"."""
+  return Check(lambda v: v >= lo, f"{'a number' if number else 'an integer'} >= {_num(lo)}{_note(note)}")
+
+
+def above(lo: float, *, note: str = "") -> Check:
+  """value > lo: "a number > lo (note)"."""
+  return Check(lambda v: v > lo, f"a number > {_num(lo)}{_note(note)}")
+
+
+def between(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False, integer: bool = False,
+            note: str = "") -> Check:
+  """lo <= value <= hi ("a number in [lo, hi]"); ``open_lo`` / ``open_hi`` make that end strict."""
+  def ok(v: Any) -> bool:
+    return (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+  interval = f"{'(' if open_lo else '['}{_num(lo)}, {_num(hi)}{')' if open_hi else ']'}"
+  return Check(ok, f"{'an integer' if integer else 'a number'} in {interval}{_note(note)}")
+
+
+def _descending(ts: Any) -> bool:
+  """A strictly descending tuple of integers >= 0 (or empty)."""
+  return all(isinstance(k, int) and k >= 0 for k in ts) and list(ts) == sorted(set(ts))[::-1]
+
+
+def _descending_rows(v: Any) -> bool:
+  """A tuple of non-empty strictly descending tuples of integers >= 0 (or empty)."""
+  return all(isinstance(ts, (tuple, list)) and len(ts) >= 1 and _descending(ts) for ts in v)
+
+
+def _mesh_rules_ok(rules: Any) -> bool:
+  """mesh.rules: ((logical, "axis,axis"), ...), logical names from LOGICAL_AXES once each, mesh axes from
+  MESH_AXES; a mesh axis appears in at most one rule's parameter side and at most once in the batch rule."""
+  try:
+    pairs = [(str(k), str(v)) for k, v in rules]
+  except (TypeError, ValueError):
+    return False
+  names = [k for k, _ in pairs]
+  if len(set(names)) != len(names) or not set(names) <= set(choices.LOGICAL_AXES):
+    return False
+  param_axes: list[str] = []
+  for k, v in pairs:
+    axes = [a.strip() for a in v.split(",") if a.strip()]
+    if not set(axes) <= set(choices.MESH_AXES) or len(set(axes)) != len(axes):
+      return False
+    if k != "batch":
+      param_axes += axes
+  return len(set(param_axes)) == len(param_axes)
+
+
+# Specs shared by several keys.
+STEPS = Check(lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
+              "a non-empty tuple of integers >= 1")
+GUIDANCE = at_least(1.0, number=True, note="CFG scale g; w = g - 1")
+MULTIPLE_OF_8 = Check(lambda v: v >= 0 and v % 8 == 0, "0 or a multiple of 8")
+# The options of a teacher solver, in each section that names one (solver, sample_teacher, sample).
+SOLVER_OPTIONS = {"eta": between(0.0, 1.0), "order": one_of(choices.ER_SDE_ORDERS),
+                  "noise_fn": one_of(choices.ER_SDE_NOISE_FNS)}
+AXIS_SIZE = Check(lambda v: v == -1 or v >= 1, "-1 (fill) or an integer >= 1")
+
+# Section name -> its builder (in the order of the tree), and dotted key -> spec.
+_SECTIONS: dict[str, Callable[[], ConfigDict]] = {}
+SPECS: dict[str, Spec] = {}
+
+
+def _section(name: str, specs: dict[str, Spec]) -> Callable[[Callable[[], ConfigDict]], Callable[[], ConfigDict]]:
+  """Declares the builder of section ``name`` of :func:`defaults` with the specs of its keys."""
+  def register(build: Callable[[], ConfigDict]) -> Callable[[], ConfigDict]:
+    _SECTIONS[name] = build
+    SPECS.update({f"{name}.{key}": spec for key, spec in specs.items()})
+    return build
+  return register
+
+
 def defaults() -> ConfigDict:
   """The full config tree with SD1.5 SCott paper settings as defaults."""
   c = ConfigDict()
@@ -40,9 +168,22 @@ def defaults() -> ConfigDict:
   # JAX's persistent compilation cache ("" = off; a relative path is under --workdir): runs that compile the same
   # programs (seeds of one method, a resumed run) load them instead of compiling again.
   c.compilation_cache = ""
+  for name, build in _SECTIONS.items():
+    c[name] = build()
+  return c
 
-  # Noise schedule (notes section 1); fields follow diffusers' scheduler config.
-  c.schedule = ConfigDict(
+
+# ---------------------------------------------------------------------------------------------------
+# Sections, in the order of the tree.
+
+@_section("schedule", {
+    "beta_schedule": one_of(choices.BETA_SCHEDULES),
+    "prediction_type": one_of(choices.PREDICTION_TYPES),
+    "num_train_timesteps": at_least(2),
+})
+def _schedule() -> ConfigDict:
+  """Noise schedule (notes section 1); fields follow diffusers' scheduler config."""
+  return ConfigDict(
       dict(
           beta_schedule="scaled_linear",
           beta_start=0.00085,
@@ -52,8 +193,16 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # The teacher's SDE solve Phi_SDE(z_tn, t_n, t_m, h) (paper Eq. 2, 5; notes section 3).
-  c.solver = ConfigDict(
+
+@_section("solver", {
+    "name": one_of(choices.SOLVER_NAMES),
+    **SOLVER_OPTIONS,
+    "skip": at_least(1),
+    "h": at_least(1),
+})
+def _solver() -> ConfigDict:
+  """The teacher's SDE solve Phi_SDE(z_tn, t_n, t_m, h) (paper Eq. 2, 5; notes section 3)."""
+  return ConfigDict(
       dict(
           name="er_sde",  # registry name in scott_jax.solvers
           eta=0.0,  # DDIM noise scale (Eq. 5); used by "ddim"
@@ -64,8 +213,21 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Consistency distillation (paper Eq. 1; notes sections 2, 4, 5).
-  c.consistency = ConfigDict(
+
+@_section("consistency", {
+    "grid": one_of(choices.GRIDS),
+    "num_ddim_timesteps": at_least(1),
+    "distance": one_of(choices.DISTANCES),
+    "ema_decay": between(0.0, 1.0, open_hi=True),
+    "guidance_embed_dim": Check(lambda v: v == 0 or v >= 2, "0 (no guidance embedding) or an integer >= 2"),
+    "timestep_rule": one_of(choices.TIMESTEP_RULES),
+    "student_output": one_of(choices.STUDENT_OUTPUTS),
+    "logvar_init": between(-30.0, 10.0, note="the initial log-variance of a Gaussian student"),
+    "var_floor": above(0, note="added to both variances of the KL consistency loss"),
+})
+def _consistency() -> ConfigDict:
+  """Consistency distillation (paper Eq. 1; notes sections 2, 4, 5)."""
+  return ConfigDict(
       dict(
           grid="skip",  # DECISION: t_n grid spaced by solver.skip ("skip") or LCM's ddim grid ("ddim")
           num_ddim_timesteps=50,  # size of the "ddim" grid [19, 39, ..., 999]
@@ -88,8 +250,20 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # The teacher (and the student's / discriminator's initialisation): a diffusers-format folder (mode train).
-  c.model = ConfigDict(
+
+@_section("model", {
+    "dtype": one_of(choices.DTYPES),
+    "student_lora_rank": at_least(0, note="0: full student"),
+    "student_lora_alpha": above(0),
+    "student_lora_targets": Check(lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
+                                  "a non-empty tuple of lora.PRESETS names or regexes"),
+    "attention": one_of(choices.ATTENTION_IMPLEMENTATIONS),
+    "attention_chunk_size": at_least(1, note="query positions per attention block"),
+    "remat_policy": one_of(choices.REMAT_POLICIES),
+})
+def _model() -> ConfigDict:
+  """The teacher (and the student's / discriminator's initialisation): a diffusers-format folder (mode train)."""
+  return ConfigDict(
       dict(
           teacher_path="models/stable-diffusion-v1-5",  # unet/ vae/ text_encoder/ tokenizer/ scheduler/
           vae_path="",  # a folder with vae/ to use instead of the teacher's (e.g. RV5.1 "noVAE"); "" = teacher's
@@ -116,8 +290,21 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Adversarial part of Eq. 7 and the LoRA discriminator (notes section 5).
-  c.gan = ConfigDict(
+
+@_section("gan", {
+    "lambda_adv": at_least(0, number=True),
+    "disc_time": one_of(choices.DISC_TIMES),
+    "variant": one_of(choices.VARIANTS),
+    "lora_rank": at_least(1),
+    "lora_alpha": above(0),
+    "head_init": one_of(choices.HEAD_INITS),
+    "weighting": one_of(choices.WEIGHTINGS),
+    "max_weight": above(0, note="the adaptive weighting's upper clip of lambda_eff"),
+    "start_step": at_least(0, note="steps of discriminator training before L_G is on"),
+})
+def _gan() -> ConfigDict:
+  """Adversarial part of Eq. 7 and the LoRA discriminator (notes section 5)."""
+  return ConfigDict(
       dict(
           enabled=True,
           lambda_adv=0.4,
@@ -137,8 +324,17 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # One AdamW per network: linear warmup to the learning rate, then constant; global-norm clipping first.
-  c.optim = ConfigDict(
+
+@_section("optim", {
+    "student_lr": above(0),
+    "disc_lr": above(0),
+    "warmup_steps": at_least(0),
+    "weight_decay": at_least(0, number=True),
+    "grad_clip": above(0),
+})
+def _optim() -> ConfigDict:
+  """One AdamW per network: linear warmup to the learning rate, then constant; global-norm clipping first."""
+  return ConfigDict(
       dict(
           student_lr=8e-6,
           disc_lr=2e-5,
@@ -151,8 +347,20 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # The train loop (mode train).
-  c.train = ConfigDict(
+
+@_section("train", {
+    "batch_size": at_least(1),
+    "num_steps": at_least(1),
+    "log_every": at_least(1),
+    "checkpoint_every": at_least(1),
+    "keep_checkpoints": at_least(1),
+    "sample_every": at_least(0, note="0 disables sampling"),
+    "sample_steps": STEPS,
+    "sample_guidance_scale": GUIDANCE,
+})
+def _train() -> ConfigDict:
+  """The train loop (mode train)."""
+  return ConfigDict(
       dict(
           batch_size=40,
           num_steps=40000,
@@ -173,13 +381,25 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Training data (mode train): images with captions; a batch at step k depends only on (seed, k).
-  # scott_jax.data.pipeline.make_pipeline reads every source below; sources: folder (images + a captions file:
-  # captions_file, else the first of captions.jsonl / captions.csv / metadata.jsonl / metadata.csv found in the
-  # folder (metadata.*: Hugging Face imagefolder, also in subfolders), else same-name .txt captions) | synthetic
-  # (random, for tests) | tar (webdataset shards: key.jpg + key.txt or key.json "caption") | tfds
-  # (tfds.data_source) | latent_cache (scott_jax.data.cache.write_cache output).
-  c.data = ConfigDict(
+
+@_section("data", {
+    "source": one_of(choices.DATA_SOURCES),
+    "resolution": Check(lambda v: v >= 8 and v % 8 == 0, "an integer >= 8, a multiple of 8"),
+    "num_examples": at_least(1),
+    "crop": one_of(choices.CROP_MODES),
+    "num_threads": at_least(0),
+    "prefetch_buffer": at_least(1),
+    "num_workers": at_least(0),
+})
+def _data() -> ConfigDict:
+  """Training data (mode train): images with captions; a batch at step k depends only on (seed, k).
+  scott_jax.data.pipeline.make_pipeline reads every source below; sources: folder (images + a captions file:
+  captions_file, else the first of captions.jsonl / captions.csv / metadata.jsonl / metadata.csv found in the
+  folder (metadata.*: Hugging Face imagefolder, also in subfolders), else same-name .txt captions) | synthetic
+  (random, for tests) | tar (webdataset shards: key.jpg + key.txt or key.json "caption") | tfds
+  (tfds.data_source) | latent_cache (scott_jax.data.cache.write_cache output).
+  """
+  return ConfigDict(
       dict(
           source="folder",
           path="",  # folder: image dir | tar: dir, glob or a/{00000..00099}.tar | latent_cache: cache dir
@@ -200,8 +420,15 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # The 2-D toy experiment (paper Figure 4 made measurable; mode toy2d).
-  c.toy2d = ConfigDict(
+
+@_section("toy2d", {
+    "rare_mode_weight": above(0),
+    "methods": Check(lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(m in choices.TOY2D_METHODS for m in v),
+                     f"a non-empty tuple of distinct methods from {', '.join(choices.TOY2D_METHODS)}"),
+})
+def _toy2d() -> ConfigDict:
+  """The 2-D toy experiment (paper Figure 4 made measurable; mode toy2d)."""
+  return ConfigDict(
       dict(
           num_modes=8,
           radius=1.0,
@@ -223,10 +450,50 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # The embedded digits experiment (mode digits; scott_jax.digits): sklearn's 8x8 digits upsampled, pixel space
-  # (no VAE), a tiny BPE tokenizer and frozen random CLIP text encoder, a small teacher U-Net, a digit classifier
-  # whose features give FID / coverage and whose accuracy on the prompted digit plays the role of CLIP score.
-  c.digits = ConfigDict(
+
+@_section("digits", {
+    "resolution": Check(lambda v: v in (8, 16, 32), "8, 16 or 32"),
+    "test_fraction": between(0.05, 0.5),
+    "max_length": between(6, 77, integer=True),
+    "teacher_steps": at_least(1),
+    "teacher_ema": between(0.0, 1.0, open_hi=True),
+    "prompt_dropout": between(0.0, 1.0, open_lo=True, open_hi=True),
+    "classifier_steps": at_least(1),
+    "teacher_rows": Check(lambda v: len(v) >= 1 and all(
+        isinstance(r, str) and r.count(":") == 1 and r.split(":")[0] in choices.SOLVER_NAMES
+        and r.split(":")[1].isdigit() and int(r.split(":")[1]) >= 1 for r in v),
+        f"a non-empty tuple of 'solver:steps' strings, solver in {', '.join(choices.SOLVER_NAMES)}"),
+    "guidance_scale": at_least(1.0, number=True, note="CFG scale g"),
+    "samples_per_digit": at_least(2),
+    "coverage_k": at_least(1),
+    "distill_methods": Check(
+        lambda v: len(v) == len(set(v)) and all(m in choices.DIGITS_METHODS for m in v),
+        f"a tuple of distinct methods from {', '.join(choices.DIGITS_METHODS)} (empty: no students)"),
+    "distill_seeds": Check(lambda v: len(v) >= 1 and len(v) == len(set(v)) and all(
+        isinstance(k, int) and k >= 0 for k in v), "a non-empty tuple of distinct integers >= 0"),
+    "student_steps": STEPS,
+    "student_params": Check(lambda v: v in choices.PARAMS, " or ".join(repr(p) for p in choices.PARAMS)),
+    "lcm_skip": at_least(1),
+    "ablation_eta": between(0.0, 1.0),
+    "eval_guidance_scales": Check(lambda v: all(isinstance(g, (int, float)) and g >= 1.0 for g in v),
+                                  "a tuple of CFG scales >= 1"),
+    "eval_timesteps": Check(lambda v: _descending_rows(v) and len({len(ts) for ts in v}) == len(v),
+                            "a tuple of strictly descending integer tuples of different lengths (or empty)"),
+    "first_methods": at_least(0),
+    "evidence_teacher_steps": at_least(1),
+    "bootstrap": at_least(10, note="bootstrap replicates"),
+    "probe_grid": Check(lambda v: all(len(p) == 2 and p[0] in choices.HEAD_INITS and isinstance(p[1], (int, float))
+                                      and p[1] > 0 for p in v),
+                        f"a tuple of (head_init {' | '.join(repr(h) for h in choices.HEAD_INITS)}, disc lr > 0) pairs"),
+    "probe_steps": at_least(1),
+    "probe_batch": at_least(1),
+})
+def _digits() -> ConfigDict:
+  """The embedded digits experiment (mode digits; scott_jax.digits): sklearn's 8x8 digits upsampled, pixel space
+  (no VAE), a tiny BPE tokenizer and frozen random CLIP text encoder, a small teacher U-Net, a digit classifier
+  whose features give FID / coverage and whose accuracy on the prompted digit plays the role of CLIP score.
+  """
+  return ConfigDict(
       dict(
           resolution=16,  # 8x8 digits -> resolution x resolution (PIL bilinear), grey replicated to RGB
           test_fraction=0.2,  # stratified split, seeded by split_seed
@@ -295,8 +562,17 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Solver demo / teacher sampling (mode sample_teacher).
-  c.sample_teacher = ConfigDict(
+
+@_section("sample_teacher", {
+    "solver": one_of(choices.SOLVER_NAMES),
+    "num_steps": at_least(1),
+    **SOLVER_OPTIONS,
+    "num_samples": at_least(2),
+    "data_std": above(0),
+})
+def _sample_teacher() -> ConfigDict:
+  """Solver demo / teacher sampling (mode sample_teacher)."""
+  return ConfigDict(
       dict(
           solver="ddim",
           num_steps=50,
@@ -310,9 +586,27 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Text-to-image with the student or the teacher (mode sample; scott_jax.pipeline). Also what the export and
-  # eval modes load: path "" = the run in --workdir (its checkpoint `step`, -1 latest, with `params`).
-  c.sample = ConfigDict(
+
+@_section("sample", {
+    "params": one_of(choices.PARAMS),
+    "model": one_of(choices.SAMPLER_KINDS),
+    "steps": STEPS,
+    "timesteps": Check(_descending, "a strictly descending tuple of integers >= 0 (or empty)"),
+    "guidance_scale": GUIDANCE,
+    "num_per_prompt": at_least(1),
+    "resolution": MULTIPLE_OF_8,
+    "batch_size": at_least(1),
+    "solver": one_of(choices.SOLVER_NAMES),
+    **SOLVER_OPTIONS,
+    "spacing": one_of(choices.SPACINGS),
+    "steps_offset": at_least(0),
+    "gaussian": one_of(choices.GAUSSIAN_SAMPLING),
+})
+def _sample() -> ConfigDict:
+  """Text-to-image with the student or the teacher (mode sample; scott_jax.pipeline). Also what the export and
+  eval modes load: path "" = the run in --workdir (its checkpoint `step`, -1 latest, with `params`).
+  """
+  return ConfigDict(
       dict(
           path="",  # "" = WORKDIR checkpoints | a Flax export (scott_export.json) | a diffusers folder
           step=-1,  # checkpoint step (-1: the latest)
@@ -340,16 +634,44 @@ def defaults() -> ConfigDict:
       )
   )
 
-  # Export of a trained student (mode export; scott_jax.export): from checkpoint sample.step / sample.params.
-  c.export = ConfigDict(
+
+@_section("export", {
+    "formats": Check(lambda v: len(v) >= 1 and all(f in choices.EXPORT_FORMATS for f in v),
+                     f"a non-empty tuple of {', '.join(repr(f) for f in choices.EXPORT_FORMATS)}"),
+})
+def _export() -> ConfigDict:
+  """Export of a trained student (mode export; scott_jax.export): from checkpoint sample.step / sample.params."""
+  return ConfigDict(
       dict(
           formats=("flax", "diffusers", "lora"),  # lora only when the student is a LoRA overlay
           out_dir="",  # "" = WORKDIR/export/step_<step>_<params>
       )
   )
 
-  # The separate evaluation job (mode eval; scott_jax.evaluate) and reference statistics (mode fid_stats).
-  c.eval = ConfigDict(
+
+@_section("eval", {
+    "num_prompts": at_least(0, note="0: all"),
+    "sample_steps": STEPS,
+    "params": Check(lambda v: len(v) >= 1 and all(p in choices.PARAMS for p in v),
+                    f"a non-empty tuple of {', '.join(repr(p) for p in choices.PARAMS)}"),
+    "checkpoint_steps": Check(lambda v: all(isinstance(k, int) and k >= 0 for k in v), "a tuple of integers >= 0"),
+    "timesteps": Check(_descending_rows,
+                       "a tuple of strictly descending tuples of integers >= 0 (or empty)"),
+    "guidance_scale": at_least(1.0, number=True),
+    "resolution": MULTIPLE_OF_8,
+    "batch_size": at_least(1),
+    "feature_batch_size": at_least(1),
+    "coverage_k": at_least(1),
+    "poll_seconds": above(0),
+    "max_idle_seconds": at_least(0, number=True),
+    "max_reference_features": at_least(0),
+    "save_images": at_least(0),
+    "prompt_metric": Check(lambda v: v == "" or (v.count(":") == 1 and all(v.split(":"))),
+                           "'' or 'package.module:factory'"),
+})
+def _eval() -> ConfigDict:
+  """The separate evaluation job (mode eval; scott_jax.evaluate) and reference statistics (mode fid_stats)."""
+  return ConfigDict(
       dict(
           prompt_file="",  # COCO-2017 5K / COCO-2014 30K / MJHQ captions, .jsonl
           num_prompts=0,  # first N prompts (0: all)
@@ -377,8 +699,26 @@ def defaults() -> ConfigDict:
           save_features=False,  # eval: per-image features and prompt metric per row, WORKDIR/eval/features/*.npz
       )
   )
-  # Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan).
-  c.mesh = ConfigDict(
+
+
+@_section("mesh", {
+    "data": AXIS_SIZE,
+    "fsdp": AXIS_SIZE,
+    "tensor": AXIS_SIZE,
+    "rules": Check(lambda v: _mesh_rules_ok(v),
+                   f"pairs (logical, 'axis,axis') with logical in {', '.join(choices.LOGICAL_AXES)} (each once) "
+                   f"and axes from {', '.join(choices.MESH_AXES)} (each used once; '' = replicated)"),
+    "fsdp_min_size": at_least(0),
+    "frozen": one_of(choices.FROZEN_PLACEMENTS),
+    "distributed": one_of(choices.DISTRIBUTED_MODES),
+    "num_processes": at_least(0, note="0: from the environment"),
+    "process_id": at_least(-1, note="-1: from the environment"),
+    "plan_architecture": one_of(choices.PLAN_ARCHITECTURES),
+    "plan_devices": at_least(0, note="0: the devices present"),
+})
+def _mesh() -> ConfigDict:
+  """Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan)."""
+  return ConfigDict(
       dict(
           data=-1,  # mesh axis sizes; one of data/fsdp/tensor may be -1 (fills the remaining devices)
           fsdp=1,
@@ -396,296 +736,7 @@ def defaults() -> ConfigDict:
           plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
       )
   )
-  return c
 
-
-# ---------------------------------------------------------------------------------------------------
-# Schema: allowed values per key. Keys absent here are checked for type only (same type as the default).
-
-SOLVER_NAMES = ("ddim", "er_sde", "dpmpp_2m", "addim")
-DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan", "ode",
-                  "scott_fixed_gan", "scott_gaussian", "scott_gaussian_no_gan")  # scott_jax.digits.distill
-
-_ALLOWED: dict[str, tuple[Any, ...]] = {
-    "schedule.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
-    "schedule.prediction_type": ("epsilon", "v_prediction", "sample"),
-    "solver.name": SOLVER_NAMES,
-    "solver.order": (1, 2, 3),
-    "solver.noise_fn": (1, 2, 3, 4, 5, 6, 7),
-    "sample_teacher.solver": SOLVER_NAMES,
-    "sample_teacher.order": (1, 2, 3),
-    "sample_teacher.noise_fn": (1, 2, 3, 4, 5, 6, 7),
-    "consistency.distance": ("l2", "pseudo_huber"),
-    "consistency.grid": ("skip", "ddim"),
-    "consistency.timestep_rule": ("grid", "lcm"),
-    "consistency.student_output": ("point", "gaussian"),  # consistency.STUDENT_OUTPUTS
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat_policy": ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"),  # unet.REMAT_POL.
-    "model.attention": ("xla", "cudnn", "chunked", "auto"),  # scott_jax.models.unet.ATTENTION_IMPLEMENTATIONS
-    "gan.disc_time": ("shared", "paper", "renoise"),
-    "gan.variant": ("lora", "full", "no_cond"),
-    "gan.head_init": ("zero", "normal"),  # discriminator.HEAD_INITS
-    "gan.weighting": ("fixed", "adaptive"),  # losses.WEIGHTINGS
-    "data.source": ("folder", "synthetic", "tar", "tfds", "latent_cache"),
-    "data.crop": ("center", "random"),
-    "sample.params": ("ema", "student"),
-    "sample.model": ("student", "teacher"),
-    "sample.solver": SOLVER_NAMES,
-    "sample.order": (1, 2, 3),
-    "sample.noise_fn": (1, 2, 3, 4, 5, 6, 7),
-    "sample.spacing": ("leading", "trailing", "linspace"),
-    "sample.gaussian": ("sample", "mean"),  # consistency.GAUSSIAN_SAMPLING
-    "mesh.frozen": ("fsdp", "replicate"),
-    "mesh.distributed": ("auto", "on", "off"),
-    "mesh.plan_architecture": ("teacher", "sd15"),
-}
-
-_RANGES: dict[str, Callable[[Any], bool]] = {
-    "solver.eta": lambda v: 0.0 <= v <= 1.0,
-    "solver.skip": lambda v: v >= 1,
-    "solver.h": lambda v: v >= 1,
-    "schedule.num_train_timesteps": lambda v: v >= 2,
-    "sample_teacher.num_steps": lambda v: v >= 1,
-    "sample_teacher.num_samples": lambda v: v >= 2,
-    "sample_teacher.eta": lambda v: 0.0 <= v <= 1.0,
-    "sample_teacher.data_std": lambda v: v > 0,
-    "consistency.ema_decay": lambda v: 0.0 <= v < 1.0,
-    "consistency.num_ddim_timesteps": lambda v: v >= 1,
-    "consistency.guidance_embed_dim": lambda v: v == 0 or v >= 2,
-    "consistency.logvar_init": lambda v: -30.0 <= v <= 10.0,
-    "consistency.var_floor": lambda v: v > 0,
-    "model.student_lora_rank": lambda v: v >= 0,
-    "model.student_lora_alpha": lambda v: v > 0,
-    "model.student_lora_targets": lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
-    "toy2d.rare_mode_weight": lambda v: v > 0,
-    "toy2d.methods": lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(
-        m in ("scott", "lcm", "scott_gaussian") for m in v),
-    "gan.lambda_adv": lambda v: v >= 0,
-    "gan.lora_rank": lambda v: v >= 1,
-    "gan.lora_alpha": lambda v: v > 0,
-    "gan.max_weight": lambda v: v > 0,
-    "gan.start_step": lambda v: v >= 0,
-    "optim.student_lr": lambda v: v > 0,
-    "optim.disc_lr": lambda v: v > 0,
-    "optim.warmup_steps": lambda v: v >= 0,
-    "optim.grad_clip": lambda v: v > 0,
-    "optim.weight_decay": lambda v: v >= 0,
-    "train.batch_size": lambda v: v >= 1,
-    "train.num_steps": lambda v: v >= 1,
-    "train.log_every": lambda v: v >= 1,
-    "train.checkpoint_every": lambda v: v >= 1,
-    "train.keep_checkpoints": lambda v: v >= 1,
-    "train.sample_every": lambda v: v >= 0,
-    "train.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
-    "train.sample_guidance_scale": lambda v: v >= 1.0,
-    "model.attention_chunk_size": lambda v: v >= 1,
-    "data.resolution": lambda v: v >= 8 and v % 8 == 0,
-    "data.num_examples": lambda v: v >= 1,
-    "data.num_threads": lambda v: v >= 0,
-    "data.prefetch_buffer": lambda v: v >= 1,
-    "data.num_workers": lambda v: v >= 0,
-    "digits.resolution": lambda v: v in (8, 16, 32),
-    "digits.test_fraction": lambda v: 0.05 <= v <= 0.5,
-    "digits.max_length": lambda v: 6 <= v <= 77,
-    "digits.prompt_dropout": lambda v: 0.0 < v < 1.0,
-    "digits.teacher_ema": lambda v: 0.0 <= v < 1.0,
-    "digits.teacher_steps": lambda v: v >= 1,
-    "digits.classifier_steps": lambda v: v >= 1,
-    "digits.teacher_rows": lambda v: len(v) >= 1 and all(
-        isinstance(r, str) and r.count(":") == 1 and r.split(":")[0] in SOLVER_NAMES
-        and r.split(":")[1].isdigit() and int(r.split(":")[1]) >= 1 for r in v),
-    "digits.guidance_scale": lambda v: v >= 1.0,
-    "digits.samples_per_digit": lambda v: v >= 2,
-    "digits.coverage_k": lambda v: v >= 1,
-    "digits.distill_methods": lambda v: len(v) == len(set(v)) and all(m in DIGITS_METHODS for m in v),
-    "digits.distill_seeds": lambda v: len(v) >= 1 and len(v) == len(set(v)) and all(
-        isinstance(k, int) and k >= 0 for k in v),
-    "digits.student_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
-    "digits.student_params": lambda v: v in ("ema", "student"),
-    "digits.lcm_skip": lambda v: v >= 1,
-    "digits.ablation_eta": lambda v: 0.0 <= v <= 1.0,
-    "digits.eval_guidance_scales": lambda v: all(isinstance(g, (int, float)) and g >= 1.0 for g in v),
-    "digits.eval_timesteps": lambda v: all(isinstance(ts, (tuple, list)) and len(ts) >= 1 and all(
-        isinstance(k, int) and k >= 0 for k in ts) and list(ts) == sorted(set(ts))[::-1] for ts in v)
-        and len({len(ts) for ts in v}) == len(v),
-    "digits.first_methods": lambda v: v >= 0,
-    "digits.evidence_teacher_steps": lambda v: v >= 1,
-    "digits.bootstrap": lambda v: v >= 10,
-    "digits.probe_grid": lambda v: all(len(p) == 2 and p[0] in ("zero", "normal") and isinstance(p[1], (int, float))
-                                       and p[1] > 0 for p in v),
-    "digits.probe_steps": lambda v: v >= 1,
-    "digits.probe_batch": lambda v: v >= 1,
-    "sample.steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
-    "sample.timesteps": lambda v: all(isinstance(k, int) and k >= 0 for k in v) and list(v) == sorted(set(v))[::-1],
-    "sample.guidance_scale": lambda v: v >= 1.0,
-    "sample.num_per_prompt": lambda v: v >= 1,
-    "sample.resolution": lambda v: v >= 0 and v % 8 == 0,
-    "sample.batch_size": lambda v: v >= 1,
-    "sample.eta": lambda v: 0.0 <= v <= 1.0,
-    "sample.steps_offset": lambda v: v >= 0,
-    "export.formats": lambda v: len(v) >= 1 and all(f in ("flax", "diffusers", "lora") for f in v),
-    "eval.num_prompts": lambda v: v >= 0,
-    "eval.sample_steps": lambda v: len(v) >= 1 and all(isinstance(k, int) and k >= 1 for k in v),
-    "eval.params": lambda v: len(v) >= 1 and all(p in ("ema", "student") for p in v),
-    "eval.checkpoint_steps": lambda v: all(isinstance(k, int) and k >= 0 for k in v),
-    "eval.timesteps": lambda v: all(isinstance(ts, (tuple, list)) and len(ts) >= 1 and all(
-        isinstance(k, int) and k >= 0 for k in ts) and list(ts) == sorted(set(ts))[::-1] for ts in v),
-    "eval.guidance_scale": lambda v: v >= 1.0,
-    "eval.resolution": lambda v: v >= 0 and v % 8 == 0,
-    "eval.batch_size": lambda v: v >= 1,
-    "eval.feature_batch_size": lambda v: v >= 1,
-    "eval.coverage_k": lambda v: v >= 1,
-    "eval.poll_seconds": lambda v: v > 0,
-    "eval.max_idle_seconds": lambda v: v >= 0,
-    "eval.max_reference_features": lambda v: v >= 0,
-    "eval.save_images": lambda v: v >= 0,
-    "eval.prompt_metric": lambda v: v == "" or (v.count(":") == 1 and all(v.split(":"))),
-    "mesh.data": lambda v: v == -1 or v >= 1,
-    "mesh.fsdp": lambda v: v == -1 or v >= 1,
-    "mesh.tensor": lambda v: v == -1 or v >= 1,
-    "mesh.rules": lambda v: _mesh_rules_ok(v),
-    "mesh.fsdp_min_size": lambda v: v >= 0,
-    "mesh.num_processes": lambda v: v >= 0,
-    "mesh.process_id": lambda v: v >= -1,
-    "mesh.plan_devices": lambda v: v >= 0,
-}
-
-_RANGE_TEXT: dict[str, str] = {
-    "solver.eta": "a number in [0, 1]",
-    "solver.skip": "an integer >= 1",
-    "solver.h": "an integer >= 1",
-    "schedule.num_train_timesteps": "an integer >= 2",
-    "sample_teacher.num_steps": "an integer >= 1",
-    "sample_teacher.num_samples": "an integer >= 2",
-    "sample_teacher.eta": "a number in [0, 1]",
-    "sample_teacher.data_std": "a number > 0",
-    "consistency.ema_decay": "a number in [0, 1)",
-    "consistency.num_ddim_timesteps": "an integer >= 1",
-    "consistency.guidance_embed_dim": "0 (no guidance embedding) or an integer >= 2",
-    "consistency.logvar_init": "a number in [-30, 10] (the initial log-variance of a Gaussian student)",
-    "consistency.var_floor": "a number > 0 (added to both variances of the KL consistency loss)",
-    "model.student_lora_rank": "an integer >= 0 (0: full student)",
-    "model.student_lora_alpha": "a number > 0",
-    "model.student_lora_targets": "a non-empty tuple of lora.PRESETS names or regexes",
-    "toy2d.rare_mode_weight": "a number > 0",
-    "toy2d.methods": "a non-empty tuple of distinct methods from scott, lcm, scott_gaussian",
-    "gan.lambda_adv": "a number >= 0",
-    "gan.lora_rank": "an integer >= 1",
-    "gan.lora_alpha": "a number > 0",
-    "gan.max_weight": "a number > 0 (the adaptive weighting's upper clip of lambda_eff)",
-    "gan.start_step": "an integer >= 0 (steps of discriminator training before L_G is on)",
-    "optim.student_lr": "a number > 0",
-    "optim.disc_lr": "a number > 0",
-    "optim.warmup_steps": "an integer >= 0",
-    "optim.grad_clip": "a number > 0",
-    "optim.weight_decay": "a number >= 0",
-    "train.batch_size": "an integer >= 1",
-    "train.num_steps": "an integer >= 1",
-    "train.log_every": "an integer >= 1",
-    "train.checkpoint_every": "an integer >= 1",
-    "train.keep_checkpoints": "an integer >= 1",
-    "train.sample_every": "an integer >= 0 (0 disables sampling)",
-    "train.sample_steps": "a non-empty tuple of integers >= 1",
-    "train.sample_guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
-    "model.attention_chunk_size": "an integer >= 1 (query positions per attention block)",
-    "data.resolution": "an integer >= 8, a multiple of 8",
-    "data.num_examples": "an integer >= 1",
-    "data.num_threads": "an integer >= 0",
-    "data.prefetch_buffer": "an integer >= 1",
-    "data.num_workers": "an integer >= 0",
-    "digits.resolution": "8, 16 or 32",
-    "digits.test_fraction": "a number in [0.05, 0.5]",
-    "digits.max_length": "an integer in [6, 77]",
-    "digits.prompt_dropout": "a number in (0, 1)",
-    "digits.teacher_ema": "a number in [0, 1)",
-    "digits.teacher_steps": "an integer >= 1",
-    "digits.classifier_steps": "an integer >= 1",
-    "digits.teacher_rows": f"a non-empty tuple of 'solver:steps' strings, solver in {', '.join(SOLVER_NAMES)}",
-    "digits.guidance_scale": "a number >= 1 (CFG scale g)",
-    "digits.samples_per_digit": "an integer >= 2",
-    "digits.coverage_k": "an integer >= 1",
-    "digits.distill_methods": f"a tuple of distinct methods from {', '.join(DIGITS_METHODS)} (empty: no students)",
-    "digits.distill_seeds": "a non-empty tuple of distinct integers >= 0",
-    "digits.student_steps": "a non-empty tuple of integers >= 1",
-    "digits.student_params": "'ema' or 'student'",
-    "digits.lcm_skip": "an integer >= 1",
-    "digits.ablation_eta": "a number in [0, 1]",
-    "digits.eval_guidance_scales": "a tuple of CFG scales >= 1",
-    "digits.eval_timesteps": "a tuple of strictly descending integer tuples of different lengths (or empty)",
-    "digits.first_methods": "an integer >= 0",
-    "digits.evidence_teacher_steps": "an integer >= 1",
-    "digits.bootstrap": "an integer >= 10 (bootstrap replicates)",
-    "digits.probe_grid": "a tuple of (head_init 'zero' | 'normal', disc lr > 0) pairs",
-    "digits.probe_steps": "an integer >= 1",
-    "digits.probe_batch": "an integer >= 1",
-    "sample.steps": "a non-empty tuple of integers >= 1",
-    "sample.timesteps": "a strictly descending tuple of integers >= 0 (or empty)",
-    "sample.guidance_scale": "a number >= 1 (CFG scale g; w = g - 1)",
-    "sample.num_per_prompt": "an integer >= 1",
-    "sample.resolution": "0 or a multiple of 8",
-    "sample.batch_size": "an integer >= 1",
-    "sample.eta": "a number in [0, 1]",
-    "sample.steps_offset": "an integer >= 0",
-    "export.formats": "a non-empty tuple of 'flax', 'diffusers', 'lora'",
-    "eval.num_prompts": "an integer >= 0 (0: all)",
-    "eval.sample_steps": "a non-empty tuple of integers >= 1",
-    "eval.params": "a non-empty tuple of 'ema', 'student'",
-    "eval.checkpoint_steps": "a tuple of integers >= 0",
-    "eval.timesteps": "a tuple of strictly descending tuples of integers >= 0 (or empty)",
-    "eval.guidance_scale": "a number >= 1",
-    "eval.resolution": "0 or a multiple of 8",
-    "eval.batch_size": "an integer >= 1",
-    "eval.feature_batch_size": "an integer >= 1",
-    "eval.coverage_k": "an integer >= 1",
-    "eval.poll_seconds": "a number > 0",
-    "eval.max_idle_seconds": "a number >= 0",
-    "eval.max_reference_features": "an integer >= 0",
-    "eval.save_images": "an integer >= 0",
-    "eval.prompt_metric": "'' or 'package.module:factory'",
-    "mesh.data": "-1 (fill) or an integer >= 1",
-    "mesh.fsdp": "-1 (fill) or an integer >= 1",
-    "mesh.tensor": "-1 (fill) or an integer >= 1",
-    "mesh.rules": ("pairs (logical, 'axis,axis') with logical in batch, param_fsdp, param_tensor (each once) "
-                   "and axes from data, fsdp, tensor (each used once; '' = replicated)"),
-    "mesh.fsdp_min_size": "an integer >= 0",
-    "mesh.num_processes": "an integer >= 0 (0: from the environment)",
-    "mesh.process_id": "an integer >= -1 (-1: from the environment)",
-    "mesh.plan_devices": "an integer >= 0 (0: the devices present)",
-}
-
-
-MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "param_fsdp", "param_tensor")
-
-
-def _mesh_rules_ok(rules: Any) -> bool:
-  """mesh.rules: ((logical, "axis,axis"), ...), logical names from LOGICAL_AXES once each, mesh axes from
-  MESH_AXES; a mesh axis appears in at most one rule's parameter side and at most once in the batch rule."""
-  try:
-    pairs = [(str(k), str(v)) for k, v in rules]
-  except (TypeError, ValueError):
-    return False
-  names = [k for k, _ in pairs]
-  if len(set(names)) != len(names) or not set(names) <= set(LOGICAL_AXES):
-    return False
-  param_axes: list[str] = []
-  for k, v in pairs:
-    axes = [a.strip() for a in v.split(",") if a.strip()]
-    if not set(axes) <= set(MESH_AXES) or len(set(axes)) != len(axes):
-      return False
-    if k != "batch":
-      param_axes += axes
-  return len(set(param_axes)) == len(param_axes)
-
-
-def register(key: str, *, allowed: tuple[Any, ...] | None = None,
-             check: Callable[[Any], bool] | None = None, text: str | None = None) -> None:
-  """Adds a value constraint for ``key`` (dotted path). Used by modules that own a config section."""
-  if allowed is not None:
-    _ALLOWED[key] = tuple(allowed)
-  if check is not None:
-    _RANGES[key] = check
-    _RANGE_TEXT[key] = text or "a valid value"
 
 
 def _flatten(d: ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
@@ -754,9 +805,8 @@ def validate(config: ConfigDict, schema: ConfigDict | None = None) -> ConfigDict
     default = known[key]
     if not _type_ok(default, value):
       raise ConfigError(f"config key '{key}' has value {value!r}; expected {_typename(default)}")
-    if key in _ALLOWED and value not in _ALLOWED[key]:
-      allowed = ", ".join(repr(a) for a in _ALLOWED[key])
-      raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
-    if key in _RANGES and not _RANGES[key](value):
-      raise ConfigError(f"config key '{key}' has value {value!r}; expected {_RANGE_TEXT[key]}")
+    spec = SPECS.get(key)
+    problem = spec.problem(value) if spec is not None else None
+    if problem is not None:
+      raise ConfigError(f"config key '{key}' has value {value!r}; {problem}")
   return config

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import GAUSSIAN_SAMPLING, GRIDS, TIMESTEP_RULES
+from scott_jax.schedules import expand
+
 if TYPE_CHECKING:
   from scott_jax.schedules import NoiseSchedule
 
@@ -60,12 +63,6 @@ def guidance_embedding(w: Array, dim: int = 256, dtype: jnp.dtype = jnp.float32)
   return emb
 
 
-def _expand(x: Array, like: Array) -> Array:
-  """Broadcast per-example scalars x (B,) or () against ``like`` (B, ...)."""
-  x = jnp.asarray(x)
-  return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
-
-
 def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSchedule, *,
                        timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[Array, Array]:
   """f = c_skip(t) z + c_out(t) x0_hat and x0_hat, both shaped like z (B, ...).
@@ -75,12 +72,8 @@ def consistency_output(model_out: Array, z: Array, t: Array, schedule: NoiseSche
   """
   x0_hat = schedule.to_x0(model_out, z, t)
   c_skip, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
-  f = _expand(c_skip, z).astype(z.dtype) * z + _expand(c_out, z).astype(z.dtype) * x0_hat
+  f = expand(c_skip, z).astype(z.dtype) * z + expand(c_out, z).astype(z.dtype) * x0_hat
   return f, x0_hat
-
-
-STUDENT_OUTPUTS = ("point", "gaussian")
-GAUSSIAN_SAMPLING = ("sample", "mean")
 
 
 def split_gaussian(model_out: Array) -> tuple[Array, Array]:
@@ -108,7 +101,7 @@ def gaussian_consistency_output(model_out: Array, z: Array, t: Array, schedule: 
   mean, x0_hat = consistency_output(pred, z, t, schedule, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
   _, c_out = boundary_scalings(t, timestep_scaling, sigma_data)
   log_c2 = jnp.where(c_out > 0, 2.0 * jnp.log(jnp.where(c_out > 0, c_out, 1.0)), -jnp.inf)
-  return mean, logvar_net.astype(jnp.float32) + _expand(log_c2, z), x0_hat
+  return mean, logvar_net.astype(jnp.float32) + expand(log_c2, z), x0_hat
 
 
 def gaussian_draw(mean: Array, logvar: Array, noise: Array) -> Array:
@@ -138,9 +131,6 @@ def ddim_grid(num_ddim_timesteps: int = 50, num_train: int = 1000) -> Array:
     raise ValueError(f"num_ddim_timesteps must be in [1, {num_train}], got {num_ddim_timesteps}")
   step = num_train // num_ddim_timesteps
   return jnp.asarray(np.round(np.arange(1, num_ddim_timesteps + 1) * step) - 1, jnp.int32)
-
-
-GRIDS = ("skip", "ddim")
 
 
 def skip_grid(skip: int, num_train: int = 1000) -> Array:
@@ -183,9 +173,6 @@ def lcm_timesteps(num_steps: int, original_steps: int = 50, num_train: int = 100
   if not 1 <= num_steps <= original_steps:
     raise ValueError(f"num_steps must be in [1, original_steps={original_steps}], got {num_steps}")
   return grid_timesteps(num_steps, ddim_grid(original_steps, num_train))
-
-
-TIMESTEP_RULES = ("grid", "lcm")
 
 
 def grid_timesteps(num_steps: int, grid: Array | np.ndarray) -> np.ndarray:

@@ -37,13 +37,12 @@ import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 
+from scott_jax.choices import HEAD_INITS, VARIANTS
 from scott_jax.models import lora as lora_lib
 
 Array = jax.Array
 PyTree = Any
 
-VARIANTS = ("lora", "full", "no_cond")
-HEAD_INITS = ("zero", "normal")
 DECODER_SCOPE = r"(^|/)up_blocks_\d+/"  # the LoRA overlay lives on the decoder only
 
 

@@ -21,12 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from scott_jax import consistency, solvers
+from scott_jax.choices import DISC_TIMES, DISTANCES, STUDENT_OUTPUTS, WEIGHTINGS
 from scott_jax.schedules import NoiseSchedule
 
 PyTree = Any
-DISTANCES = ("l2", "pseudo_huber")
-DISC_TIMES = ("shared", "paper", "renoise")
-WEIGHTINGS = ("fixed", "adaptive")
 
 
 def distance(pred: jax.Array, target: jax.Array, kind: str = "l2", huber_c: float = 0.001) -> jax.Array:
@@ -137,8 +135,8 @@ def make_cd_loss(student_fn: Callable, teacher_eps_fn: Callable, schedule: Noise
   """
   if distance_kind not in DISTANCES:
     raise ValueError(f"unknown distance '{distance_kind}'; allowed: {', '.join(DISTANCES)}")
-  if student_output not in consistency.STUDENT_OUTPUTS:
-    raise ValueError(f"unknown student output '{student_output}'; allowed: {', '.join(consistency.STUDENT_OUTPUTS)}")
+  if student_output not in STUDENT_OUTPUTS:
+    raise ValueError(f"unknown student output '{student_output}'; allowed: {', '.join(STUDENT_OUTPUTS)}")
   gaussian = student_output == "gaussian"
   f = (make_gaussian_consistency_fn if gaussian else make_consistency_fn)(student_fn, schedule,
                                                                           timestep_scaling=timestep_scaling)

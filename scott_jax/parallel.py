@@ -43,7 +43,8 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scott_jax.config import LOGICAL_AXES, MESH_AXES, ConfigDict, ConfigError
+from scott_jax.choices import DISTRIBUTED_MODES, FROZEN_PLACEMENTS, LOGICAL_AXES, MESH_AXES
+from scott_jax.config import ConfigDict, ConfigError
 
 PyTree = Any
 
@@ -191,7 +192,7 @@ def frozen_shardings(frozen: PyTree, mesh: Mesh, mesh_cfg: ConfigDict) -> PyTree
   if mesh_cfg.frozen == "replicate":
     return jax.tree.map(lambda _: replicated(mesh), frozen)
   if mesh_cfg.frozen != "fsdp":
-    raise MeshError(f"config.mesh.frozen = {mesh_cfg.frozen!r}; allowed: fsdp, replicate")
+    raise MeshError(f"config.mesh.frozen = {mesh_cfg.frozen!r}; allowed: {', '.join(FROZEN_PLACEMENTS)}")
   return param_shardings(frozen, mesh, mesh_cfg)
 
 
@@ -282,18 +283,6 @@ def allgather_json(value: Any) -> list[Any]:
   return [json.loads(rows[i, :int(n)].tobytes().decode("utf-8")) for i, n in enumerate(sizes)]
 
 
-def describe_shardings(tree: PyTree, shardings: PyTree, limit: int = 0) -> list[str]:
-  """Lines 'path shape -> spec (per-device shape)' for the sharded leaves (``limit`` > 0: at most that many)."""
-  lines = []
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  for (path, x), s in zip(flat, jax.tree.leaves(shardings), strict=True):
-    shape = _leaf_shape(x)
-    local = s.shard_shape(shape)
-    if local != shape:
-      lines.append(f"{jax.tree_util.keystr(path)} {list(shape)} -> {s.spec} ({list(local)} per device)")
-  return lines[:limit] if limit > 0 else lines
-
-
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
   """Bytes one device holds of ``tree`` under ``shardings`` (the largest shard; leaves' own dtypes)."""
   total = 0
@@ -344,8 +333,8 @@ def distributed_spec(mesh_cfg: ConfigDict, environ: Mapping[str, str] | None = N
   mode = mesh_cfg.distributed
   if mode == "off":
     return None
-  if mode not in ("auto", "on"):
-    raise MeshError(f"config.mesh.distributed = {mode!r}; allowed: auto, on, off")
+  if mode not in DISTRIBUTED_MODES:
+    raise MeshError(f"config.mesh.distributed = {mode!r}; allowed: {', '.join(DISTRIBUTED_MODES)}")
   address = mesh_cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
   nproc = int(mesh_cfg.num_processes) or _int_env(env, "JAX_NUM_PROCESSES")
   pid = int(mesh_cfg.process_id) if int(mesh_cfg.process_id) >= 0 else _int_env(env, "JAX_PROCESS_ID")

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import BETA_SCHEDULES, PREDICTION_TYPES
+
 Array = jax.Array
 
-BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -49,8 +49,10 @@ def betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float
   raise ValueError(f"unknown beta_schedule {beta_schedule!r}; allowed: {', '.join(BETA_SCHEDULES)}")
 
 
-def _expand(c: Array, like: Array) -> Array:
-  """Reshape per-example coefficients c (t.shape) to broadcast against like (t.shape + trailing dims)."""
+def expand(c: Array, like: Array) -> Array:
+  """Per-example coefficients c (t.shape: (B,) or ()) reshaped to broadcast against ``like`` (t.shape + trailing
+  dims, e.g. (B, H, W, C)); the one helper of schedules, solvers and consistency."""
+  c = jnp.asarray(c)
   return c.reshape(c.shape + (1,) * (like.ndim - c.ndim))
 
 
@@ -113,7 +115,7 @@ class NoiseSchedule:
 
   def alpha_sigma(self, t: Array | int, like: Array) -> tuple[Array, Array]:
     """(alpha_t, sigma_t) reshaped to broadcast against ``like`` (t.shape + trailing dims), in like's dtype."""
-    abar = _expand(self.abar_at(t), like)
+    abar = expand(self.abar_at(t), like)
     return jnp.sqrt(abar).astype(like.dtype), jnp.sqrt(1.0 - abar).astype(like.dtype)
 
   # --- forward process ---------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scott_jax.schedules import NoiseSchedule
+from scott_jax.choices import ER_SDE_ORDERS, SPACINGS
+from scott_jax.schedules import NoiseSchedule, expand
 
 Array = jax.Array
 PyTree = Any
@@ -63,12 +64,6 @@ def init_state(z: Array, t: Array | int, dtype: jnp.dtype = jnp.float32) -> Solv
                      count=jnp.zeros(t.shape, jnp.int32))
 
 
-def _expand(c: Array, like: Array) -> Array:
-  """Per-example coefficient c (t.shape) reshaped to broadcast against like (t.shape + trailing dims)."""
-  c = jnp.asarray(c)
-  return c.reshape(c.shape + (1,) * (like.ndim - c.ndim))
-
-
 def _std_normal(key: Array | None, noise: Array | None, like: Array, who: str) -> Array:
   if noise is not None:
     return jnp.asarray(noise, like.dtype)
@@ -81,11 +76,11 @@ def _finish(z: Array, z_s: Array, x0: Array, t: Array, s: Array, state: SolverSt
             lam_t: Array) -> tuple[Array, SolverState]:
   """Common end of every step: exact x0 at s < 0, no-op at t == s, history pushed for moved examples."""
   moved = s != t
-  z_s = jnp.where(_expand(s < 0, z), x0, z_s)
-  z_s = jnp.where(_expand(moved, z), z_s.astype(z.dtype), z)
+  z_s = jnp.where(expand(s < 0, z), x0, z_s)
+  z_s = jnp.where(expand(moved, z), z_s.astype(z.dtype), z)
   new_x0 = jnp.concatenate([x0[None].astype(state.x0.dtype), state.x0[:-1]], axis=0)
   new_lam = jnp.concatenate([lam_t[None].astype(state.lam.dtype), state.lam[:-1]], axis=0)
-  new = SolverState(x0=jnp.where(_expand(moved, new_x0[0])[None], new_x0, state.x0),
+  new = SolverState(x0=jnp.where(expand(moved, new_x0[0])[None], new_x0, state.x0),
                     lam=jnp.where(moved[None], new_lam, state.lam),
                     count=jnp.where(moved, jnp.minimum(state.count + 1, HISTORY), state.count))
   return z_s, new
@@ -112,12 +107,12 @@ def ddim_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Solve
   """
   t, s, abar_t, abar_s = _coeffs(schedule, t, s)
   a_t, sig_t = jnp.sqrt(abar_t), jnp.sqrt(1.0 - abar_t)
-  x0 = (z - _expand(sig_t, z) * eps) / _expand(a_t, z)
+  x0 = (z - expand(sig_t, z) * eps) / expand(a_t, z)
   var = (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
   std = eta * jnp.sqrt(jnp.maximum(var, 0.0))
-  z_s = _expand(jnp.sqrt(abar_s), z) * x0 + _expand(jnp.sqrt(jnp.maximum(1.0 - abar_s - std**2, 0.0)), z) * eps
+  z_s = expand(jnp.sqrt(abar_s), z) * x0 + expand(jnp.sqrt(jnp.maximum(1.0 - abar_s - std**2, 0.0)), z) * eps
   if not (isinstance(eta, (int, float)) and eta == 0):
-    z_s = z_s + _expand(std, z) * _std_normal(key, noise, z, "ddim")
+    z_s = z_s + expand(std, z) * _std_normal(key, noise, z, "ddim")
   return _finish(z, z_s, x0, t, s, state, schedule.lam(t))
 
 
@@ -161,7 +156,7 @@ def er_sde_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Sol
   difference (x0_t - x0_prev)/(lam_t - lam_prev), so order 3 lowers the error constant but its global order
   stays 2 (tests/test_solvers.py measures the slopes); order 2 is second order.
   """
-  if order not in (1, 2, 3):
+  if order not in ER_SDE_ORDERS:
     raise ValueError(f"er_sde order must be 1, 2 or 3, got {order!r}")
   if noise_fn not in NOISE_FNS:
     raise ValueError(f"er_sde noise_fn must be one of {sorted(NOISE_FNS)}, got {noise_fn!r}")
@@ -169,35 +164,35 @@ def er_sde_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Sol
   t, s, abar_t, abar_s = _coeffs(schedule, t, s)
   a_t, sig_t, a_s = jnp.sqrt(abar_t), jnp.sqrt(1.0 - abar_t), jnp.sqrt(abar_s)
   lam_t, lam_s = sig_t / a_t, jnp.sqrt(1.0 - abar_s) / a_s
-  x0 = (z - _expand(sig_t, z) * eps) / _expand(a_t, z)
-  x_t = z / _expand(a_t, z)
+  x0 = (z - expand(sig_t, z) * eps) / expand(a_t, z)
+  x_t = z / expand(a_t, z)
 
   final = s < 0
   lam_s_safe = jnp.where(final, lam_t, lam_s)  # keeps the unused higher-order terms finite at clean data
   phi_s = phi(lam_s_safe)
   r = jnp.where(final, 0.0, phi_s / phi(lam_t))
-  x_s = _expand(r, z) * x_t + _expand(1.0 - r, z) * x0
+  x_s = expand(r, z) * x_t + expand(1.0 - r, z) * x0
 
   if order >= 2:
     s1, s2 = _riemann(phi, lam_s_safe, lam_t, integration_points)
     have1 = (state.count >= 1) & ~final
     den1 = jnp.where(have1, lam_t - state.lam[0], 1.0)
-    d1 = (x0 - state.x0[0]) / _expand(den1, z)
+    d1 = (x0 - state.x0[0]) / expand(den1, z)
     c1 = jnp.where(have1, lam_s_safe - lam_t + s1 * phi_s, 0.0)
-    x_s = x_s + _expand(c1, z) * d1
+    x_s = x_s + expand(c1, z) * d1
     if order == 3:
       have2 = (state.count >= 2) & have1
       den_prev = jnp.where(have2, state.lam[0] - state.lam[1], 1.0)
       den2 = jnp.where(have2, lam_t - state.lam[1], 1.0)
-      d1_prev = (state.x0[0] - state.x0[1]) / _expand(den_prev, z)
-      d2 = 2.0 * (d1 - d1_prev) / _expand(den2, z)
+      d1_prev = (state.x0[0] - state.x0[1]) / expand(den_prev, z)
+      d2 = 2.0 * (d1 - d1_prev) / expand(den2, z)
       c2 = jnp.where(have2, (lam_s_safe - lam_t) ** 2 / 2.0 + s2 * phi_s, 0.0)
-      x_s = x_s + _expand(c2, z) * d2
+      x_s = x_s + expand(c2, z) * d2
 
   if noise_fn != 1:  # noise_fn 1 is the ODE: lam_s^2 - lam_t^2 r^2 = 0 exactly (round-off would leak noise)
     std = jnp.where(final, 0.0, jnp.sqrt(jnp.maximum(lam_s**2 - lam_t**2 * r**2, 0.0)))
-    x_s = x_s + _expand(std, z) * _std_normal(key, noise, z, "er_sde")
-  z_s = _expand(a_s, z) * x_s
+    x_s = x_s + expand(std, z) * _std_normal(key, noise, z, "er_sde")
+  z_s = expand(a_s, z) * x_s
   return _finish(z, z_s, x0, t, s, state, lam_t)
 
 
@@ -220,13 +215,13 @@ def dpmpp_2m_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: S
   lam_t = sig_t / a_t
   final = s < 0
   lam_s = jnp.where(final, lam_t, sig_s / a_s)
-  x0 = (z - _expand(sig_t, z) * eps) / _expand(a_t, z)
+  x0 = (z - expand(sig_t, z) * eps) / expand(a_t, z)
   h = jnp.log(lam_t) - jnp.log(lam_s)
   have1 = state.count >= 1
   h0 = jnp.where(have1, jnp.log(state.lam[0]) - jnp.log(lam_t), 1.0)
   ratio = jnp.where(have1, h / h0, 0.0)
-  d = x0 + 0.5 * _expand(ratio, z) * (x0 - state.x0[0])
-  z_s = _expand(sig_s / sig_t, z) * z - _expand(a_s * jnp.expm1(-h), z) * d
+  d = x0 + 0.5 * expand(ratio, z) * (x0 - state.x0[0])
+  z_s = expand(sig_s / sig_t, z) * z - expand(a_s * jnp.expm1(-h), z) * d
   return _finish(z, z_s, x0, t, s, state, lam_t)
 
 
@@ -246,19 +241,19 @@ def addim_step(eps: Array, z: Array, t: Array | int, s: Array | int, state: Solv
   del key, noise
   t, s, abar_t, abar_s = _coeffs(schedule, t, s)
   a_t, sig_t, a_s, sig_s = jnp.sqrt(abar_t), jnp.sqrt(1.0 - abar_t), jnp.sqrt(abar_s), jnp.sqrt(1.0 - abar_s)
-  x0 = (z - _expand(sig_t, z) * eps) / _expand(a_t, z)
-  eps_hat = (z - _expand(a_t, z) * x0) / _expand(sig_t, z)
+  x0 = (z - expand(sig_t, z) * eps) / expand(a_t, z)
+  eps_hat = (z - expand(a_t, z) * x0) / expand(sig_t, z)
   d = int(np.prod(z.shape[1:]))
   sq = jnp.sum(jnp.square(eps_hat).reshape(z.shape[0], -1), axis=1)  # (B,)
   x_var = x_var_scale / (2.0 + abar_t / (1.0 - abar_t))
   gap = (a_s - a_t * sig_s / sig_t) ** 2 * x_var  # t.shape
-  scale = jnp.sqrt(_expand(sig_s**2, sq) + d / sq * _expand(gap, sq))  # (B,) (t () or (B,))
-  z_s = _expand(a_s, z) * x0 + _expand(scale, z) * eps_hat
+  scale = jnp.sqrt(expand(sig_s**2, sq) + d / sq * expand(gap, sq))  # (B,) (t () or (B,))
+  z_s = expand(a_s, z) * x0 + expand(scale, z) * eps_hat
   return _finish(z, z_s, x0, t, s, state, sig_t / a_t)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Registry.
+# Registry (its names, in order, are scott_jax.choices.SOLVER_NAMES, which config validation reads).
 
 SOLVERS: dict[str, Callable[..., tuple[Array, SolverState]]] = {
     "ddim": ddim_step,
@@ -374,7 +369,7 @@ def ddim_timesteps(num_steps: int, num_train: int = 1000, spacing: str = "leadin
   elif spacing == "linspace":
     ts = np.linspace(0, num_train - 1, num_steps).round()[::-1]
   else:
-    raise ValueError(f"unknown spacing {spacing!r}; allowed: leading, trailing, linspace")
+    raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
   return ts.astype(np.int64)
 
 
@@ -383,12 +378,12 @@ def ddim_timesteps(num_steps: int, num_train: int = 1000, spacing: str = "leadin
 
 def cfg(eps_u: Array, eps_c: Array, scale: float | Array) -> Array:
   """Standard CFG: eps_u + g (eps_c - eps_u); g scalar or per-example (B,)."""
-  return eps_u + _expand(jnp.asarray(scale, eps_c.dtype), eps_c) * (eps_c - eps_u)
+  return eps_u + expand(jnp.asarray(scale, eps_c.dtype), eps_c) * (eps_c - eps_u)
 
 
 def cfg_lcm(eps_u: Array, eps_c: Array, w: float | Array) -> Array:
   """LCM form: eps_c + w (eps_c - eps_u) = cfg(eps_u, eps_c, 1 + w); w scalar or per-example (B,)."""
-  return eps_c + _expand(jnp.asarray(w, eps_c.dtype), eps_c) * (eps_c - eps_u)
+  return eps_c + expand(jnp.asarray(w, eps_c.dtype), eps_c) * (eps_c - eps_u)
 
 
 def make_guided_eps_fn(eps_fn: Callable[[Array, Array, PyTree], Array], cond: PyTree, uncond: PyTree,

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from scott_jax import analytic, consistency, losses, solvers
+from scott_jax.choices import TOY2D_METHODS
 from scott_jax.schedules import NoiseSchedule
 
 PyTree = Any
@@ -140,7 +141,7 @@ def make_mixture(cfg) -> analytic.GaussianMixture:
   return ring_mixture(cfg.num_modes, cfg.radius, cfg.mode_std, tuple(weights))
 
 
-METHODS = ("scott", "lcm", "scott_gaussian")
+METHODS = TOY2D_METHODS
 LABELS = {"scott": "SCOTT", "lcm": "LCM", "scott_gaussian": "SCOTT GAUSSIAN"}
 
 

@@ -22,6 +22,7 @@ import transformers  # noqa: E402
 from scott_jax.metrics import clip_model, clip_score  # noqa: E402
 from scott_jax.metrics.clip_model import CLIPModel  # noqa: E402
 from scott_jax.models import loading  # noqa: E402
+from scott_jax.models.lora import count_params  # noqa: E402
 
 TOL = 1e-4  # max |ours - torch| <= TOL * max(1, max |torch|)
 
@@ -122,7 +123,7 @@ def test_embeddings_match_transformers(saved):
   assert flax_model.config.projection_dim == 24 and flax_model.config.vision.patch_size == 32
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
   torch_params = sum(p.numel() for p in model.parameters())
-  assert clip_model.count_params(params) == torch_params
+  assert count_params(params) == torch_params
   pixels = clip_model.preprocess_images(_photos())
   ids = _token_ids()
   ours_img = _jit_apply(flax_model, CLIPModel.get_image_features)(params, pixels)
@@ -173,7 +174,7 @@ def test_vit_g14_builds_and_matches_transformers_size():
   cfg = clip_model.vit_g14_config()
   model = CLIPModel(cfg)
   abstract = clip_model.abstract_params(cfg)
-  ours = clip_model.count_params(abstract)
+  ours = count_params(abstract)
   out = jax.eval_shape(
     lambda p: model.apply(p, jnp.zeros((2, 224, 224, 3)), jnp.zeros((2, 77), jnp.int32)), abstract
   )

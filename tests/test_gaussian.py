@@ -4,7 +4,6 @@ Gaussian multistep sampling, and on the 2-D Gaussian mixture with the exact teac
 the Monte-Carlo variance of the SDE teacher's consistency target (fast: free per-point parameters; slow: the MLP
 students of `scott_jax.toy2d` after the same budget)."""
 
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import optax
 import pytest
 
 from scott_jax import config as config_lib
-from scott_jax import consistency, losses, schedules, solvers, toy2d
+from scott_jax import config_files, consistency, losses, schedules, solvers, toy2d
 
 
 def _kl_reference(mp, lvp, mq, lvq, floor):
@@ -124,7 +123,7 @@ def test_gaussian_multistep_sampling():
 # The KL's fixed point on the 2-D Gaussian mixture with the exact teacher (SCott's SDE teacher).
 
 def _toy_config(variant="quick"):
-  return runpy.run_path("configs/toy2d.py")["get_config"](variant)
+  return config_files.load("toy2d").get_config(variant)
 
 
 def _sde_targets(target_f, teps, schedule, solver, z, t_n, num):

@@ -177,3 +177,14 @@ def test_missing_files_name_what_was_looked_for(tmp_path):
     loading.read_config(tmp_path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     loading.load_unet(tmp_path / "nope")
+
+
+def test_compute_dtype_is_the_named_jnp_dtype():
+  import jax.numpy as jnp
+
+  from scott_jax import choices
+
+  assert {name: loading.compute_dtype(name) for name in choices.DTYPES} == {
+      "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  with pytest.raises(ValueError, match="unknown dtype 'int8'; allowed: float32, bfloat16, float16"):
+    loading.compute_dtype("int8")

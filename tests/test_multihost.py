@@ -37,7 +37,9 @@ def _free_port():
 def runs(tmp_path_factory):
   """The two processes of the distributed run and the 1-process reference, all started together."""
   root = tmp_path_factory.mktemp("multihost")
-  folder = tp._load(tp.CONFIG).write_tiny_pipeline(str(root / "tiny_sd"))
+  from scott_jax.testing.tiny_sd import write_tiny_pipeline
+
+  folder = write_tiny_pipeline(str(root / "tiny_sd"))
   worker = os.path.join(ROOT, "tests", "test_parallel.py")
   port = _free_port()
   dirs = {"multi": root / "multi", "single": root / "single"}

@@ -20,7 +20,6 @@ cores busy), and the plan subprocess starts alongside them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -42,17 +41,11 @@ UPDATE_RTOL = 2e-4
 UPDATE_ATOL = 2e-6
 
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def tiny_config(folder, data=1, fsdp=1, arg=CONFIG_ARG):
   from scott_jax import config as config_lib
+  from scott_jax import config_files
 
-  c = _load(CONFIG).get_config(arg)
+  c = config_files.load(CONFIG).get_config(arg)
   c.model.teacher_path = str(folder)
   c.train.batch_size = BATCH
   c.mesh.update(dict(data=data, fsdp=fsdp, tensor=1, fsdp_min_size=MIN_SIZE))
@@ -265,7 +258,9 @@ def _train_cmd(folder, workdir):
 def mesh_run(tmp_path_factory):
   """Runs the two 8-device workers and `--mode plan` concurrently; returns their outputs."""
   root = tmp_path_factory.mktemp("parallel")
-  folder = _load(CONFIG).write_tiny_pipeline(str(root / "tiny_sd"))
+  from scott_jax.testing.tiny_sd import write_tiny_pipeline
+
+  folder = write_tiny_pipeline(str(root / "tiny_sd"))
   out = root / "out"
   out.mkdir()
   plan_env = worker_env(8, root / "jax_cache_plan")
@@ -423,7 +418,9 @@ def test_train_loop_on_a_4_device_mesh_matches_one_device(mesh_run):
 def test_sharded_gan_step_matches_single_device(tmp_path):
   """With the LoRA discriminator (the paper's setting): the 1-device reference and meshes (8,1), (2,4) agree
   (metrics and updates of student, EMA and discriminator), and the discriminator's state is fsdp-sharded."""
-  folder = _load(CONFIG).write_tiny_pipeline(str(tmp_path / "tiny_sd"))
+  from scott_jax.testing.tiny_sd import write_tiny_pipeline
+
+  folder = write_tiny_pipeline(str(tmp_path / "tiny_sd"))
   out = tmp_path / "out"
   out.mkdir()
   run_worker(["meshes", out, folder, "a", GAN_ARG], worker_env(8, tmp_path / "cache"), tmp_path / "a.log")

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from scipy.integrate import solve_ivp
 
-from scott_jax import analytic, schedules, solvers
+from scott_jax import analytic, choices, schedules, solvers
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHED = schedules.sd15()
@@ -41,6 +41,12 @@ def test_registry_unknown_name_lists_solvers():
   with pytest.raises(ValueError, match="unknown solver 'euler'"):
     solvers.sample(MIX_EPS, jnp.zeros((2, 2)), [999, 500], solver="euler", schedule=SCHED)
   assert set(solvers.SOLVERS) == {"ddim", "er_sde", "dpmpp_2m", "addim"}
+
+
+def test_registry_is_what_config_validation_allows():
+  """config validates solver names, orders and noise functions against scott_jax.choices (jax-free)."""
+  assert tuple(solvers.SOLVERS) == choices.SOLVER_NAMES
+  assert tuple(sorted(solvers.NOISE_FNS)) == choices.ER_SDE_NOISE_FNS
 
 
 def test_solver_kwargs_filter():

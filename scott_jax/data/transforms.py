@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-CROP_MODES = ("center", "random")
+from scott_jax.choices import CROP_MODES
 
 
 class SkipExample(Exception):  # noqa: N818 (a control-flow signal, not an error)

@@ -52,10 +52,7 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self) -> None:
-    if self.hidden_act not in clip_text._ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; one of {sorted(clip_text._ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+    clip_text.check_tower(self)
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
 
@@ -123,42 +120,6 @@ def vit_g14_config() -> CLIPConfig:
   )
 
 
-class CLIPVisionAttention(nn.Module):
-  """Bidirectional multi-head self-attention, (B, L, D) -> (B, L, D); softmax in float32."""
-
-  config: CLIPVisionConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, length, d = x.shape
-    heads = self.config.num_attention_heads
-    split = lambda t: t.reshape(b, length, heads, d // heads)
-    q = split(clip_text._dense(d, "q_proj", self.dtype)(x))
-    k = split(clip_text._dense(d, "k_proj", self.dtype)(x))
-    v = split(clip_text._dense(d, "v_proj", self.dtype)(x))
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d // heads)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, length, d)
-    return clip_text._dense(d, "out_proj", self.dtype)(out)
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-  """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)) (the MLP is clip_text's CLIPMLP)."""
-
-  config: CLIPVisionConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    eps = self.config.layer_norm_eps
-    h = clip_text._layer_norm(eps, "layer_norm1", self.dtype)(x)
-    x = x + CLIPVisionAttention(self.config, self.dtype, name="self_attn")(h)
-    h = clip_text._layer_norm(eps, "layer_norm2", self.dtype)(x)
-    # CLIPMLP reads only hidden_size, intermediate_size and hidden_act, which the vision config has too.
-    return x + clip_text.CLIPMLP(self.config, self.dtype, name="mlp")(h)  # type: ignore[arg-type]
-
-
 class CLIPVisionEmbeddings(nn.Module):
   """Images (B, S, S, C) -> [class token; patch embeddings] + position embeddings, (B, 1 + (S/p)^2, D)."""
 
@@ -198,7 +159,7 @@ class CLIPVisionEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.config.num_hidden_layers):
-      x = CLIPVisionEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x)
+      x = clip_text.CLIPEncoderLayer(self.config, self.dtype, causal=False, name=f"layers_{i}")(x)
     return x
 
 
@@ -217,9 +178,9 @@ class CLIPVisionTransformer(nn.Module):
         f"expected images (B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}), got {pixel_values.shape}"
       )
     x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
-    x = clip_text._layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic, the torch name
+    x = clip_text.layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic, the torch name
     x = CLIPVisionEncoder(cfg, self.dtype, name="encoder")(x)
-    pooled = clip_text._layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
+    pooled = clip_text.layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
     return pooled.astype(jnp.float32)
 
 
@@ -315,8 +276,3 @@ def load_clip_model(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPModel, A
   config = CLIPConfig.from_dict(loading.read_config(folder))
   state = prepare_clip_state_dict(loading.read_safetensors_folder(folder))
   return CLIPModel(config, dtype), loading.convert_state_dict(state, abstract_params(config))
-
-
-def count_params(params: Any) -> int:
-  """Number of scalars in a parameter tree (works on jax.eval_shape output)."""
-  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

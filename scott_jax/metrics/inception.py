@@ -42,12 +42,9 @@ from PIL import Image
 Array = jax.Array
 
 INCEPTION_SIZE = 299
-FEATURE_DIM = 2048
 _BN_EPS = 1e-3
 _TORCHSCRIPT_PREFIX = "net.layers."
 _BN_PARAMS = ("beta", "mean", "var")
-
-Pad = tuple[int, int]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:

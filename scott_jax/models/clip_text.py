@@ -25,7 +25,7 @@ import numpy as np
 
 Array = jax.Array
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -56,10 +56,7 @@ class CLIPTextConfig:
   projection_dim: int = 512  # `CLIPTextModelWithProjection` only
 
   def __post_init__(self) -> None:
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; one of {sorted(_ACTIVATIONS)}")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+    check_tower(self)
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> CLIPTextConfig:
@@ -74,6 +71,14 @@ class CLIPTextConfig:
       raise ValueError("use_attention_mask=True (padding mask) is not supported; only the causal mask")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+def check_tower(config: Any) -> None:
+  """ValueError unless a tower config (text or vision) has a known hidden_act and heads dividing hidden_size."""
+  if config.hidden_act not in ACTIVATIONS:
+    raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; one of {sorted(ACTIVATIONS)}")
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(f"hidden_size {config.hidden_size} not divisible by {config.num_attention_heads} heads")
 
 
 @flax.struct.dataclass
@@ -93,19 +98,28 @@ class CLIPTextOutput:
   text_embeds: Array | None = None
 
 
-def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+def dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  """A Linear of the CLIP towers: float32 parameters, ``dtype`` compute."""
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _layer_norm(eps: float, name: str, dtype: Any) -> nn.LayerNorm:
+def layer_norm(eps: float, name: str | None, dtype: Any) -> nn.LayerNorm:
+  """A LayerNorm of the CLIP towers (torch's two-pass variance, float32 parameters)."""
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
-class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention, (B, L, D) -> (B, L, D); softmax in float32."""
+# The text tower's config, or the vision tower's (`scott_jax.metrics.clip_model.CLIPVisionConfig`): the blocks
+# below read hidden_size, intermediate_size, num_attention_heads, hidden_act and layer_norm_eps, which both have.
+TowerConfig = Any
 
-  config: CLIPTextConfig
+
+class CLIPAttention(nn.Module):
+  """Multi-head self-attention, (B, L, D) -> (B, L, D); softmax in float32. Causal (the text tower) unless
+  ``causal`` is False (the vision tower)."""
+
+  config: TowerConfig
   dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -113,43 +127,46 @@ class CLIPAttention(nn.Module):
     b, length, d = x.shape
     heads = cfg.num_attention_heads
     split = lambda t: t.reshape(b, length, heads, d // heads)
-    q = split(_dense(d, "q_proj", self.dtype)(x))
-    k = split(_dense(d, "k_proj", self.dtype)(x))
-    v = split(_dense(d, "v_proj", self.dtype)(x))
+    q = split(dense(d, "q_proj", self.dtype)(x))
+    k = split(dense(d, "k_proj", self.dtype)(x))
+    v = split(dense(d, "v_proj", self.dtype)(x))
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d // heads)
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    if self.causal:
+      mask = jnp.tril(jnp.ones((length, length), dtype=bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, length, d)
-    return _dense(d, "out_proj", self.dtype)(out)
+    return dense(d, "out_proj", self.dtype)(out)
 
 
 class CLIPMLP(nn.Module):
   """fc2(act(fc1(x))), (B, L, D) -> (B, L, D)."""
 
-  config: CLIPTextConfig
+  config: TowerConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = _dense(self.config.intermediate_size, "fc1", self.dtype)(x)
-    h = _ACTIVATIONS[self.config.hidden_act](h)
-    return _dense(self.config.hidden_size, "fc2", self.dtype)(h)
+    h = dense(self.config.intermediate_size, "fc1", self.dtype)(x)
+    h = ACTIVATIONS[self.config.hidden_act](h)
+    return dense(self.config.hidden_size, "fc2", self.dtype)(h)
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+  """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)); causal attention unless ``causal`` is
+  False (the vision tower)."""
 
-  config: CLIPTextConfig
+  config: TowerConfig
   dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     eps = self.config.layer_norm_eps
-    x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(
-      _layer_norm(eps, "layer_norm1", self.dtype)(x)
+    x = x + CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")(
+      layer_norm(eps, "layer_norm1", self.dtype)(x)
     )
-    return x + CLIPMLP(self.config, self.dtype, name="mlp")(_layer_norm(eps, "layer_norm2", self.dtype)(x))
+    return x + CLIPMLP(self.config, self.dtype, name="mlp")(layer_norm(eps, "layer_norm2", self.dtype)(x))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -191,7 +208,7 @@ class CLIPTextModel(nn.Module):
   def setup(self) -> None:
     self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
     self.encoder = CLIPEncoder(self.config, self.dtype)
-    self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, None, self.dtype)
+    self.final_layer_norm = layer_norm(self.config.layer_norm_eps, None, self.dtype)
 
   def __call__(self, input_ids: Array) -> CLIPTextOutput:
     """Token ids (B, L) int, L <= max_position_embeddings -> `CLIPTextOutput` (float32 arrays)."""

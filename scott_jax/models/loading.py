@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scott_jax.choices import DTYPES
 from scott_jax.models.clip_text import (
   CLIPTextConfig,
   CLIPTextModel,
@@ -69,6 +70,14 @@ class WeightLoadError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------
 # Files.
+
+def compute_dtype(name: str) -> Any:
+  """The jnp dtype (jnp.float32 / bfloat16 / float16) of a compute dtype name (config ``model.dtype``, one of
+  `scott_jax.choices.DTYPES`); ValueError lists them otherwise."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype '{name}'; allowed: {', '.join(DTYPES)}")
+  return getattr(jnp, name)
+
 
 def _variant_name(name: str, variant: str | None) -> str:
   """diffusers `_add_variant`: ``variant`` goes before the last extension (``a.safetensors`` ->

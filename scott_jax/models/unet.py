@@ -37,13 +37,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The attention implementations, and the rematerialisation policies (`jax.checkpoint_policies` names) for the U-Net
+# blocks with ``remat=True``: what each block keeps from its forward pass for the backward pass (the rest is
+# recomputed).
+from scott_jax.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
 Array = jax.Array
 PyTree = Any
-
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "auto")
-# Rematerialisation policies (`jax.checkpoint_policies` names) for the U-Net blocks with ``remat=True``: what each
-# block keeps from its forward pass for the backward pass (the rest is recomputed).
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 ADDITION_EMBED_TYPES = (None, "text_time")
