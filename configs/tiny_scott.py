@@ -17,10 +17,6 @@ from __future__ import annotations
 from scott_jax import config as config_lib
 from scott_jax import config_files
 
-# TRANSITIONAL (issue 14): tests/test_train.py, test_pipeline.py and test_export.py still take the fixture from
-# this file; once they import scott_jax.testing.tiny_sd, this line goes.
-from scott_jax.testing.tiny_sd import write_tiny_pipeline  # noqa: F401
-
 
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   sd15 = config_files.load("sd15_scott")

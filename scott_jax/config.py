@@ -25,9 +25,6 @@ import ml_collections
 from scott_jax import choices
 
 ConfigDict = ml_collections.ConfigDict
-# TRANSITIONAL (issue 14): digits/distill.py imports this name; it moves to `from scott_jax.choices import
-# DIGITS_METHODS`, then this line goes.
-DIGITS_METHODS = choices.DIGITS_METHODS
 
 
 class ConfigError(ValueError):

@@ -356,7 +356,7 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[pipeline_lib.Pip
     meta = json.load(fh)
   if meta.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-  cdtype = pipeline_lib.DTYPES[dtype]
+  cdtype = loading.compute_dtype(dtype)
   unet = UNet2DConditionModel(UNetConfig.from_diffusers(meta["unet"]), dtype=cdtype)
   vae_config = VAEConfig.from_dict(meta["vae"])
   vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))

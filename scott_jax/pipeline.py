@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scott_jax import consistency, solvers
+from scott_jax.choices import SAMPLER_KINDS
 from scott_jax.models import loading
 from scott_jax.models.clip_text import tokenize
 from scott_jax.models.vae import decode_latents
@@ -52,9 +53,7 @@ from scott_jax.schedules import NoiseSchedule
 Array = jax.Array
 PyTree = Any
 
-SAMPLER_KINDS = ("student", "teacher")
 OUTPUTS = ("uint8", "float")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +110,7 @@ def load_diffusers(path: str, dtype: str = "float32", **unet_kwargs: Any) -> tup
   """A diffusers-format folder (the teacher, or a student saved by `scott_jax.export`) -> (Pipeline, params).
 
   An LCMScheduler config supplies ``timestep_scaling`` and ``original_inference_steps``."""
-  parts = loading.load_pipeline(path, dtype=DTYPES[dtype], **unet_kwargs)
+  parts = loading.load_pipeline(path, dtype=loading.compute_dtype(dtype), **unet_kwargs)
   sc = parts.scheduler_config
   return from_components(parts, timestep_scaling=float(sc.get("timestep_scaling", 10.0)),
                          original_steps=int(sc.get("original_inference_steps", 50)))

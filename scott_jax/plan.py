@@ -34,7 +34,7 @@ from scott_jax import parallel
 from scott_jax import step as step_lib
 from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
-from scott_jax.models import loading
+from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
 from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from scott_jax.models.unet import UNetConfig, resolve_attention
@@ -113,10 +113,6 @@ def batch_spec(config: ConfigDict, models: student_lib.Models) -> dict[str, jax.
           "input_ids": jax.ShapeDtypeStruct((b, models.max_length), jnp.int32)}
 
 
-def _count(tree: PyTree) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
   """The devices to plan for: ``plan_devices`` fake CPU devices, or all devices present when it is 0."""
   n = int(mesh_cfg.plan_devices)
@@ -173,9 +169,9 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "dtype": config.model.dtype, "attention": config.model.attention, "remat": bool(config.model.remat),
     "remat_policy": config.model.remat_policy if config.model.remat else "",
     "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
-    "params": {"student": _count(state.student), "disc_trainable": _count(state.disc),
-               "teacher_unet": _count(frozen["unet"]), "vae": _count(frozen["vae"]),
-               "text_encoder": _count(frozen["text_encoder"])},
+    "params": {"student": lora.count_params(state.student), "disc_trainable": lora.count_params(state.disc),
+               "teacher_unet": lora.count_params(frozen["unet"]), "vae": lora.count_params(frozen["vae"]),
+               "text_encoder": lora.count_params(frozen["text_encoder"])},
     "state_bytes_total": parallel.bytes_per_device(state, jax.tree.map(lambda _: parallel.replicated(mesh), state)),
     "state_bytes_per_device": parallel.bytes_per_device(state, state_sh),
     "frozen_bytes_per_device": parallel.bytes_per_device(frozen, frozen_sh),

@@ -67,12 +67,6 @@ class Models:
 
 
 
-def _dtype(name: str) -> Any:
-  if name not in pipeline_lib.DTYPES:
-    raise ValueError(f"unknown dtype '{name}'; allowed: {', '.join(pipeline_lib.DTYPES)}")
-  return pipeline_lib.DTYPES[name]
-
-
 def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None:
   """Raises ValueError if the teacher's scheduler config disagrees with ``config.schedule``."""
   for key in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type"):
@@ -105,7 +99,7 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
   (prediction, log-variance); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
   (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
   """
-  dtype = _dtype(config.model.dtype)
+  dtype = loading.compute_dtype(config.model.dtype)
   options = unet_options(config)
   teacher = UNet2DConditionModel(unet_config, dtype=dtype, **options)
   out_channels = unet_config.out_channels * (2 if config.consistency.student_output == "gaussian" else 1)
@@ -132,7 +126,7 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   if not path or not os.path.isdir(path):
     raise ConfigPathError(f"teacher folder config.model.teacher_path='{path}' does not exist; it must be a "
                             "diffusers-format Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)")
-  dtype = _dtype(config.model.dtype)
+  dtype = loading.compute_dtype(config.model.dtype)
   parts = loading.load_pipeline(path, dtype=dtype, **unet_options(config))
   vae, vae_params = parts.vae, parts.vae_params
   if config.model.vae_path:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from scott_jax import config as config_lib
+from scott_jax import config_files
 from scott_jax.digits import data as data_lib
 from scott_jax.digits import loop
 from scott_jax.digits import run as run_lib
@@ -24,12 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(variant: str = "quick") -> config_lib.ConfigDict:
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("_digits_config", os.path.join(REPO, "configs", "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return config_lib.validate(module.get_config(variant))
+  return config_lib.validate(config_files.load("digits").get_config(variant))
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,14 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from test_export import TINY, tiny_config, write_checkpoints
+from test_export import tiny_config, write_checkpoints
 
 from scott_jax import checkpoint, evaluate, export
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
 from scott_jax.metrics import coverage as coverage_lib
 from scott_jax.metrics import fid
+from scott_jax.testing.tiny_sd import write_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROMPTS = 8
@@ -44,7 +45,7 @@ def write_tiny_clip(folder: str, tokenizer_folder: str) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
-  teacher = TINY["write_tiny_pipeline"](str(root / "teacher"))
+  teacher = write_tiny_pipeline(str(root / "teacher"))
   cfg = tiny_config(teacher)
   workdir = str(root / "run")
   write_checkpoints(cfg, workdir, steps=(2, 4))

@@ -3,7 +3,6 @@
 gives our images for the same latents, prompts and noise; (c) the PEFT LoRA writer; checkpoint reading."""
 
 import os
-import runpy
 import shutil
 
 import diffusers
@@ -14,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from scott_jax import checkpoint, export, pipeline, student, train
+from scott_jax import checkpoint, config_files, export, pipeline, student, train
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import step as step_lib
+from scott_jax.testing.tiny_sd import write_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))
+TINY = config_files.load("tiny_scott")
 PROMPTS = ["a red circle", "a dark blob on grass"]
 
 
 def tiny_config(teacher: str):
-  cfg = TINY["get_config"]()
+  cfg = TINY.get_config()
   cfg.model.teacher_path = teacher
   cfg.gan.enabled = False
   return cfg
@@ -57,7 +57,7 @@ def write_checkpoints(cfg, workdir: str, steps=(3,), seed: int = 0) -> dict[int,
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
-  teacher = TINY["write_tiny_pipeline"](str(root / "teacher"))
+  teacher = write_tiny_pipeline(str(root / "teacher"))
   cfg = tiny_config(teacher)
   workdir = str(root / "run")
   states = write_checkpoints(cfg, workdir)
@@ -161,7 +161,7 @@ def test_checkpoint_listing_and_errors(run, tmp_path):
 def lora_config(teacher: str, out_dir: str, embed: int = 0):
   """The tiny config with an LCM-LoRA style student (`:student=lora,gan=off`: rank 4, alpha 4), exporting the
   online student; ``embed`` > 0 keeps the guidance embedding (trained in full next to the overlay)."""
-  cfg = TINY["get_config"]("student=lora,gan=off")
+  cfg = TINY.get_config("student=lora,gan=off")
   cfg.model.teacher_path = teacher
   cfg.consistency.guidance_embed_dim = embed
   cfg.sample.params = "student"
@@ -260,7 +260,7 @@ def test_gaussian_student_exports(tmp_path):
   """A Gaussian student (consistency.student_output gaussian): the Flax export holds both halves (8 output channels,
   ``student_output`` gaussian) bit for bit and samples by drawing or by the mean; the diffusers export is the
   standard U-Net of the mean half (4 channels, a note in the folder) and gives our images sampled with the mean."""
-  teacher = TINY["write_tiny_pipeline"](str(tmp_path / "teacher"))
+  teacher = write_tiny_pipeline(str(tmp_path / "teacher"))
   cfg = tiny_config(teacher)
   cfg.consistency.student_output = "gaussian"
   cfg.consistency.logvar_init = -4.0  # draws visibly different from the mean

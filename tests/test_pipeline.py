@@ -4,7 +4,6 @@ diffusers' StableDiffusionPipeline with DDIM, timestep lists, prompt files and t
 
 import json
 import os
-import runpy
 
 import diffusers
 import jax
@@ -13,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from scott_jax import pipeline, sample
+from scott_jax import config_files, pipeline, sample
+from scott_jax.testing.tiny_sd import write_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = runpy.run_path(os.path.join(ROOT, "configs", "tiny_scott.py"))
+TINY = config_files.load("tiny_scott")
 PROMPTS = ["a red circle on a white table", "a dark blob"]
 COND_DIM = 256  # the guidance embedding width (config.consistency.guidance_embed_dim)
 
@@ -25,7 +25,7 @@ def write_tiny_lcm(folder: str, seed: int = 1) -> str:
   """A random tiny LatentConsistencyModelPipeline folder: the tiny SD pipeline of configs/tiny_scott.py with a
   student U-Net (time_cond_proj_dim, every weight perturbed) and an LCMScheduler."""
   teacher = os.path.join(folder, "teacher")
-  TINY["write_tiny_pipeline"](teacher)
+  write_tiny_pipeline(teacher)
   sd = diffusers.StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None)
   torch.manual_seed(seed)
   unet = diffusers.UNet2DConditionModel.from_config(dict(sd.unet.config, time_cond_proj_dim=COND_DIM)).eval()
@@ -191,7 +191,7 @@ def test_read_prompts(tmp_path):
 def test_sample_mode_writes_pngs_and_timing(lcm_folder, tmp_path, capsys):
   from scott_jax import config as config_lib
 
-  cfg = TINY["get_config"]()
+  cfg = TINY.get_config()
   cfg.sample.update(dict(path=lcm_folder, steps=(1,), batch_size=2, resolution=32,
                          prompts=tuple(PROMPTS), num_per_prompt=2))
   config_lib.validate(cfg)

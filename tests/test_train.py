@@ -7,7 +7,6 @@ Compiles are the cost here, so one persistent compilation cache is shared by thi
 """
 
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -24,24 +23,18 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cc
 
 from scott_jax import checkpoint as ckpt_lib
 from scott_jax import config as config_lib
-from scott_jax import loop, parallel
+from scott_jax import config_files, loop, parallel
 from scott_jax import step as step_lib
 from scott_jax import student as student_lib
 from scott_jax import train as train_lib
 from scott_jax.data import batches as batches_lib
+from scott_jax.testing.tiny_sd import write_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_scott.py")
 
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-TINY = _load(CONFIG)
+TINY = config_files.load(CONFIG)
 
 
 def _config(folder, arg=None):
@@ -60,7 +53,7 @@ def env(tmp_path_factory):
   """The tiny pipeline folder and a persistent compilation cache shared by this process and the subprocesses
   (the `tiny` fixture compiles the step once; the `python -m scott_jax.main` runs load it from the cache)."""
   root = tmp_path_factory.mktemp("train")
-  folder = TINY.write_tiny_pipeline(str(root / "tiny_sd"))
+  folder = write_tiny_pipeline(str(root / "tiny_sd"))
   cache = str(root / "jax_cache")
   saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
                                                 "jax_persistent_cache_min_compile_time_secs",

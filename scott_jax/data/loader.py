@@ -39,12 +39,12 @@ import numpy as np
 from absl import logging
 from grain._src.core.sharding import even_split  # public ShardOptions' split rule (grain.sharding has no alias)
 
+from scott_jax.choices import DATA_SOURCES as SOURCES
 from scott_jax.config import ConfigError
 from scott_jax.data import arrays, transforms
 from scott_jax.data import cache as cache_lib
 from scott_jax.data import sources as sources_lib
 
-SOURCES = ("folder", "tar", "tfds", "latent_cache", "synthetic")
 STATE_VERSION = 1
 _LOG_FIRST_SKIPS = 20
 

@@ -34,7 +34,8 @@ from typing import Any
 from absl import logging
 
 from scott_jax import train
-from scott_jax.config import DIGITS_METHODS, ConfigDict
+from scott_jax.choices import DIGITS_METHODS
+from scott_jax.config import ConfigDict
 from scott_jax.data import arrays
 from scott_jax.digits import data as data_lib
 
