@@ -291,3 +291,84 @@ def test_gaussian_student_exports(tmp_path):
   a = np.asarray(drawn(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
   b = np.asarray(drawn(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(1), 6.0, latents=z, noises=noises))
   assert np.abs(a - ours).max() > 1e-3 and np.abs(a - b).max() > 1e-3  # the draws depend on the key alone
+
+
+@pytest.mark.slow
+def test_gaussian_lora_student_exports(run, tmp_path):
+  """A Gaussian LoRA student: the LoRA file plus guidance_projection.safetensors carrying the fully trained
+  conv_out cut to its mean half (torch layout); diffusers' teacher U-Net with `load_lora_weights` and that file
+  (strict=False) gives our merged student's mean half; the Flax export holds both halves bit for bit."""
+  from safetensors.numpy import load_file
+
+  cfg = lora_config(run[0].model.teacher_path, str(tmp_path / "out"))
+  cfg.consistency.student_output = "gaussian"
+  cfg.consistency.logvar_init = -4.0
+  workdir = str(tmp_path / "run")
+  states = write_checkpoints(cfg, workdir)
+  written = export.run_export(cfg, workdir)
+  assert {"lora", "lora_guidance", "flax", "diffusers"} <= set(written)
+  conv = states[3].student["full"]["params"]["conv_out"]
+  kernel, bias = np.asarray(conv["kernel"]), np.asarray(conv["bias"])
+  assert kernel.shape[-1] == 8 and bias.shape == (8,)
+  sd = load_file(written["lora_guidance"])
+  assert set(sd) == {"conv_out.weight", "conv_out.bias"}
+  np.testing.assert_array_equal(sd["conv_out.weight"], kernel[..., :4].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(sd["conv_out.bias"], bias[:4])
+  trained = export.TrainedRun(cfg, workdir)
+  merged = trained.student_params(3, "student")
+  models, _ = trained.models()
+  unet = diffusers.UNet2DConditionModel.from_pretrained(cfg.model.teacher_path, subfolder="unet").eval()
+  sd_pipe = diffusers.StableDiffusionPipeline.from_pretrained(cfg.model.teacher_path, unet=unet, safety_checker=None,
+                                                              requires_safety_checker=False)
+  sd_pipe.load_lora_weights(written["lora"])
+  missing, unexpected = sd_pipe.unet.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+  assert not unexpected
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+  t = np.asarray([999, 259], np.int64)
+  text = rng.standard_normal((2, 16, 32)).astype(np.float32)
+  ours = np.asarray(jax.jit(models.student.apply)(merged, jnp.asarray(z), jnp.asarray(t), jnp.asarray(text)))
+  with torch.no_grad():
+    ref = sd_pipe.unet(torch.from_numpy(z.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                       torch.from_numpy(text)).sample.permute(0, 2, 3, 1).numpy()
+  assert ours.shape[-1] == 8
+  np.testing.assert_allclose(ours[..., :4], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+  pipe, params = export.load_exported(written["flax"])
+  assert pipe.student_output == "gaussian" and pipe.unet.config.out_channels == 8
+  got, want = _leaves(params["unet"]), _leaves(merged)
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_gaussian_run_through_the_sample_and_eval_modes(tmp_path):
+  """`--mode sample` and the eval job on a Gaussian student's run: PNGs and rows for both ``sample.gaussian``
+  settings; the drawn images differ from the mean's, and the eval rows of the two differ as well."""
+  from PIL import Image
+
+  from scott_jax import config as config_lib
+  from scott_jax import evaluate, sample
+
+  cfg = tiny_config(write_tiny_pipeline(str(tmp_path / "teacher")))
+  cfg.consistency.student_output = "gaussian"
+  cfg.consistency.logvar_init = -2.0
+  workdir = str(tmp_path / "run")
+  write_checkpoints(cfg, workdir)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(f'{{"caption": "{p}"}}\n' for p in PROMPTS * 4))  # 8 > coverage k
+  ref = np.random.default_rng(0).standard_normal((64, evaluate.RANDOM_PROJECTION_DIM))
+  evaluate.write_reference(str(tmp_path / "ref.npz"), ref, len(ref))
+  images, rows = {}, {}
+  for how in ("mean", "sample"):
+    c = cfg.copy_and_resolve_references()
+    c.sample.update(dict(gaussian=how, steps=(2,), batch_size=2, resolution=32, prompts=tuple(PROMPTS)))
+    c.eval.update(dict(prompt_file=str(prompts), reference_stats=str(tmp_path / "ref.npz"),
+                       features="random_projection", sample_steps=(2,), params=("ema",), batch_size=4))
+    config_lib.validate(c)
+    timings = sample.run_sample(c, workdir)  # WORKDIR/samples/student_2step/ (rewritten by each setting)
+    assert set(timings) == {"student_2step"}
+    folder = os.path.join(workdir, "samples", "student_2step")
+    images[how] = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png"))) for i in range(len(PROMPTS))])
+    rows[how] = evaluate.run_eval(c, str(tmp_path / f"eval_{how}"), export.TrainedRun(c, workdir))
+    assert len(rows[how]) == 1 and np.isfinite(rows[how][0]["fid"])
+  assert np.abs(images["mean"].astype(int) - images["sample"]).max() > 2
+  assert rows["mean"][0]["fid"] != rows["sample"][0]["fid"]
