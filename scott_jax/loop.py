@@ -126,7 +126,7 @@ def run(*, name: str, state: PyTree, start: int, end: int, num_steps: int,
         check_finite(*pending)
         checkpointer.save(step, state, data_state=None if data_state is None else data_state(), force=True)
       if stop:
-        logging.warning("%s: stopped by signal after step %d; checkpoint saved.", name, step)
+        logging.warning("%s: Stopped by signal after step %d; checkpoint saved.", name, step)
         stopped = True
         break
   if pending is not None:
