@@ -344,7 +344,7 @@ def test_a_continued_run_removes_train_done_first(env, tmp_path, monkeypatch):
     seen.append((tmp_path / ckpt_lib.TRAIN_DONE).exists())
     raise KeyboardInterrupt  # stop here: the removal has happened or not
 
-  monkeypatch.setattr(train_lib, "load_models", load_models)
+  monkeypatch.setattr(student_lib, "load_models", load_models)
   with pytest.raises(KeyboardInterrupt):
     train_lib.train(_config(env["folder"]), str(tmp_path))
   assert seen == [False] and ckpt_lib.read_train_done(str(tmp_path)) is None
