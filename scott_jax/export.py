@@ -136,8 +136,7 @@ class TrainedRun:
     unet_params = self.student_params(step, which)
     models, frozen = self.models()
     pipe = student.student_pipeline(self.config, models)
-    params = {"unet": unet_params, "vae": frozen["vae"],
-              "text_encoder": frozen["text_encoder"]}
+    params = {"unet": unet_params, **student.frozen_sampling_params(frozen)}
     return pipe, params
 
 
