@@ -225,3 +225,41 @@ def test_sdxl_lora_student_loads_with_load_lora_weights(teacher, tmp_path):
   scale = np.abs(ref).max()
   assert np.abs(ours - ref).max() <= 1e-4 * scale
   assert np.abs(base - ref).max() > 1e-2 * scale  # the LoRA changes the U-Net
+
+
+@pytest.mark.slow
+def test_plan_sdxl_architecture_has_diffusers_parameter_counts():
+  """``mesh.plan_architecture = "sdxl"`` (mode plan without weights) builds SDXL base 1.0: its U-Net, VAE and both
+  text encoders have the parameter counts of diffusers' / transformers' modules from the same configs (built on
+  torch's meta device); the frozen empty prompt has SDXL's shapes (1, 77, 2048) and (1, 1280)."""
+  import transformers
+
+  from scott_jax import plan
+  from scott_jax.models import lora
+
+  cfg = config_files.load("sdxl_scott").get_config()
+  cfg.mesh.plan_architecture = "sdxl"
+  models, frozen = plan.abstract_models(cfg)
+  unet_cfg, vae_cfg, text_cfg, _, text_2_cfg = plan.sdxl_architectures()
+  with torch.device("meta"):
+    refs = {
+      "unet": diffusers.UNet2DConditionModel.from_config(unet_cfg.to_diffusers()),
+      "vae": diffusers.AutoencoderKL(down_block_types=vae_cfg.down_block_types, up_block_types=vae_cfg.up_block_types,
+                                     block_out_channels=vae_cfg.block_out_channels,
+                                     layers_per_block=vae_cfg.layers_per_block),
+      "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**{
+        k: getattr(text_cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "max_position_embeddings", "hidden_act")})),
+      "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**{
+        k: getattr(text_2_cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "max_position_embeddings", "hidden_act",
+                                            "projection_dim")})),
+    }
+  for name, ref in refs.items():
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert lora.count_params(frozen[name]) == n_ref, name
+  assert lora.count_params(frozen["unet"]) == 2_567_463_684
+  assert frozen["uncond_text"].shape == (1, 77, 2048) and frozen["uncond_pooled"].shape == (1, 1280)
+  assert models.is_sdxl and models.student.config.time_cond_proj_dim == 256
+  spec = plan.batch_spec(cfg, models)
+  assert spec["images"].shape == (40, 1024, 1024, 3) and spec["input_ids_2"].shape == (40, 77)
