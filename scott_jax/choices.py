@@ -70,4 +70,4 @@ FROZEN_PLACEMENTS = ("fsdp", "replicate")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 # scott_jax.plan: where mode plan takes the architectures from.
-PLAN_ARCHITECTURES = ("teacher", "sd15")
+PLAN_ARCHITECTURES = ("teacher", "sd15", "sdxl")

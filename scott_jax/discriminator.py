@@ -23,13 +23,17 @@ positions. Variants (config ``gan.variant``):
   Condition"); see `condition`.
 
 Parameters are a dict ``{"lora": overlay, "head": head params}`` (``{"unet": copy, "head": ...}`` for ``full``).
+
+On an SDXL U-Net the text condition is `scott_jax.pipeline.sdxl_condition`'s dict (states, text_embeds, time_ids):
+the encoder gets the added text_time condition as the U-Net does, the decoder's cross-attention the states, and
+the head's pooled input is the pooled text embedding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -44,6 +48,14 @@ Array = jax.Array
 PyTree = Any
 
 DECODER_SCOPE = r"(^|/)up_blocks_\d+/"  # the LoRA overlay lives on the decoder only
+
+
+def _unet_text(text: Any) -> tuple[Array, dict[str, Array]]:
+  """(cross-attention states, the encoder's added-condition keywords) of a text condition: states (B, L, D), or
+  the SDXL dict {"states", "text_embeds", "time_ids"} (`scott_jax.pipeline.sdxl_condition`)."""
+  if isinstance(text, Mapping):
+    return text["states"], {"text_embeds": text["text_embeds"], "time_ids": text["time_ids"]}
+  return text, {}
 
 
 class DiscHead(nn.Module):
@@ -140,8 +152,9 @@ class Discriminator:
   def feature_shapes(self, unet_params: PyTree, x: Any, t: Any, text: Any) -> tuple[Any, Any]:
     """ShapeDtypeStructs of (features (B, h, w, C0), temb (B, Dt)) for inputs shaped like x, t, text (arrays or
     ShapeDtypeStructs); computes nothing. Use them to build `init`'s example inputs."""
-    def run(p: PyTree, x: Array, t: Array, c: Array) -> tuple[Array, Array]:
-      h, skips, temb = self.unet.apply(p, x, t, c, method=self.unet.encode)
+    def run(p: PyTree, x: Array, t: Array, c: Any) -> tuple[Array, Array]:
+      c, added = _unet_text(c)
+      h, skips, temb = self.unet.apply(p, x, t, c, method=self.unet.encode, **added)
       return self.unet.apply(p, h, skips, temb, c, return_features=True, method=self.unet.decode), temb
 
     return jax.eval_shape(run, unet_params, x, t, text)
@@ -156,32 +169,41 @@ class Discriminator:
       return params["unet"]
     return lora_lib.merge(unet_params, params["lora"], self.lora_alpha)
 
-  def features(self, params: PyTree, unet_params: PyTree, x: Array, t: Array, text: Array) -> tuple[Array, Array]:
-    """(last up-block features (B, h, w, C0), time embedding (B, Dt)) for latents x (B, h, w, C), t (B,)."""
+  def features(self, params: PyTree, unet_params: PyTree, x: Array, t: Array, text: Any) -> tuple[Array, Array]:
+    """(last up-block features (B, h, w, C0), time embedding (B, Dt)) for latents x (B, h, w, C), t (B,), text
+    (B, L, D) or the SDXL condition dict."""
+    text, added = _unet_text(text)
     h, skips, temb = self.unet.apply(self.encoder_params(params, unet_params), x, t, text,
-                                     method=self.unet.encode)
+                                     method=self.unet.encode, **added)
     feats = self.unet.apply(self.decoder_params(params, unet_params), h, skips, temb, text, return_features=True,
                             method=self.unet.decode)
     return feats, temb
 
-  def apply(self, params: PyTree, unet_params: PyTree, x: Array, t: Array, text: Array, pooled: Array) -> Array:
-    """Logits (B, h, w) float32 for latents x (B, h, w, C), t (B,) int, text (B, L, D), pooled (B, Dc).
+  def apply(self, params: PyTree, unet_params: PyTree, x: Array, t: Array, text: Any, pooled: Array) -> Array:
+    """Logits (B, h, w) float32 for latents x (B, h, w, C), t (B,) int, text (B, L, D) or the SDXL condition
+    dict, pooled (B, Dc).
 
     The caller applies `condition` first (it implements the ``no_cond`` variant).
     """
     feats, temb = self.features(params, unet_params, x, t, text)
     return self.head.apply(params["head"], feats, temb, pooled)
 
-  def condition(self, t: Array, text: Array, pooled: Array, uncond_text: Array,
-                uncond_pooled: Array) -> tuple[Array, Array, Array]:
-    """The (t, text, pooled) the discriminator sees: unchanged, or t = 0 and the empty prompt (``no_cond``).
+  def condition(self, t: Array, text: Any, pooled: Array, uncond_text: Array,
+                uncond_pooled: Array) -> tuple[Array, Any, Array]:
+    """The (t, text, pooled) the discriminator sees: unchanged, or t = 0 and the empty prompt (``no_cond``; for
+    an SDXL condition dict its states and text_embeds, the time ids kept).
 
     uncond_text (1 or B, L, D) and uncond_pooled (1 or B, Dc) are the encoded empty prompt.
     """
     if self.variant != "no_cond":
       return t, text, pooled
-    return (jnp.zeros_like(t), jnp.broadcast_to(uncond_text, text.shape).astype(text.dtype),
-            jnp.broadcast_to(uncond_pooled, pooled.shape).astype(pooled.dtype))
+    pooled_u = jnp.broadcast_to(uncond_pooled, pooled.shape).astype(pooled.dtype)
+    if isinstance(text, Mapping):
+      states = text["states"]
+      text = {**text, "states": jnp.broadcast_to(uncond_text, states.shape).astype(states.dtype),
+              "text_embeds": jnp.broadcast_to(uncond_pooled, text["text_embeds"].shape).astype(states.dtype)}
+      return jnp.zeros_like(t), text, pooled_u
+    return jnp.zeros_like(t), jnp.broadcast_to(uncond_text, text.shape).astype(text.dtype), pooled_u
 
 
 def trainable_share(disc_params: PyTree, unet_params: PyTree) -> float:

@@ -18,9 +18,13 @@ Formats written by `export` (config ``export.formats``):
     ``diffusers.DiffusionPipeline.from_pretrained`` loads it. LCMScheduler picks LCM's timesteps; a run on the
     skip grid (``consistency.timestep_rule = "grid"``) samples its own k-step times when they are passed as
     ``timesteps=`` (`scott_jax.student.student_timesteps`, also stored in the Flax export as ``sampling_grid``).
+    An SDXL student (`Pipeline.is_sdxl`): a `StableDiffusionXLPipeline` folder with the LCMScheduler, the
+    teacher's ``text_encoder_2/`` and ``tokenizer_2/`` copied too and its force_zeros_for_empty_prompt; the Flax
+    export adds ``text_encoder_2.safetensors``, ``tokenizer_2/`` and the flag.
 (c) ``lora``: `export_lora` -> ``pytorch_lora_weights.safetensors`` in PEFT layout (`lora.export_peft`, alpha
     ``model.student_lora_alpha``), only when the student state is a LoRA overlay (``model.student_lora_rank``
-    >= 1); diffusers' ``load_lora_weights`` on the teacher's pipeline then gives the student U-Net. A student
+    >= 1); diffusers' ``load_lora_weights`` on the teacher's pipeline (SD or SDXL) then gives the student U-Net. A
+    student
     with the guidance embedding also gets ``guidance_projection.safetensors`` (``time_embedding.cond_proj.weight``
     in torch layout; a PEFT LoRA file cannot carry it and the teacher's U-Net has no such layer: load it with
     ``load_state_dict(strict=False)`` into a U-Net built with ``time_cond_proj_dim``, or use format (b), which
@@ -53,7 +57,7 @@ from scott_jax import student
 from scott_jax.checkpoint import CheckpointReadError, finalised_steps, restore_subtree
 from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
-from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
 from scott_jax.models.vae import AutoencoderKL, VAEConfig
 from scott_jax.schedules import NoiseSchedule
@@ -65,6 +69,7 @@ EXPORT_FORMAT = "scott_jax.export/1"
 EXPORT_CONFIG = "scott_export.json"
 EXPORT_ABAR = "abar.npy"
 EXPORT_PARAMS = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
+SDXL_EXPORT_PARAMS = {"text_encoder_2": "text_encoder_2.safetensors"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 GUIDANCE_FILE = "guidance_projection.safetensors"
 
@@ -136,8 +141,7 @@ class TrainedRun:
     unet_params = self.student_params(step, which)
     models, frozen = self.models()
     pipe = student.student_pipeline(self.config, models)
-    params = {"unet": unet_params, "vae": frozen["vae"],
-              "text_encoder": frozen["text_encoder"]}
+    params = {"unet": unet_params, **student.frozen_sampling_params(frozen)}
     return pipe, params
 
 
@@ -173,9 +177,15 @@ def export_flax(folder: str, pipe: pipeline_lib.Pipeline, params: dict[str, PyTr
     "student_output": pipe.student_output,
     "provenance": provenance or {},
   }
+  files = dict(EXPORT_PARAMS)
+  if pipe.is_sdxl:
+    meta.update(text_encoder_2=_config_dict(pipe.text_encoder_2.config),
+                force_zeros_for_empty_prompt=bool(pipe.force_zeros_for_empty_prompt))
+    files.update(SDXL_EXPORT_PARAMS)
+    pipe.tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
   # The schedule is stored as its abar values (any beta schedule round-trips exactly).
   np.save(os.path.join(folder, EXPORT_ABAR), np.asarray(pipe.schedule.abar))
-  for name, file in EXPORT_PARAMS.items():
+  for name, file in files.items():
     _save_flat(os.path.join(folder, file), params[name])
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   with open(os.path.join(folder, EXPORT_CONFIG), "w") as fh:
@@ -232,11 +242,12 @@ def mean_half(unet_config: Any, unet_params: PyTree) -> tuple[Any, PyTree]:
 
 def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTree, teacher_path: str,
                      schedule_config: Any, vae_path: str = "") -> str:
-  """Format (b): a diffusers LatentConsistencyModelPipeline folder (module docstring). The VAE comes from
-  ``vae_path`` (a folder with vae/) when given, else from the teacher; text encoder and tokenizer from the
-  teacher. A Gaussian student (``pipe.student_output``) is written as the standard U-Net of its mean half
-  (`mean_half`; diffusers has no Gaussian consistency model), with ``SCOTT_GAUSSIAN_STUDENT.md`` in the folder
-  and a log line saying so; the Flax export keeps both halves."""
+  """Format (b): a diffusers LatentConsistencyModelPipeline folder, or for an SDXL pipeline a
+  StableDiffusionXLPipeline folder with the LCMScheduler (module docstring). The VAE comes from ``vae_path`` (a
+  folder with vae/) when given, else from the teacher; text encoders and tokenizers from the teacher. A Gaussian
+  student (``pipe.student_output``) is written as the standard U-Net of its mean half (`mean_half`; diffusers has
+  no Gaussian consistency model), with ``SCOTT_GAUSSIAN_STUDENT.md`` in the folder and a log line saying so; the
+  Flax export keeps both halves."""
 
   os.makedirs(folder, exist_ok=True)
   unet_config = pipe.unet.config
@@ -253,7 +264,10 @@ def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTr
     logging.info("export diffusers: the Gaussian student's mean half as a standard U-Net (%d output channels); "
                  "the log-variance half is only in the Flax export", unet_config.out_channels)
   loading.save_unet(os.path.join(folder, "unet"), unet_config, unet_params)
-  for part, src in (("vae", vae_path or teacher_path), ("text_encoder", teacher_path), ("tokenizer", teacher_path)):
+  parts = [("vae", vae_path or teacher_path), ("text_encoder", teacher_path), ("tokenizer", teacher_path)]
+  if pipe.is_sdxl:
+    parts += [("text_encoder_2", teacher_path), ("tokenizer_2", teacher_path)]
+  for part, src in parts:
     dst = os.path.join(folder, part)
     if os.path.exists(dst):
       shutil.rmtree(dst)
@@ -276,6 +290,21 @@ def export_diffusers(folder: str, pipe: pipeline_lib.Pipeline, unet_params: PyTr
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
   }
+  if pipe.is_sdxl:
+    index = {
+      "_class_name": "StableDiffusionXLPipeline",
+      "_diffusers_version": _diffusers_version(),
+      "feature_extractor": [None, None],
+      "image_encoder": [None, None],
+      "force_zeros_for_empty_prompt": bool(pipe.force_zeros_for_empty_prompt),
+      "scheduler": ["diffusers", "LCMScheduler"],
+      "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+      "text_encoder_2": teacher_index.get("text_encoder_2", ["transformers", "CLIPTextModelWithProjection"]),
+      "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+      "tokenizer_2": teacher_index.get("tokenizer_2", ["transformers", "CLIPTokenizer"]),
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+    }
   with open(os.path.join(folder, "model_index.json"), "w") as fh:
     json.dump(index, fh, indent=2, sort_keys=True)
   return folder
@@ -347,7 +376,7 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[pipeline_lib.Pip
   Layout: ``scott_export.json`` (architectures, prediction type, LCM settings, the student's output kind
   ``student_output``, point or gaussian (both halves of a Gaussian student's U-Net), provenance), ``abar.npy`` (the
   schedule), ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors`` ('/'-joined Flax paths,
-  float32) and ``tokenizer/``.
+  float32) and ``tokenizer/``; SDXL: also ``text_encoder_2.safetensors`` and ``tokenizer_2/``.
   """
   path = os.path.join(folder, EXPORT_CONFIG)
   if not os.path.isfile(path):
@@ -361,15 +390,25 @@ def load_exported(folder: str, dtype: str = "float32") -> tuple[pipeline_lib.Pip
   vae_config = VAEConfig.from_dict(meta["vae"])
   vae = AutoencoderKL(vae_config, dtype=vae_config.compute_dtype(cdtype))
   text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]), dtype=cdtype)
+  files, sdxl = dict(EXPORT_PARAMS), {}
+  if "text_encoder_2" in meta:
+    files.update(SDXL_EXPORT_PARAMS)
+    sdxl = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_dict(meta["text_encoder_2"]),
+                                                           dtype=cdtype),
+                tokenizer_2=loading.load_tokenizer(folder, "tokenizer_2"),
+                force_zeros_for_empty_prompt=bool(meta["force_zeros_for_empty_prompt"]))
   params = {}
-  for name, file in EXPORT_PARAMS.items():
+  for name, file in files.items():
     flat = load_file(os.path.join(folder, file))
     params[name] = jax.device_put(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
   tokenizer = loading.load_tokenizer(folder, "tokenizer")
   schedule = NoiseSchedule(abar=jnp.asarray(np.load(os.path.join(folder, EXPORT_ABAR))),
                            prediction_type=meta["prediction_type"])
-  pipe = pipeline_lib.Pipeline(unet, vae, text_encoder, tokenizer, schedule,
-                               pipeline_lib.text_max_length(tokenizer, text_encoder), float(meta["timestep_scaling"]),
-                               int(meta["original_steps"]), tuple(int(t) for t in meta.get("sampling_grid", ())),
-                               meta.get("student_output", "point"))
+  max_length = pipeline_lib.text_max_length(tokenizer, text_encoder)
+  if sdxl:
+    max_length = min(max_length, pipeline_lib.text_max_length(sdxl["tokenizer_2"], sdxl["text_encoder_2"]))
+  pipe = pipeline_lib.Pipeline(unet, vae, text_encoder, tokenizer, schedule, max_length,
+                               float(meta["timestep_scaling"]), int(meta["original_steps"]),
+                               tuple(int(t) for t in meta.get("sampling_grid", ())),
+                               meta.get("student_output", "point"), **sdxl)
   return pipe, params

@@ -26,6 +26,11 @@ prediction and a log-variance) takes x0 at every step as a draw from its Gaussia
 Teacher sampling: `scott_jax.solvers.sample` with any registered solver (ddim eta, er_sde, dpmpp_2m, addim) on
 ``solvers.ddim_timesteps`` (diffusers' spacings) ending with the jump to clean data.
 
+SDXL (`Pipeline.is_sdxl`: ``text_encoder_2`` and ``tokenizer_2`` set): `Pipeline.tokenize` gives (B, 2, L) ids
+(tokenizer, tokenizer_2), params hold "text_encoder_2" too, and the U-Net's condition is `sdxl_condition` of both
+encoders (`SDXLTextEncoders`) with time ids original = target = the sampled size and crop (0, 0); the
+teacher's unconditional input is diffusers' (zeros with ``force_zeros_for_empty_prompt``).
+
 Loading: `load_diffusers(folder)` (a diffusers Stable Diffusion folder: the teacher, or a student exported by
 `scott_jax.export`), `load_exported(folder)` (the Flax export of `scott_jax.export`, no training code needed).
 ``--mode sample`` (`run_sample`) writes PNGs and grids into WORKDIR/samples and prints seconds per image.
@@ -46,7 +51,8 @@ import numpy as np
 from scott_jax import consistency, solvers
 from scott_jax.choices import SAMPLER_KINDS
 from scott_jax.models import loading
-from scott_jax.models.clip_text import tokenize
+from scott_jax.models.clip_text import SDXLTextEncoders, tokenize
+from scott_jax.models.unet import add_time_ids
 from scott_jax.models.vae import decode_latents
 from scott_jax.schedules import NoiseSchedule
 
@@ -65,6 +71,7 @@ class Pipeline:
   sampling_grid: ascending training timesteps that k-step student sampling picks from (`consistency.grid_timesteps`);
   () = LCM's grid of ``original_steps`` (diffusers' LCMScheduler); student_output: "point" or "gaussian" (SCott
   v1: the U-Net's output channels are (prediction, log-variance), `consistency.gaussian_consistency_output`).
+  SDXL: text_encoder_2 (`CLIPTextModelWithProjection`), tokenizer_2 and the folder's force_zeros_for_empty_prompt.
   """
 
   unet: Any
@@ -77,6 +84,19 @@ class Pipeline:
   original_steps: int = 50
   sampling_grid: tuple[int, ...] = ()
   student_output: str = "point"
+  text_encoder_2: Any = None
+  tokenizer_2: Any = None
+  force_zeros_for_empty_prompt: bool = False
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+  @property
+  def text_encoders(self) -> SDXLTextEncoders:
+    if not self.is_sdxl:
+      raise ValueError("text_encoders: not an SDXL pipeline (no text_encoder_2)")
+    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
 
   @property
   def guidance_embed_dim(self) -> int | None:
@@ -87,8 +107,12 @@ class Pipeline:
     return self.vae.config.downsample_factor
 
   def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
-    """Prompts -> token ids (B, max_length) int32 (padded, truncated), as diffusers' pipelines."""
-    return tokenize(self.tokenizer, prompts, self.max_length)
+    """Prompts -> token ids (B, max_length) int32 (padded, truncated), as diffusers' pipelines; SDXL: (B, 2,
+    max_length), tokenizer's then tokenizer_2's."""
+    ids = tokenize(self.tokenizer, prompts, self.max_length)
+    if not self.is_sdxl:
+      return ids
+    return np.stack([ids, tokenize(self.tokenizer_2, prompts, self.max_length)], axis=1)
 
 
 def text_max_length(tokenizer: Any, text_encoder: Any) -> int:
@@ -100,9 +124,17 @@ def from_components(parts: Any, *, timestep_scaling: float = 10.0, original_step
   """(Pipeline, params) from `scott_jax.models.loading.StableDiffusionComponents`; the schedule defaults to the
   folder's scheduler config (beta schedule, prediction type)."""
   schedule = schedule or NoiseSchedule.from_config(parts.scheduler_config)
-  pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, schedule,
-                  text_max_length(parts.tokenizer, parts.text_encoder), float(timestep_scaling), int(original_steps))
+  max_length = text_max_length(parts.tokenizer, parts.text_encoder)
+  sdxl = {}
+  if parts.is_sdxl:
+    max_length = min(max_length, text_max_length(parts.tokenizer_2, parts.text_encoder_2))
+    sdxl = dict(text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                force_zeros_for_empty_prompt=bool(parts.force_zeros_for_empty_prompt))
+  pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, schedule, max_length,
+                  float(timestep_scaling), int(original_steps), **sdxl)
   params = {"unet": parts.unet_params, "vae": parts.vae_params, "text_encoder": parts.text_encoder_params}
+  if parts.is_sdxl:
+    params["text_encoder_2"] = parts.text_encoder_2_params
   return pipe, params
 
 
@@ -150,6 +182,26 @@ def teacher_timesteps(steps: int | Sequence[int], num_train: int = 1000, spacing
 def encode_prompts(pipe: Pipeline, text_params: PyTree, input_ids: Array) -> Array:
   """Token ids (B, L) -> the U-Net's context (B, L, D) float32 (CLIP last hidden state, diffusers' default)."""
   return pipe.text_encoder.apply(text_params, jnp.asarray(input_ids, jnp.int32)).last_hidden_state
+
+
+def encode_condition(pipe: Pipeline, params: Mapping[str, PyTree], input_ids: Array, height: int, width: int,
+                     negative: bool = False) -> Array | dict[str, Array]:
+  """The U-Net's text condition for token ids from `Pipeline.tokenize`: `encode_prompts` of (B, L) ids, or for
+  SDXL ((B, 2, L) ids; params with "text_encoder" and "text_encoder_2") `sdxl_condition` of both encoders at
+  time ids original = target = (height, width), crop (0, 0). ``negative``: the ids are the empty prompt and the
+  result the unconditional input of CFG (SDXL: `SDXLTextEncoders.encode_negative`, zeros with
+  force_zeros_for_empty_prompt)."""
+  if not pipe.is_sdxl:
+    return encode_prompts(pipe, params["text_encoder"], input_ids)
+  ids = jnp.asarray(input_ids, jnp.int32)
+  if ids.ndim != 3 or ids.shape[1] != 2:
+    raise ValueError(f"an SDXL pipeline takes token ids (B, 2, L) (Pipeline.tokenize), got {ids.shape}")
+  enc = pipe.text_encoders
+  if negative:
+    states, pooled = enc.encode_negative(params, ids[:, 0], ids[:, 1], negative_given=False)
+  else:
+    states, pooled = enc.encode(params, ids[:, 0], ids[:, 1])
+  return sdxl_condition(states, pooled, add_time_ids((height, width), (0, 0), (height, width)))
 
 
 def decode(pipe: Pipeline, vae_params: PyTree, latents: Array) -> Array:
@@ -299,7 +351,7 @@ def _pipeline_signature(pipe: Pipeline) -> tuple:
   abar = np.asarray(pipe.schedule.abar)
   return (pipe.unet, pipe.vae, pipe.text_encoder, abar.dtype.str, abar.tobytes(), pipe.schedule.prediction_type,
           pipe.max_length, pipe.timestep_scaling, pipe.original_steps, pipe.sampling_grid, pipe.student_output,
-          tuple(pipe.tokenize([""])[0].tolist()))
+          str(pipe.tokenize([""])[0].tolist()), pipe.text_encoder_2, pipe.force_zeros_for_empty_prompt)
 
 
 def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, output: str, solver: str,
@@ -314,7 +366,7 @@ def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, outpu
     z_T = jax.random.normal(k_lat, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
     if z_T.shape != shape:
       raise ValueError(f"latents must have shape {shape}, got {z_T.shape}")
-    text = encode_prompts(pipe, params["text_encoder"], input_ids)
+    text = encode_condition(pipe, params, input_ids, height, width)
     g = jnp.asarray(guidance_scale, jnp.float32)
     if kind == "student":
       if noises is None:
@@ -323,7 +375,7 @@ def _jitted_sampler(pipe: Pipeline, *, kind: str, height: int, width: int, outpu
       draws = jax.random.normal(jax.random.fold_in(k_noise, 1), (k,) + shape, jnp.float32) if draw else None
       x0 = student_latents(pipe, params["unet"], text, z_T, timesteps, w, jnp.asarray(noises, jnp.float32), draws)
     else:
-      uncond = encode_prompts(pipe, params["text_encoder"], uncond_ids)
+      uncond = encode_condition(pipe, params, uncond_ids, height, width, negative=True)
       x0 = teacher_latents(pipe, params["unet"], text, uncond, z_T, timesteps, g, k_noise, solver=solver,
                            solver_kwargs=solver_kwargs)
     images = decode(pipe, params["vae"], x0)

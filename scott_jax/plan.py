@@ -5,7 +5,8 @@ FLOPs for a config and mesh, before any weights are loaded or any accelerator is
       --config.mesh.plan_architecture=sd15 --config.mesh.plan_devices=8 --config.mesh.data=2 --config.mesh.fsdp=4
 
 The networks' architectures come from the config.json files of ``model.teacher_path`` (``plan_architecture =
-"teacher"``, no weight file is read) or from the built-in SD1.5 architecture (``"sd15"``). Parameters, the train
+"teacher"``, no weight file is read) or from the built-in SD1.5 or SDXL base 1.0 architecture (``"sd15"``,
+``"sdxl"``). Parameters, the train
 state and the batch are ``jax.ShapeDtypeStruct``s (``jax.eval_shape`` of the model inits and of
 `scott_jax.step.abstract_state`) carrying the shardings of `scott_jax.parallel`; the step is
 ``jit(...).lower(...).compile()``d exactly as training compiles it. ``plan_devices > 0`` makes that many fake
@@ -20,6 +21,7 @@ and schedules differently from the GPU/TPU compilers: treat them as indicative, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +38,7 @@ from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
 from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
-from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from scott_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from scott_jax.models.unet import UNetConfig, resolve_attention
 from scott_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -56,6 +58,24 @@ def sd15_architectures() -> tuple[Any, Any, Any, int]:
   return unet, vae, text, 77
 
 
+def sdxl_architectures() -> tuple[Any, Any, Any, int, Any]:
+  """(UNetConfig, VAEConfig, CLIPTextConfig, tokens per prompt, text_encoder_2's CLIPTextConfig) of Stable Diffusion
+  XL base 1.0 (its diffusers configs: U-Net 320-640-1280 with transformer depth 1/2/10, heads 5/10/20, cross
+  attention 2048, text_time added embedding 256 x 6 + 1280; SD1.5's VAE layout at scaling 0.13025 with
+  force_upcast; CLIP ViT-L and OpenCLIP bigG (1280 wide, 32 layers, 20 heads, gelu, projection 1280))."""
+  unet = UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816)
+  _, vae, text, max_length = sd15_architectures()
+  vae = dataclasses.replace(vae, scaling_factor=0.13025, force_upcast=True)
+  text_2 = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                          num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+  return unet, vae, text, max_length, text_2
+
+
 def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
   """The same from a diffusers folder's unet/, vae/, text_encoder/ config.json and tokenizer (no weights)."""
   if not path or not os.path.isdir(path):
@@ -68,35 +88,53 @@ def teacher_architectures(path: str) -> tuple[Any, Any, Any, int]:
   return unet, vae, text, int(min(tokenizer.model_max_length, text.max_position_embeddings))
 
 
+def teacher_text_encoder_2(path: str) -> Any:
+  """text_encoder_2's CLIPTextConfig of an SDXL teacher folder, or None (an SD folder)."""
+  folder = os.path.join(path, "text_encoder_2")
+  return CLIPTextConfig.from_dict(loading.read_config(folder)) if os.path.isdir(folder) else None
+
+
 def abstract_models(config: ConfigDict) -> tuple[student_lib.Models, PyTree]:
   """(Models, frozen) as `scott_jax.student.load_models` builds them, with ShapeDtypeStruct parameters.
 
   The Models' tokenizer is None (the step never tokenizes).
   """
   arch = config.mesh.plan_architecture
+  text_2 = None
   if arch == "sd15":
     unet_cfg, vae_cfg, text_cfg, max_length = sd15_architectures()
+  elif arch == "sdxl":
+    unet_cfg, vae_cfg, text_cfg, max_length, text_2 = sdxl_architectures()
   elif arch == "teacher":
     unet_cfg, vae_cfg, text_cfg, max_length = teacher_architectures(config.model.teacher_path)
+    text_2 = teacher_text_encoder_2(config.model.teacher_path)
   else:
-    raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15")
-  return models_from_architectures(config, unet_cfg, vae_cfg, text_cfg, max_length)
+    raise ValueError(f"config.mesh.plan_architecture = {arch!r}; allowed: teacher, sd15, sdxl")
+  return models_from_architectures(config, unet_cfg, vae_cfg, text_cfg, max_length, text_2)
 
 
 def models_from_architectures(config: ConfigDict, unet_cfg: Any, vae_cfg: Any, text_cfg: Any,
-                              max_length: int) -> tuple[student_lib.Models, PyTree]:
-  """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs."""
+                              max_length: int, text_2_cfg: Any = None) -> tuple[student_lib.Models, PyTree]:
+  """(Models, frozen with ShapeDtypeStruct parameters) for given U-Net / VAE / text-encoder configs (SDXL:
+  ``text_2_cfg`` of text_encoder_2; the empty prompt then has `SDXLTextEncoders.encode`'s shapes)."""
   dtype = jnp.dtype(config.model.dtype)
   vae = AutoencoderKL(vae_cfg, dtype=dtype)
   text = CLIPTextModel(text_cfg, dtype=dtype)
-  models = student_lib.build_models(config, unet_cfg, vae, text, None, max_length)
+  text_2 = None if text_2_cfg is None else CLIPTextModelWithProjection(text_2_cfg, dtype=dtype)
+  models = student_lib.build_models(config, unet_cfg, vae, text, None, max_length, text_2, None, True)
   key = jax.random.key(0)
   f = vae_cfg.downsample_factor
-  text_params = jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))
-  out = jax.eval_shape(text.apply, text_params, jax.ShapeDtypeStruct((1, max_length), jnp.int32))
+  ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
   frozen = {"unet": unet_lib.abstract_params(unet_cfg),
             "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, f, f, vae_cfg.in_channels), jnp.float32)),
-            "text_encoder": text_params, "uncond_text": out.last_hidden_state, "uncond_pooled": out.pooler_output}
+            "text_encoder": jax.eval_shape(text.init, key, jnp.zeros((1, 1), jnp.int32))}
+  if text_2 is None:
+    out = jax.eval_shape(text.apply, frozen["text_encoder"], ids)
+    frozen.update(uncond_text=out.last_hidden_state, uncond_pooled=out.pooler_output)
+  else:
+    frozen["text_encoder_2"] = jax.eval_shape(text_2.init, key, jnp.zeros((1, 1), jnp.int32))
+    frozen["uncond_text"], frozen["uncond_pooled"] = jax.eval_shape(
+      lambda p, a, b: models.text_encoders.encode(p, a, b), frozen, ids, ids)
   return models, frozen
 
 
@@ -105,12 +143,22 @@ def batch_spec(config: ConfigDict, models: student_lib.Models) -> dict[str, jax.
   b, r = config.train.batch_size, config.data.resolution
   if config.data.source == "latent_cache":
     s = r // models.vae.config.downsample_factor
-    d = models.text_encoder.config.hidden_size
-    return {"latents": jax.ShapeDtypeStruct((b, s, s, models.vae.config.latent_channels), jnp.float32),
-            "text_embeds": jax.ShapeDtypeStruct((b, models.max_length, d), jnp.float32),
-            "pooled_text_embeds": jax.ShapeDtypeStruct((b, d), jnp.float32)}
-  return {"images": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
-          "input_ids": jax.ShapeDtypeStruct((b, models.max_length), jnp.int32)}
+    d = p = models.text_encoder.config.hidden_size
+    if models.is_sdxl:
+      d, p = models.text_encoders.hidden_size, models.text_encoders.pooled_size
+    out = {"latents": jax.ShapeDtypeStruct((b, s, s, models.vae.config.latent_channels), jnp.float32),
+           "text_embeds": jax.ShapeDtypeStruct((b, models.max_length, d), jnp.float32),
+           "pooled_text_embeds": jax.ShapeDtypeStruct((b, p), jnp.float32)}
+    if models.is_sdxl:
+      out["time_ids"] = jax.ShapeDtypeStruct((b, 6), jnp.float32)
+    return out
+  out = {"images": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
+         "input_ids": jax.ShapeDtypeStruct((b, models.max_length), jnp.int32)}
+  if models.is_sdxl:  # what the loader gives an SDXL teacher (`scott_jax.data.loader.image_collate`)
+    out.update(input_ids_2=jax.ShapeDtypeStruct((b, models.max_length), jnp.int32),
+               original_size=jax.ShapeDtypeStruct((b, 2), jnp.int32),
+               crop_top_left=jax.ShapeDtypeStruct((b, 2), jnp.int32))
+  return out
 
 
 def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
@@ -171,7 +219,8 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
     "params": {"student": lora.count_params(state.student), "disc_trainable": lora.count_params(state.disc),
                "teacher_unet": lora.count_params(frozen["unet"]), "vae": lora.count_params(frozen["vae"]),
-               "text_encoder": lora.count_params(frozen["text_encoder"])},
+               "text_encoder": lora.count_params(frozen["text_encoder"])
+               + lora.count_params(frozen.get("text_encoder_2", {}))},
     "state_bytes_total": parallel.bytes_per_device(state, jax.tree.map(lambda _: parallel.replicated(mesh), state)),
     "state_bytes_per_device": parallel.bytes_per_device(state, state_sh),
     "frozen_bytes_per_device": parallel.bytes_per_device(frozen, frozen_sh),

@@ -169,7 +169,7 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
     b = z0.shape[0]
     w = jax.random.uniform(k_w, (b,), jnp.float32, cc.w_min, cc.w_max)
     cond = {"text": text, "w": w}
-    uncond = jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
+    uncond = student_lib.uncond_like(frozen, text)
     student_fn = student_lib.make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
     make_f = losses.make_gaussian_consistency_fn if gaussian else losses.make_consistency_fn
     f = make_f(student_fn, schedule, timestep_scaling=cc.timestep_scaling)

@@ -13,6 +13,14 @@ guidance projection cond_proj; {} without it)}, merged onto the frozen teacher a
 Batches are dicts with either ``images`` (B, H, W, 3) float32 in [-1, 1] and ``input_ids`` (B, L) int32, or
 precomputed ``latents`` (B, h, w, C) (already multiplied by the VAE scaling factor), ``text_embeds`` (B, L, D)
 and ``pooled_text_embeds`` (B, D); `encode_batch` turns either into the step's inputs.
+
+SDXL teachers (a folder with ``text_encoder_2/``; `Models.is_sdxl`): image batches also hold ``input_ids_2``
+(B, L) (tokenizer_2) and, where the data records them, the micro-conditioning ``original_size`` and
+``crop_top_left`` (B, 2) int32 pixels (else original = target = the image size, crop (0, 0)); latent batches
+``time_ids`` (B, 6) (else the same default). The text condition the student, teacher and discriminator see is
+then `scott_jax.pipeline.sdxl_condition`'s dict (states (B, L, D1 + D2), text_embeds = pooled (B, P),
+time_ids (B, 6)) instead of the states array; the unconditional input is the encoded empty prompt as diffusers'
+SDXL pipeline makes it (zeros with ``force_zeros_for_empty_prompt``) with the example's own time ids.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from scott_jax import pipeline as pipeline_lib
 from scott_jax.config import ConfigDict, ConfigError, ConfigPathError
 from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
-from scott_jax.models.clip_text import tokenize
+from scott_jax.models.clip_text import SDXLTextEncoders, tokenize
 from scott_jax.models.unet import UNet2DConditionModel
 from scott_jax.models.vae import encode_to_latents
 from scott_jax.schedules import NoiseSchedule
@@ -45,6 +53,9 @@ PyTree = Any
 LATENT_KEYS = ("latents", "text_embeds", "pooled_text_embeds")
 STUDENT_LORA, STUDENT_FULL = "lora", "full"  # the two parts of a LoRA student state
 IMAGE_KEYS = ("images", "input_ids")
+SDXL_IDS = "input_ids_2"  # an SDXL image batch's tokenizer_2 ids (B, L)
+MICRO_KEYS = ("original_size", "crop_top_left")  # SDXL micro-conditioning of an image batch, (B, 2) int32 pixels
+TIME_IDS = "time_ids"  # an SDXL latent batch's add_time_ids (B, 6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +64,8 @@ class Models:
 
   teacher: the teacher U-Net (also the discriminator's base); student: the same architecture with the guidance
   embedding (``time_cond_proj_dim``); vae, text_encoder: frozen; tokenizer: a transformers CLIP tokenizer (host
-  side); disc: the discriminator or None when the GAN is off.
+  side); disc: the discriminator or None when the GAN is off. SDXL: text_encoder_2 (`CLIPTextModelWithProjection`)
+  and tokenizer_2 too, and the folder's force_zeros_for_empty_prompt; None / False otherwise.
   """
 
   teacher: Any
@@ -64,7 +76,27 @@ class Models:
   schedule: NoiseSchedule
   disc: disc_lib.Discriminator | None
   max_length: int
+  text_encoder_2: Any = None
+  tokenizer_2: Any = None
+  force_zeros_for_empty_prompt: bool = False
 
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+  @property
+  def text_encoders(self) -> SDXLTextEncoders:
+    """SDXL's prompt encoding (params: the frozen tree's ``text_encoder`` and ``text_encoder_2``)."""
+    if not self.is_sdxl:
+      raise ValueError("text_encoders: the teacher is not an SDXL model (no text_encoder_2)")
+    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
+
+  def tokenize(self, prompts: Any) -> np.ndarray:
+    """Prompts -> token ids (B, L) int32, or for SDXL (B, 2, L) (tokenizer, tokenizer_2), as `Pipeline.tokenize`."""
+    ids = tokenize(self.tokenizer, prompts, self.max_length)
+    if not self.is_sdxl:
+      return ids
+    return np.stack([ids, tokenize(self.tokenizer_2, prompts, self.max_length)], axis=1)
 
 
 def check_schedule(config: ConfigDict, scheduler_config: dict[str, Any]) -> None:
@@ -91,14 +123,20 @@ def unet_options(config: ConfigDict) -> dict[str, Any]:
 
 
 def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: Any, tokenizer: Any,
-                 max_length: int) -> Models:
+                 max_length: int, text_encoder_2: Any = None, tokenizer_2: Any = None,
+                 force_zeros_for_empty_prompt: bool = False) -> Models:
   """The Models around a teacher U-Net architecture (``UNetConfig``) and given VAE / text encoder modules.
 
   Teacher and student get ``config.model``'s dtype and `unet_options`; the student adds the guidance embedding
   (``time_cond_proj_dim``) and, a Gaussian student (``consistency.student_output``), twice the output channels
   (prediction, log-variance); the discriminator (GAN on) is built on the teacher module. Used by `load_models`
-  (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program.
+  (real weights) and `scott_jax.plan.abstract_models` (shapes only), so both build the same program. SDXL:
+  ``text_encoder_2`` / ``tokenizer_2`` given, and the U-Net must take the text_time added condition.
   """
+  if (text_encoder_2 is not None) != (unet_config.addition_embed_type == "text_time"):
+    raise ConfigError(f"the teacher U-Net has addition_embed_type={unet_config.addition_embed_type!r} but "
+                      f"{'a' if text_encoder_2 is not None else 'no'} second text encoder was given: an SDXL "
+                      "teacher needs both (text_encoder_2/, tokenizer_2/), an SD teacher neither")
   dtype = loading.compute_dtype(config.model.dtype)
   options = unet_options(config)
   teacher = UNet2DConditionModel(unet_config, dtype=dtype, **options)
@@ -113,14 +151,17 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
                                   norm_groups=unet_config.norm_num_groups, dtype=dtype,
                                   head_init=config.gan.head_init)
   schedule = NoiseSchedule.from_config(config.schedule)
-  return Models(teacher, student, vae, text_encoder, tokenizer, schedule, disc, int(max_length))
+  return Models(teacher, student, vae, text_encoder, tokenizer, schedule, disc, int(max_length), text_encoder_2,
+                tokenizer_2, bool(force_zeros_for_empty_prompt))
 
 
 def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   """Loads the teacher pipeline named by ``config.model`` -> (Models, frozen params pytree).
 
   frozen = {"unet", "vae", "text_encoder": params, "uncond_text": (1, L, D), "uncond_pooled": (1, D)} where the
-  last two are the encoded empty prompt. A missing folder raises FileNotFoundError naming it.
+  last two are the encoded empty prompt. SDXL adds "text_encoder_2", and the empty prompt is `uncond_prompt`'s
+  (both encoders' penultimate states (1, L, D1 + D2) and encoder 2's projection (1, P); zeros with the folder's
+  force_zeros_for_empty_prompt, as diffusers). A missing folder raises FileNotFoundError naming it.
   """
   path = config.model.teacher_path
   if not path or not os.path.isdir(path):
@@ -136,12 +177,27 @@ def load_models(config: ConfigDict) -> tuple[Models, dict[str, PyTree]]:
   check_schedule(config, dict(parts.scheduler_config))
   tokenizer = parts.tokenizer
   max_length = pipeline_lib.text_max_length(tokenizer, parts.text_encoder)
-  models = build_models(config, parts.unet.config, vae, parts.text_encoder, tokenizer, max_length)
-  empty = jnp.asarray(tokenize(tokenizer, [""], max_length))
-  out = parts.text_encoder.apply(parts.text_encoder_params, empty)
-  frozen = {"unet": parts.unet_params, "vae": vae_params, "text_encoder": parts.text_encoder_params,
-            "uncond_text": out.last_hidden_state, "uncond_pooled": out.pooler_output}
+  if parts.is_sdxl:
+    max_length = min(max_length, pipeline_lib.text_max_length(parts.tokenizer_2, parts.text_encoder_2))
+  models = build_models(config, parts.unet.config, vae, parts.text_encoder, tokenizer, max_length,
+                        parts.text_encoder_2, parts.tokenizer_2, parts.force_zeros_for_empty_prompt)
+  frozen = {"unet": parts.unet_params, "vae": vae_params, "text_encoder": parts.text_encoder_params}
+  if parts.is_sdxl:
+    frozen["text_encoder_2"] = parts.text_encoder_2_params
+  frozen["uncond_text"], frozen["uncond_pooled"] = uncond_prompt(models, frozen)
   return models, frozen
+
+
+def uncond_prompt(models: Models, frozen: PyTree) -> tuple[Array, Array]:
+  """The encoded empty prompt (states (1, L, D), pooled (1, P)): CLIP's last hidden state and pooler output, or
+  for SDXL diffusers' unconditional embeddings (`SDXLTextEncoders.encode_negative`, zeros with
+  force_zeros_for_empty_prompt). ``frozen``'s text-encoder leaves may be abstract (under ``jax.eval_shape``)."""
+  if models.is_sdxl:
+    ids = models.tokenize([""])
+    return models.text_encoders.encode_negative(frozen, jnp.asarray(ids[:, 0]), jnp.asarray(ids[:, 1]),
+                                                negative_given=False)
+  out = models.text_encoder.apply(frozen["text_encoder"], jnp.asarray(models.tokenize([""])))
+  return out.last_hidden_state, out.pooler_output
 
 
 CONV_OUT = "conv_out"  # the U-Net's output conv: twice the teacher's channels in a Gaussian student
@@ -257,20 +313,47 @@ def _check_batch(batch: dict[str, Any]) -> str:
                  f"(precomputed); got {sorted(batch)}")
 
 
+def batch_time_ids(batch: dict[str, Any], target_size: tuple[int, int]) -> Array:
+  """SDXL's add_time_ids (B, 6) float32 of a batch: its ``time_ids``, or (`scott_jax.models.unet.add_time_ids`
+  per example) its ``original_size`` and ``crop_top_left`` (B, 2) with the target ``target_size`` (height,
+  width) px; without them original = target and crop (0, 0)."""
+  if TIME_IDS in batch:
+    return jnp.asarray(batch[TIME_IDS], jnp.float32)
+  b = np.shape(next(iter(batch.values())))[0]
+  target = jnp.broadcast_to(jnp.asarray(target_size, jnp.float32), (b, 2))
+  original = jnp.asarray(batch[MICRO_KEYS[0]], jnp.float32) if MICRO_KEYS[0] in batch else target
+  crop = jnp.asarray(batch[MICRO_KEYS[1]], jnp.float32) if MICRO_KEYS[1] in batch else jnp.zeros((b, 2))
+  return jnp.concatenate([original, crop, target], axis=-1)
+
+
 def encode_batch(models: Models, frozen: PyTree, batch: dict[str, Array],
-                 key: Array | None) -> tuple[Array, Array, Array]:
+                 key: Array | None) -> tuple[Array, Any, Array]:
   """(latents z0 (B, h, w, C), text (B, L, D), pooled text (B, D)), all float32, from either batch kind.
 
-  ``key`` samples the VAE posterior (None: its mean).
+  ``key`` samples the VAE posterior (None: its mean). SDXL (`Models.is_sdxl`): text is the condition dict
+  `scott_jax.pipeline.sdxl_condition` (states (B, L, D1 + D2), text_embeds (B, P), time_ids (B, 6),
+  `batch_time_ids` at the image size) and pooled its text_embeds.
   """
-  if _check_batch(batch) == "latents":
+  kind = _check_batch(batch)
+  if kind == "latents":
     z0, text, pooled = (jnp.asarray(batch[k], jnp.float32) for k in LATENT_KEYS)
   else:
     z0 = encode_to_latents(models.vae, frozen["vae"], jnp.asarray(batch["images"]), key)
-    out = models.text_encoder.apply(frozen["text_encoder"], jnp.asarray(batch["input_ids"], jnp.int32))
-    text, pooled = out.last_hidden_state, out.pooler_output
-  return (jax.lax.stop_gradient(z0.astype(jnp.float32)), jax.lax.stop_gradient(text.astype(jnp.float32)),
-          jax.lax.stop_gradient(pooled.astype(jnp.float32)))
+    if models.is_sdxl:
+      if SDXL_IDS not in batch:
+        raise KeyError(f"an SDXL teacher's image batch needs '{SDXL_IDS}' (tokenizer_2's ids); got {sorted(batch)}")
+      text, pooled = models.text_encoders.encode(frozen, jnp.asarray(batch["input_ids"], jnp.int32),
+                                                 jnp.asarray(batch[SDXL_IDS], jnp.int32))
+    else:
+      out = models.text_encoder.apply(frozen["text_encoder"], jnp.asarray(batch["input_ids"], jnp.int32))
+      text, pooled = out.last_hidden_state, out.pooler_output
+  sg = lambda x: jax.lax.stop_gradient(x.astype(jnp.float32))  # noqa: E731
+  z0, text, pooled = sg(z0), sg(text), sg(pooled)
+  if models.is_sdxl:
+    size = tuple(int(n) for n in (batch["images"].shape[1:3] if kind == "images" else
+                                  np.asarray(z0.shape[1:3]) * models.vae.config.downsample_factor))
+    text = pipeline_lib.sdxl_condition(text, pooled, sg(batch_time_ids(batch, size)))
+  return z0, text, pooled
 
 
 def encode_shapes(models: Models, frozen: PyTree, batch_spec: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -278,9 +361,42 @@ def encode_shapes(models: Models, frozen: PyTree, batch_spec: dict[str, Any]) ->
   return jax.eval_shape(lambda f, b: encode_batch(models, f, b, None), frozen, batch_spec)
 
 
+def cache_encoder(models: Models, frozen: PyTree) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
+  """The ``encode_fn`` of `scott_jax.data.loader.build_latent_cache` for this teacher: an image batch (VAE mean)
+  -> {"latents" (B, h, w, C), "text_embeds" (B, L, D), "pooled_text_embeds" (B, P)} float32 host arrays, for
+  SDXL text_embeds being both encoders' states (D1 + D2) and with "time_ids" (B, 6) (`batch_time_ids`), the
+  keys `encode_batch` reads from a latent batch."""
+  keys = IMAGE_KEYS + ((SDXL_IDS, *MICRO_KEYS) if models.is_sdxl else ())
+  run = jax.jit(lambda f, b: encode_batch(models, f, b, None))
+
+  def encode_fn(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    z0, text, pooled = run(frozen, {k: np.asarray(batch[k]) for k in keys if k in batch})
+    out = {"latents": z0, "pooled_text_embeds": pooled}
+    if isinstance(text, dict):
+      out.update(text_embeds=text["states"], time_ids=text["time_ids"])
+    else:
+      out["text_embeds"] = text
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  return encode_fn
+
+
+def uncond_like(frozen: PyTree, text: Any) -> Any:
+  """The unconditional input of CFG for the condition ``text`` of `encode_batch`: the encoded empty prompt
+  ``frozen["uncond_text"]`` broadcast to the states' shape, and for SDXL the empty prompt's pooled embedding with
+  ``text``'s own time ids (diffusers' SDXL pipeline uses the same add_time_ids for both halves)."""
+  if isinstance(text, dict):
+    states, pooled = text["states"], text["text_embeds"]
+    return {"states": jnp.broadcast_to(frozen["uncond_text"], states.shape).astype(states.dtype),
+            "text_embeds": jnp.broadcast_to(frozen["uncond_pooled"], pooled.shape).astype(pooled.dtype),
+            "time_ids": text["time_ids"]}
+  return jnp.broadcast_to(frozen["uncond_text"], text.shape).astype(text.dtype)
+
+
 def make_student_fn(models: Models, guidance_embed_dim: int, teacher_params: PyTree | None = None,
                     lora_alpha: float = 1.0) -> Callable:
-  """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D), "w": (B,)}.
+  """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D) or the SDXL condition
+  dict (`encode_batch`), "w": (B,)}.
 
   ``params``: the student's U-Net parameters, or with ``teacher_params`` given any student state (a LoRA state
   is merged onto them, `student_unet_params`). guidance_embed_dim 0: the student does not see w."""
@@ -298,7 +414,8 @@ def make_student_fn(models: Models, guidance_embed_dim: int, teacher_params: PyT
 def make_teacher_eps_fn(models: Models, teacher_params: PyTree, uncond_text: Array) -> Callable:
   """teacher_eps_fn(z, t, cond) -> eps with CFG in LCM form, eps_c + w (eps_c - eps_u) (notes section 2).
 
-  uncond_text (B, L, D): the encoded empty prompt; cond = {"text": (B, L, D), "w": (B,)}. One U-Net call on the
+  uncond_text (B, L, D) or for SDXL a condition dict (`uncond_like`): the encoded empty prompt; cond = {"text":
+  (B, L, D) or the SDXL dict, "w": (B,)}. One U-Net call on the
   batch [uncond; cond]; the output is converted to eps with the schedule (any prediction type).
   """
   eps_fn = pipeline_lib.make_eps_fn(models.teacher, teacher_params, models.schedule)
@@ -331,11 +448,18 @@ def student_pipeline(config: ConfigDict, models: Models) -> pipeline_lib.Pipelin
   c = config.consistency
   return pipeline_lib.Pipeline(models.student, models.vae, models.text_encoder, models.tokenizer, models.schedule,
                                models.max_length, float(c.timestep_scaling), int(c.num_ddim_timesteps),
-                               sampling_grid(config), c.student_output)
+                               sampling_grid(config), c.student_output, models.text_encoder_2, models.tokenizer_2,
+                               models.force_zeros_for_empty_prompt)
+
+
+def frozen_sampling_params(frozen: PyTree) -> dict[str, PyTree]:
+  """The frozen networks a sampler needs besides the U-Net: {"vae", "text_encoder"} (+ "text_encoder_2", SDXL)."""
+  return {k: frozen[k] for k in ("vae", "text_encoder", "text_encoder_2") if k in frozen}
 
 
 def make_sampler(config: ConfigDict, models: Models) -> Callable:
-  """sample(student_state, frozen, input_ids (N, L), num_steps, key) -> uint8 images (N, H, W, 3) (host).
+  """sample(student_state, frozen, input_ids (N, L) or SDXL (N, 2, L) (`Models.tokenize`), num_steps, key) ->
+  uint8 images (N, H, W, 3) (host).
 
   `scott_jax.pipeline.make_sampler` (kind "student", one jitted sampler per step count) on `student_pipeline`
   at data.resolution with CFG scale train.sample_guidance_scale (w = g - 1) (a Gaussian student as
@@ -350,7 +474,7 @@ def make_sampler(config: ConfigDict, models: Models) -> Callable:
       samplers[num_steps] = pipeline_lib.make_sampler(pipe, kind="student", steps=num_steps,
                                                       height=config.data.resolution, gaussian=config.sample.gaussian)
     unet = merge(student, frozen["unet"]) if is_lora_student(student) else student
-    params = {"unet": unet, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
+    params = {"unet": unet, **frozen_sampling_params(frozen)}
     return np.asarray(samplers[num_steps](params, input_ids, key, config.train.sample_guidance_scale))
 
   return sample

@@ -20,7 +20,6 @@ from scott_jax import pipeline as pipeline_lib
 from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
 from scott_jax.data import batches as batches_lib
-from scott_jax.models.clip_text import tokenize
 from scott_jax.step import TrainState, abstract_state, init_state, make_train_step
 
 
@@ -79,8 +78,8 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, abstract, frozen, batch_spec)
   sample_frozen = None  # multi-process sampling runs on process 0 from host copies (the state is global)
   if tc.sample_every and jax.process_count() > 1:
-    needed = ("vae", "text_encoder") + (("unet",) if config.model.student_lora_rank else ())  # LoRA: its base
-    sample_frozen = jax.device_get({k: frozen[k] for k in needed})
+    needed = ("vae", "text_encoder", "text_encoder_2") + (("unet",) if config.model.student_lora_rank else ())
+    sample_frozen = jax.device_get({k: frozen[k] for k in needed if k in frozen})  # LoRA: its base too
   frozen = parallel.put_tree(frozen, frozen_sh)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints,
                                        save_every=tc.checkpoint_every)
@@ -115,7 +114,7 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
                time.time() - t_start)
   sampler = student_lib.make_sampler(config, models) if tc.sample_every else None
-  sample_ids = tokenize(models.tokenizer, list(tc.sample_prompts), models.max_length)
+  sample_ids = models.tokenize(list(tc.sample_prompts))
   writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
 

@@ -29,9 +29,14 @@ def make_source(config: ConfigDict) -> arrays.ArraySource:
 
 
 def prepare_batch(raw: dict[str, Any], models: Models) -> dict[str, np.ndarray]:
-  """Host side: uint8 images -> float32 [-1, 1]; captions -> token ids (B, max_length) int32."""
+  """Host side: uint8 images -> float32 [-1, 1]; captions -> token ids (B, max_length) int32 (SDXL: also
+  tokenizer_2's "input_ids_2"; in-memory images are taken at their own size, so no micro-conditioning keys:
+  original = target, crop (0, 0))."""
   images = np.asarray(raw["images"], np.float32) / 127.5 - 1.0
-  return {"images": images, "input_ids": tokenize(models.tokenizer, raw["captions"], models.max_length)}
+  batch = {"images": images, "input_ids": tokenize(models.tokenizer, raw["captions"], models.max_length)}
+  if models.is_sdxl:
+    batch["input_ids_2"] = tokenize(models.tokenizer_2, raw["captions"], models.max_length)
+  return batch
 
 
 class ArrayBatches(Iterator[dict[str, np.ndarray]]):
@@ -87,7 +92,7 @@ def make_data(config: ConfigDict, models: Models, source: Any = None) -> Any:
     return ArrayBatches(source, models, config.train.batch_size)
   return data_loader.make_loader(config.data, batch_size=parallel.local_batch_size(config.train.batch_size),
                                      seed=config.seed, tokenizer=models.tokenizer, max_length=models.max_length,
-                                     source=source)
+                                     source=source, tokenizer_2=models.tokenizer_2)
 
 
 def global_batch_spec(local_batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:

@@ -10,6 +10,8 @@ Layout of a cache directory::
 ``index.json`` is written last (write + rename), so a directory without it is an unfinished cache and is not
 read. The keys the train step consumes are `LATENT_KEYS`: ``latents`` (h, w, C), already multiplied by the
 VAE scaling factor, ``text_embeds`` (L, D) and ``pooled_text_embeds`` (D,); any other array keys are kept too.
+An SDXL teacher's cache (`scott_jax.student.cache_encoder`) holds both encoders' states as ``text_embeds``
+(L, D1 + D2), encoder 2's projection as ``pooled_text_embeds`` and the micro-conditioning ``time_ids`` (6,).
 """
 
 from __future__ import annotations

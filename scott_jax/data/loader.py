@@ -59,8 +59,9 @@ class Skipped:
 
 
 class ImageTextTransform:
-  """(stream position, source index) -> {"image": float32 (R, R, 3) in [-1, 1], "caption": str, "index": int}
-  or `Skipped` (the scaling runs here, in grain's read threads, so the batch step only stacks).
+  """(stream position, source index) -> {"image": float32 (R, R, 3) in [-1, 1], "caption": str, "index": int,
+  "original_size": (height, width), "crop_top_left": (top, left) px (SDXL micro-conditioning)} or `Skipped` (the
+  scaling runs here, in grain's read threads, so the batch step only stacks).
 
   Read errors are "unreadable", undecodable images "corrupt_image", empty captions "empty_caption". The
   crop offsets and the caption choice use ``np.random.default_rng([seed, index, position // epoch_size])``.
@@ -82,10 +83,12 @@ class ImageTextTransform:
     key = str(record.get("key", index))
     try:
       caption = transforms.pick_caption(record["caption"], rng)
-      image = transforms.preprocess_image(record["image"], self.resolution, self.crop, rng)
+      image, original, crop = transforms.preprocess_image_with_geometry(record["image"], self.resolution,
+                                                                        self.crop, rng)
     except transforms.SkipExample as e:
       return Skipped(e.reason, key, e.detail)
-    return {"image": transforms.to_unit_range(image), "caption": caption, "index": index}
+    return {"image": transforms.to_unit_range(image), "caption": caption, "index": index,
+            "original_size": original, "crop_top_left": crop}
 
 
 class ArrayTransform:
@@ -281,15 +284,21 @@ class Loader(Iterator[dict[str, Any]]):
       close()
 
 
-def image_collate(tokenizer: Any = None, max_length: int | None = None,
-                  with_metadata: bool = False) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-  """Examples -> {"images": float32 (B, R, R, 3) in [-1, 1], "input_ids": int32 (B, L) or "captions"}."""
+def image_collate(tokenizer: Any = None, max_length: int | None = None, with_metadata: bool = False,
+                  tokenizer_2: Any = None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+  """Examples -> {"images": float32 (B, R, R, 3) in [-1, 1], "input_ids": int32 (B, L) or "captions"}; with
+  ``tokenizer_2`` (SDXL) also "input_ids_2" (B, L) and the micro-conditioning "original_size" and
+  "crop_top_left" int32 (B, 2)."""
 
   def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     captions = [e["caption"] for e in examples]
     batch: dict[str, Any] = {"images": np.stack([e["image"] for e in examples])}
     if tokenizer is not None:
       batch["input_ids"] = transforms.tokenize_captions(tokenizer, captions, max_length)
+    if tokenizer_2 is not None:
+      batch["input_ids_2"] = transforms.tokenize_captions(tokenizer_2, captions, max_length)
+      for k in ("original_size", "crop_top_left"):
+        batch[k] = np.asarray([e[k] for e in examples], np.int32)
     if tokenizer is None or with_metadata:
       batch["captions"] = captions
     if with_metadata:
@@ -331,7 +340,7 @@ def make_source(data: Any, seed: int = 0) -> Any:
 
 def make_loader(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None, max_length: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None, source: Any = None,
-                  with_metadata: bool = False, num_epochs: int | None = None) -> Loader:
+                  with_metadata: bool = False, num_epochs: int | None = None, tokenizer_2: Any = None) -> Loader:
   """The input pipeline of ``data`` (the config's ``data`` section) for this process.
 
   Args:
@@ -342,6 +351,8 @@ def make_loader(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None,
     tokenizer: transformers CLIP tokenizer (or callable captions -> int ids); None keeps "captions" instead
       of "input_ids". Ignored by the latent cache.
     max_length: token length (default: the tokenizer's model_max_length).
+    tokenizer_2: SDXL's second tokenizer: batches also get "input_ids_2" and the micro-conditioning
+      "original_size" / "crop_top_left" (B, 2) int32 px (`image_collate`).
     shard_index, shard_count: this process's shard; default jax.process_index() / jax.process_count().
     source: a prebuilt source for ``data.source`` (skips `make_source`, e.g. to share a tar index).
     with_metadata: add "captions" and "example_ids" (source indices, int64 (B,)) to each batch.
@@ -362,7 +373,7 @@ def make_loader(data: Any, *, batch_size: int, seed: int, tokenizer: Any = None,
     collate = array_collate(src.keys, with_metadata)
   else:
     transform = ImageTextTransform(src, data.resolution, data.crop, seed, max(end - start, 1))
-    collate = image_collate(tokenizer, max_length, with_metadata)
+    collate = image_collate(tokenizer, max_length, with_metadata, tokenizer_2)
   dataset, shard_size = example_dataset(
       num_records, transform, seed=seed, shuffle=data.shuffle, shard_index=shard_index, shard_count=shard_count,
       num_threads=data.num_threads, prefetch_buffer=data.prefetch_buffer, num_workers=data.num_workers,
@@ -391,13 +402,16 @@ def _empty_caption_hint(data: Any, src: Any) -> str:
 
 def build_latent_cache(data: Any, encode_fn: Callable[[dict[str, Any]], Mapping[str, Any]], directory: str, *,
                        batch_size: int, tokenizer: Any = None, max_length: int | None = None, shard_size: int = 1024,
-                       float_dtype: str = "float32", metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                       float_dtype: str = "float32", metadata: Mapping[str, Any] | None = None,
+                       tokenizer_2: Any = None) -> dict[str, Any]:
   """One unshuffled pass over the raw source of ``data`` through ``encode_fn`` into a latent cache.
 
   ``encode_fn(batch) -> {"latents": (B, h, w, C) (scaled by the VAE factor), "text_embeds": (B, L, D),
-  "pooled_text_embeds": (B, D)}`` gets the pipeline's batches ("images" in [-1, 1], "input_ids" with a
-  tokenizer, "captions"); captions are stored with the cache. Examples the pipeline skips (corrupt images,
-  empty captions, unreadable shards) are counted in the index's "skipped", next to the non-finite encodings.
+  "pooled_text_embeds": (B, D)}`` (SDXL: also "time_ids" (B, 6); `scott_jax.student.cache_encoder` is this
+  function for a teacher) gets the pipeline's batches ("images" in [-1, 1], "input_ids" with a tokenizer, with
+  ``tokenizer_2`` "input_ids_2" and the micro-conditioning, "captions"); captions are stored with the cache.
+  Examples the pipeline skips (corrupt images, empty captions, unreadable shards) are counted in the index's
+  "skipped", next to the non-finite encodings.
   Single process (shard 0 of 1). Returns the cache index (`scott_jax.data.cache.write_cache`).
   """
   if data.source == "latent_cache":
@@ -405,7 +419,7 @@ def build_latent_cache(data: Any, encode_fn: Callable[[dict[str, Any]], Mapping[
   data = data.copy_and_resolve_references() if hasattr(data, "copy_and_resolve_references") else data
   data.shuffle = False
   p = make_loader(data, batch_size=batch_size, seed=0, tokenizer=tokenizer, max_length=max_length,
-                    shard_index=0, shard_count=1, with_metadata=True, num_epochs=1)
+                    shard_index=0, shard_count=1, with_metadata=True, num_epochs=1, tokenizer_2=tokenizer_2)
 
   def encoded() -> Iterator[dict[str, Any]]:
     for batch in p:

@@ -94,9 +94,19 @@ def crop_box(width: int, height: int, size: int, mode: str, rng: np.random.Gener
 def preprocess_image(image: Any, resolution: int, crop: str = "center",
                      rng: np.random.Generator | None = None) -> np.ndarray:
   """Any image (see `to_pil`) -> uint8 (resolution, resolution, 3): bicubic short-side resize, then crop."""
-  img = resize_short_side(to_pil(image), resolution)
+  return preprocess_image_with_geometry(image, resolution, crop, rng)[0]
+
+
+def preprocess_image_with_geometry(image: Any, resolution: int, crop: str = "center",
+                                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int],
+                                                                                     tuple[int, int]]:
+  """`preprocess_image` plus SDXL's micro-conditioning, as diffusers' SDXL training script records it: (image,
+  original size (height, width) px before the resize, crop top-left (top, left) px in the resized image)."""
+  img = to_pil(image)
+  original = (img.height, img.width)
+  img = resize_short_side(img, resolution)
   box = crop_box(img.width, img.height, resolution, crop, rng)
-  return np.asarray(img.crop(box), dtype=np.uint8)
+  return np.asarray(img.crop(box), dtype=np.uint8), original, (box[1], box[0])
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
