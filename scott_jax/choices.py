@@ -46,7 +46,7 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 PARAMS = ("ema", "student")
 
 # scott_jax.data: the sources of pipeline.make_pipeline; the crops of transforms.crop.
-DATA_SOURCES = ("folder", "synthetic", "tar", "tfds", "latent_cache")
+DATA_SOURCES = ("folder", "tar", "tfds", "latent_cache", "synthetic")
 CROP_MODES = ("center", "random")
 
 # scott_jax.pipeline: what mode sample samples with (the student's multistep sampler or the teacher's solver).
