@@ -577,16 +577,23 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   config, models, frozen, state, batch, _ = tiny
   state = _perturbed_disc(state)
 
-  def run(cfg, m=models):
-    return jax.jit(lambda s: step_lib.make_gradients(cfg, m)(s, batch, frozen))(state)
-
   def with_gan(**gan):
     cfg = config_lib.ConfigDict(config.to_dict())
     cfg.gan.update(gan)
     return cfg
 
-  g_s, g_d, m_fixed, _ = run(config)
-  r_s, r_d, ref = jax.jit(lambda s: _two_pass_gradients(config, models, s, batch, frozen))(state)
+  nogan = with_gan(enabled=False)
+  nogan_models = student_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
+                                          models.tokenizer, models.max_length)
+  variants = {"fixed": (config, models), "adaptive": (with_gan(weighting="adaptive", max_weight=1e6), models),
+              "off": (with_gan(start_step=1), models), "nogan": (nogan, nogan_models)}  # the state is at step 0
+
+  def everything(s):  # one program: XLA shares the variants' common work (teacher target, student forward)
+    out = {name: step_lib.make_gradients(c, m)(s, batch, frozen) for name, (c, m) in variants.items()}
+    return out, _two_pass_gradients(config, models, s, batch, frozen)
+
+  out, (r_s, r_d, ref) = jax.jit(everything)(state)
+  g_s, g_d, m_fixed, _ = out["fixed"]
   for k in ("loss_cd", "loss_g", "loss_d"):
     np.testing.assert_allclose(float(m_fixed[k]), float(ref[k]), rtol=1e-5, atol=1e-6, err_msg=k)
   assert float(m_fixed["grad_ratio"]) > 0.0  # the GAN gradient reaches the student
@@ -596,19 +603,16 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
     for a, b in zip(jax.tree_util.tree_leaves(got), flat_want, strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale)
 
-  _, _, m_adapt, _ = run(with_gan(weighting="adaptive", max_weight=1e6))
+  m_adapt = out["adaptive"][2]
   lam = config.gan.lambda_adv
   np.testing.assert_allclose(float(m_adapt["grad_ratio"]), lam, rtol=1e-4)
   # lambda_eff ||g_adv|| = lambda ||g_cd||, and the fixed run's grad_ratio is lambda ||g_adv|| / ||g_cd||
   np.testing.assert_allclose(float(m_adapt["lambda_eff"]) * float(m_fixed["grad_ratio"]) / lam, lam, rtol=1e-4)
 
-  g_off, _, m_off, _ = run(with_gan(start_step=1))  # the state is at step 0
+  g_off, _, m_off, _ = out["off"]
   assert float(m_off["lambda_eff"]) == 0.0 and float(m_off["grad_ratio"]) == 0.0
   assert float(m_off["loss"]) == float(m_off["loss_cd"])
-  nogan = with_gan(enabled=False)
-  nogan_models = student_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
-                                        models.tokenizer, models.max_length)
-  g_cd, _, _, _ = run(nogan, nogan_models)
+  g_cd = out["nogan"][0]
   for a, b in zip(jax.tree_util.tree_leaves(g_off), jax.tree_util.tree_leaves(g_cd), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
