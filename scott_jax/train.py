@@ -7,6 +7,7 @@ runs it in `scott_jax.loop.run` with checkpoints (`scott_jax.checkpoint`), metri
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -21,6 +22,20 @@ from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
 from scott_jax.data import batches as batches_lib
 from scott_jax.step import TrainState, abstract_state, init_state, make_train_step
+
+# The compiled steps of this process's runs: runs that differ only in their seed (the digits seeds of a method)
+# trace, lower and compile the step once.
+_COMPILED: dict[str, Any] = {}
+
+
+def _program_key(config: ConfigDict, mesh: Any, batch_spec: dict[str, Any]) -> str:
+  """What fixes the compiled step: the config without its seed (the step takes its randomness from the state),
+  the mesh's devices and axes, and the global batch's shapes."""
+  c = json.loads(config.to_json_best_effort())
+  c.pop("seed", None)
+  devices = [int(d.id) for d in mesh.devices.flat]
+  shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(batch_spec.items())}
+  return json.dumps([c, devices, list(mesh.axis_names), list(mesh.devices.shape), repr(shapes)], sort_keys=True)
 
 
 def _mib(n: int) -> str:
@@ -107,10 +122,14 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
                _mib(parallel.bytes_per_device(frozen, frozen_sh)), tc.batch_size,
                parallel.local_batch_size(tc.batch_size))
 
-  step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
   t_compile = time.time()
-  compiled = step_fn.lower(parallel.with_shardings(abstract, state_sh), parallel.with_shardings(batch_spec, batch_sh),
-                           parallel.with_shardings(frozen, frozen_sh)).compile()
+  key = _program_key(config, mesh, batch_spec)
+  if key not in _COMPILED:
+    step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+    _COMPILED[key] = step_fn.lower(parallel.with_shardings(abstract, state_sh),
+                                   parallel.with_shardings(batch_spec, batch_sh),
+                                   parallel.with_shardings(frozen, frozen_sh)).compile()
+  compiled = _COMPILED[key]
   logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
                time.time() - t_start)
   sampler = student_lib.make_sampler(config, models) if tc.sample_every else None
