@@ -51,7 +51,7 @@ import numpy as np
 from scott_jax import consistency, solvers
 from scott_jax.choices import SAMPLER_KINDS
 from scott_jax.models import loading
-from scott_jax.models.clip_text import SDXLTextEncoders, tokenize
+from scott_jax.models.clip_text import SDXLTextMixin, tokenize
 from scott_jax.models.unet import add_time_ids
 from scott_jax.models.vae import decode_latents
 from scott_jax.schedules import NoiseSchedule
@@ -63,7 +63,7 @@ OUTPUTS = ("uint8", "float")
 
 
 @dataclasses.dataclass(frozen=True)
-class Pipeline:
+class Pipeline(SDXLTextMixin):
   """Flax modules of a Stable Diffusion pipeline, the tokenizer and the schedule (no parameters).
 
   unet: the student (with ``time_cond_proj_dim``, the guidance embedding) or a plain teacher U-Net;
@@ -88,15 +88,6 @@ class Pipeline:
   tokenizer_2: Any = None
   force_zeros_for_empty_prompt: bool = False
 
-  @property
-  def is_sdxl(self) -> bool:
-    return self.text_encoder_2 is not None
-
-  @property
-  def text_encoders(self) -> SDXLTextEncoders:
-    if not self.is_sdxl:
-      raise ValueError("text_encoders: not an SDXL pipeline (no text_encoder_2)")
-    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
 
   @property
   def guidance_embed_dim(self) -> int | None:

@@ -42,7 +42,7 @@ from scott_jax import pipeline as pipeline_lib
 from scott_jax.config import ConfigDict, ConfigError, ConfigPathError
 from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
-from scott_jax.models.clip_text import SDXLTextEncoders, tokenize
+from scott_jax.models.clip_text import SDXLTextMixin, tokenize
 from scott_jax.models.unet import UNet2DConditionModel
 from scott_jax.models.vae import encode_to_latents
 from scott_jax.schedules import NoiseSchedule
@@ -59,7 +59,7 @@ TIME_IDS = "time_ids"  # an SDXL latent batch's add_time_ids (B, 6)
 
 
 @dataclasses.dataclass(frozen=True)
-class Models:
+class Models(SDXLTextMixin):
   """The networks as (stateless) Flax modules plus the schedule; parameters live elsewhere.
 
   teacher: the teacher U-Net (also the discriminator's base); student: the same architecture with the guidance
@@ -80,16 +80,6 @@ class Models:
   tokenizer_2: Any = None
   force_zeros_for_empty_prompt: bool = False
 
-  @property
-  def is_sdxl(self) -> bool:
-    return self.text_encoder_2 is not None
-
-  @property
-  def text_encoders(self) -> SDXLTextEncoders:
-    """SDXL's prompt encoding (params: the frozen tree's ``text_encoder`` and ``text_encoder_2``)."""
-    if not self.is_sdxl:
-      raise ValueError("text_encoders: the teacher is not an SDXL model (no text_encoder_2)")
-    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
 
   def tokenize(self, prompts: Any) -> np.ndarray:
     """Prompts -> token ids (B, L) int32, or for SDXL (B, 2, L) (tokenizer, tokenizer_2), as `Pipeline.tokenize`."""

@@ -349,3 +349,19 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int | Non
     list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="np"
   )
   return np.asarray(ids["input_ids"], dtype=np.int32)
+
+
+class SDXLTextMixin:
+  """``is_sdxl`` and ``text_encoders`` for a bundle with ``text_encoder``, ``text_encoder_2`` (None: not SDXL) and
+  ``force_zeros_for_empty_prompt`` fields (the loaded folder, the sampling `Pipeline`, the trainer's `Models`)."""
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+  @property
+  def text_encoders(self) -> SDXLTextEncoders:
+    """SDXL's prompt encoding (params ``{"text_encoder", "text_encoder_2"}``)."""
+    if not self.is_sdxl:
+      raise ValueError(f"text_encoders: this {type(self).__name__} is not SDXL (no text_encoder_2)")
+    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)

@@ -44,7 +44,7 @@ from scott_jax.models.clip_text import (
   CLIPTextConfig,
   CLIPTextModel,
   CLIPTextModelWithProjection,
-  SDXLTextEncoders,
+  SDXLTextMixin,
   prepare_clip_text_state_dict,
 )
 from scott_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -390,7 +390,7 @@ def save_unet(folder: str | os.PathLike, config: Any, params: PyTree) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class StableDiffusionComponents:
+class StableDiffusionComponents(SDXLTextMixin):
   """A diffusers Stable Diffusion (1.x / 2.x) or Stable Diffusion XL folder loaded for JAX: Flax modules with
   their float32 params, the transformers tokenizers and the scheduler's config dict
   (``scheduler/scheduler_config.json``).
@@ -413,16 +413,6 @@ class StableDiffusionComponents:
   tokenizer_2: Any = None
   force_zeros_for_empty_prompt: bool = False
 
-  @property
-  def is_sdxl(self) -> bool:
-    return self.text_encoder_2 is not None
-
-  @property
-  def text_encoders(self) -> SDXLTextEncoders:
-    """The SDXL prompt encoder (`SDXLTextEncoders`, params ``{"text_encoder", "text_encoder_2"}``)."""
-    if not self.is_sdxl:
-      raise ValueError("text_encoders: not an SDXL folder (no text_encoder_2)")
-    return SDXLTextEncoders(self.text_encoder, self.text_encoder_2, self.force_zeros_for_empty_prompt)
 
 
 PIPELINE_SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
