@@ -30,6 +30,15 @@ def tiny_config(teacher: str):
   return cfg
 
 
+def lcm_noises(steps: int, shape: tuple[int, ...], seed: int = 9) -> np.ndarray:
+  """The (steps - 1, B, h, w, C) renoising draws diffusers' LCM loop takes from ``torch.Generator().manual_seed(seed)``
+  (NCHW draws of ``shape`` transposed to NHWC), to feed our sampler the same noise."""
+  gen = torch.Generator().manual_seed(seed)
+  b, h, w, c = shape
+  draws = [torch.randn((b, c, h, w), generator=gen).permute(0, 2, 3, 1).numpy() for _ in range(steps - 1)]
+  return np.stack(draws) if draws else np.zeros((0, *shape), np.float32)
+
+
 def perturb(tree, seed: int, scale: float = 0.02):
   """tree + scale * N(0, 1) noise drawn on the host (numpy; no per-shape device compiles)."""
   rng = np.random.default_rng(seed)
@@ -102,9 +111,7 @@ def test_diffusers_export_gives_our_images(run):
   shape = pipeline.latent_shape(pipe, 2, 32, 32)
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
   for steps in (1, 2):
-    gen = torch.Generator().manual_seed(9)
-    noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()
-                       for _ in range(steps - 1)]) if steps > 1 else np.zeros((0, *shape), np.float32)
+    noises = lcm_noises(steps, shape)
     sampler = pipeline.make_sampler(pipe, kind="student", steps=steps, height=32, output="float")
     assert sampler.timesteps.tolist() == [999, 495][:steps]  # the run's skip-24 grid (consistency.timestep_rule)
     ours = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
@@ -277,8 +284,7 @@ def test_gaussian_student_exports(tmp_path):
   assert torch_pipe.unet.config.out_channels == 4
   shape = pipeline.latent_shape(pipe, 2, 32, 32)
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
-  gen = torch.Generator().manual_seed(9)
-  noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()])
+  noises = lcm_noises(2, shape)
   mean_sampler = pipeline.make_sampler(pipe, kind="student", steps=2, height=32, output="float", gaussian="mean")
   ours = np.asarray(mean_sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z,
                                  noises=noises))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_export import lcm_noises
 
 from scott_jax import config as config_lib
 from scott_jax import config_files, export, main, pipeline, student
@@ -172,9 +173,7 @@ def test_sdxl_sample_and_export_match_diffusers(sdxl_run, tmp_path):
   shape = pipeline.latent_shape(pipe, 2, 32, 32)
   z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float32)
   for steps in (1, 2):
-    gen = torch.Generator().manual_seed(9)
-    noises = np.stack([torch.randn((2, 4, 16, 16), generator=gen).permute(0, 2, 3, 1).numpy()
-                       for _ in range(steps - 1)]) if steps > 1 else np.zeros((0, *shape), np.float32)
+    noises = lcm_noises(steps, shape)
     sampler = pipeline.make_sampler(pipe, kind="student", steps=steps, height=32, output="float")
     ours = np.asarray(sampler(params, pipe.tokenize(PROMPTS), jax.random.PRNGKey(0), 6.0, latents=z, noises=noises))
     with torch.no_grad():
