@@ -1,6 +1,7 @@
 """Command-line entry point: ``python -m scott_jax.main --config configs/X.py[:arg] --workdir DIR --mode MODE``.
 
-Parses the flags, validates the config (``scott_jax.config.validate``) and dispatches to the mode registry.
+Parses the flags, validates the config (``scott_jax.config.validate``) and dispatches to the mode registry
+(`scott_jax.modes`).
 Overrides use ml_collections syntax: ``--config.solver.eta=0.2``. A bad flag, an unknown or mistyped config
 key, a value outside its allowed set or an unknown mode exits with status 2 and one line on stderr; so does a
 `ConfigError` that a mode raises before its work starts, for what only the run can check (e.g. a mesh that
@@ -9,30 +10,15 @@ does not fit the devices: ``parallel.MeshError``; a data folder without captions
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from scott_jax import config as config_lib
-
-# Mode name -> "module:function"; each function takes (config, workdir) and returns anything (ignored).
-# Imported lazily so that `--help` and validation do not pay for jax/flax imports.
-MODES: dict[str, str] = {
-    "sample_teacher": "scott_jax.analytic:run_sample_teacher",
-    "train": "scott_jax.train:run_train",
-    "toy2d": "scott_jax.toy2d:run_toy2d",
-    "digits": "scott_jax.digits.run:run_digits",
-    "evidence": "scott_jax.digits.evidence:run_evidence",
-    "sample": "scott_jax.sample:run_sample",
-    "export": "scott_jax.export:run_export",
-    "eval": "scott_jax.evaluate:run_eval",
-    "fid_stats": "scott_jax.evaluate:run_fid_stats",
-    "plan": "scott_jax.plan:run_plan",
-}
+from scott_jax.modes import MODES, resolve
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and outputs.", flag_values=FLAGS)
@@ -40,14 +26,6 @@ flags.DEFINE_string("mode", None, "What to run; default: the config's default_mo
                     + ", ".join(sorted(MODES)), flag_values=FLAGS)
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).",
                                 lock_config=True, flag_values=FLAGS)
-
-
-def resolve_mode(name: str) -> Callable:
-  """Returns the function registered for mode ``name``; raises ConfigError listing the modes otherwise."""
-  if name not in MODES:
-    raise config_lib.ConfigError(f"unknown mode '{name}'; available modes: {', '.join(sorted(MODES))}")
-  module, fn = MODES[name].split(":")
-  return getattr(importlib.import_module(module), fn)
 
 
 def _fail(message: object) -> None:
@@ -97,7 +75,7 @@ def run(argv: Sequence[str]) -> None:
   try:
     config_lib.validate(cfg)
     mode = FLAGS.mode or cfg.default_mode
-    fn = resolve_mode(mode)
+    fn = resolve(mode)
   except config_lib.ConfigError as e:
     _fail(e)
   logging.set_verbosity(logging.INFO)

@@ -167,6 +167,6 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   return state
 
 
-def run_train(config: ConfigDict, workdir: str) -> TrainState:
-  """Mode ``train`` (scott_jax.main)."""
-  return train(config, workdir)
+def run_train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
+  """Mode ``train`` (`scott_jax.modes`): `train`; ``source`` as there (the digits stage passes its arrays)."""
+  return train(config, workdir, source)

@@ -313,6 +313,6 @@ def test_cli_modes_registered(tmp_path):
                       str(tmp_path), "--mode", "eval", f"--config.eval.prompt_file={empty}"], cwd=ROOT,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and f"prompt file {empty} holds no prompts" in r.stderr
-  from scott_jax import main
+  from scott_jax import modes
 
-  assert {"sample", "export", "eval", "fid_stats"} <= set(main.MODES)
+  assert {"sample", "export", "eval", "fid_stats"} <= set(modes.MODES)

@@ -73,11 +73,11 @@ def test_sample_teacher_mode_end_to_end(tmp_path):
 
 def test_help_lists_the_modes_and_flags_and_exits_0():
   """`--help` prints the command line, every registered mode and the flags, without importing a mode."""
-  from scott_jax import main
+  from scott_jax import modes
 
   proc = _run("--help")
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("usage: python -m scott_jax.main --config")
-  for mode in main.MODES:
+  for mode in modes.MODES:
     assert mode in proc.stdout
   assert "--workdir" in proc.stdout and "--config" in proc.stdout

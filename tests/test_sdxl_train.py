@@ -18,7 +18,7 @@ import torch
 from test_export import lcm_noises
 
 from scott_jax import config as config_lib
-from scott_jax import config_files, export, main, pipeline, student
+from scott_jax import config_files, export, main, modes, pipeline, student
 from scott_jax.data import loader, sources
 from scott_jax.testing.tiny_sd import write_tiny_sdxl_pipeline
 
@@ -115,7 +115,7 @@ def test_sdxl_latent_cache_round_trip(teacher, tmp_path):
 def _mode(name: str, cfg, workdir: str):
   """What ``python -m scott_jax.main --mode NAME`` runs after parsing: validation, then the mode function."""
   config_lib.validate(cfg)
-  return main.resolve_mode(name)(cfg, workdir)
+  return modes.resolve(name)(cfg, workdir)
 
 
 @pytest.fixture(scope="module")

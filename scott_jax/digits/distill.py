@@ -1,7 +1,8 @@
-"""Stage 2 of the digits experiment: distil LCM and SCott students from the stage-1 teacher with `scott_jax.train`.
+"""Stage 2 of the digits experiment: distil LCM and SCott students from the stage-1 teacher with mode train.
 
-Each (method, seed) is one ordinary SD-style training run of `scott_jax.train.train` (the SD1.5 train step,
-discriminator, EMA, optimizers and orbax checkpoints) on the teacher folder WORKDIR/teacher_pipeline, whose
+Each (method, seed) is one ordinary SD-style training run of mode train (`scott_jax.train`, reached through the
+mode registry `scott_jax.modes`: the SD1.5 train step, discriminator, EMA, optimizers and orbax checkpoints) on
+the teacher folder WORKDIR/teacher_pipeline, whose
 ``vae/`` is the `PixelSpace` marker: the "latents" are the grey pixels. The data source is the digits training
 split with its prompts. Runs live in WORKDIR/distill/<method>_seed<k>/ and resume from their checkpoints; a
 finished run writes ``done.json`` and is not rebuilt; stage 3 runs the eval job (`scott_jax.evaluate`) on its last
@@ -33,7 +34,7 @@ from typing import Any
 
 from absl import logging
 
-from scott_jax import train
+from scott_jax import modes
 from scott_jax.choices import DIGITS_METHODS
 from scott_jax.config import ConfigDict
 from scott_jax.data import arrays
@@ -108,7 +109,7 @@ def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, m
   t0 = time.time()
   logging.info("digits: distilling %s seed %d (%d steps of batch %d)", method, seed, c.train.num_steps,
                c.train.batch_size)
-  state = train.train(c, directory, source=source(c, data))
+  state = modes.resolve("train")(c, directory, source=source(c, data))
   if int(state.step) < c.train.num_steps:
     return None
   info = {"method": method, "seed": int(seed), "steps": int(state.step), "seconds": round(time.time() - t0, 2)}
