@@ -53,10 +53,10 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                        classifier_steps=500, classifier_batch=128, guidance_scale=2.0, samples_per_digit=50,
                        eval_batch=250))
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak
-    c.digits.update(dict(teacher_steps=300, classifier_steps=150, samples_per_digit=10,
+    c.digits.update(dict(teacher_steps=300, teacher_batch=32, classifier_steps=150, samples_per_digit=10,
                          eval_batch=100, checkpoint_every=150, log_every=100, teacher_rows=("ddim:10", "er_sde:10"),
                          distill_seeds=(0, 1)))
-    c.train.update(dict(num_steps=20, log_every=10, checkpoint_every=10))
+    c.train.update(dict(num_steps=10, log_every=5, checkpoint_every=5))
   if variant in ("evidence", "evidence_quick"):
     c.default_mode = "evidence"
     # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h, i, j; (a) is every run's step 0.

@@ -27,8 +27,8 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   # second moment and the variance is not learned within the 3000-step budget (docs/toy2d.md).
   c.consistency.logvar_init = -7.0
   if variant == "quick":
-    c.toy2d.pretrain_steps = 400
-    c.toy2d.distill_steps = 300
+    c.toy2d.pretrain_steps = 250  # one scan chunk each (toy2d._train_loop): one compile per loop
+    c.toy2d.distill_steps = 150
     c.toy2d.seeds = (0,)
     c.toy2d.eval_samples = 1000
     c.toy2d.batch_size = 256
