@@ -23,19 +23,36 @@ from scott_jax.config import ConfigDict
 from scott_jax.data import batches as batches_lib
 from scott_jax.step import TrainState, abstract_state, init_state, make_train_step
 
-# The compiled steps of this process's runs: runs that differ only in their seed (the digits seeds of a method)
-# trace, lower and compile the step once.
+# The compiled steps of this process's runs: runs that differ only outside the step (their seed, data source,
+# length, logging; e.g. the digits seeds of a method) trace, lower and compile the step once.
 _COMPILED: dict[str, Any] = {}
+# The config sections `step.make_train_step` reads (tests/test_train.py traces it on a config holding only these).
+# The seed is not among them: the step takes its randomness from the state.
+PROGRAM_SECTIONS = ("consistency", "gan", "mesh", "model", "optim", "schedule", "solver")
 
 
 def _program_key(config: ConfigDict, mesh: Any, batch_spec: dict[str, Any]) -> str:
-  """What fixes the compiled step: the config without its seed (the step takes its randomness from the state),
-  the mesh's devices and axes, and the global batch's shapes."""
-  c = json.loads(config.to_json_best_effort())
-  c.pop("seed", None)
+  """What fixes the compiled step: the config's PROGRAM_SECTIONS, the mesh's devices and axes, and the global
+  batch's shapes."""
+  c = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k in PROGRAM_SECTIONS}
   devices = [int(d.id) for d in mesh.devices.flat]
   shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(batch_spec.items())}
   return json.dumps([c, devices, list(mesh.axis_names), list(mesh.devices.shape), repr(shapes)], sort_keys=True)
+
+
+def compiled_step(config: ConfigDict, models: student_lib.Models, mesh: Any, abstract: TrainState, frozen: Any,
+                  batch_spec: dict[str, Any], shardings: tuple[Any, Any, Any]) -> Any:
+  """The train step jitted on ``mesh`` (`parallel.jit_train_step`, the state donated) and compiled for the
+  abstract state, the frozen models and the global batch spec under ``shardings`` = (state, frozen, batch)
+  shardings (`parallel.shardings_for`); memoised per program (`_program_key`) for this process."""
+  state_sh, frozen_sh, batch_sh = shardings
+  key = _program_key(config, mesh, batch_spec)
+  if key not in _COMPILED:
+    step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+    _COMPILED[key] = step_fn.lower(parallel.with_shardings(abstract, state_sh),
+                                   parallel.with_shardings(batch_spec, batch_sh),
+                                   parallel.with_shardings(frozen, frozen_sh)).compile()
+  return _COMPILED[key]
 
 
 def _mib(n: int) -> str:
@@ -123,13 +140,7 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
                parallel.local_batch_size(tc.batch_size))
 
   t_compile = time.time()
-  key = _program_key(config, mesh, batch_spec)
-  if key not in _COMPILED:
-    step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
-    _COMPILED[key] = step_fn.lower(parallel.with_shardings(abstract, state_sh),
-                                   parallel.with_shardings(batch_spec, batch_sh),
-                                   parallel.with_shardings(frozen, frozen_sh)).compile()
-  compiled = _COMPILED[key]
+  compiled = compiled_step(config, models, mesh, abstract, frozen, batch_spec, (state_sh, frozen_sh, batch_sh))
   logging.info("Compiled the train step in %.1f s (%.1f s since start).", time.time() - t_compile,
                time.time() - t_start)
   sampler = student_lib.make_sampler(config, models) if tc.sample_every else None

@@ -82,15 +82,31 @@ def tiny(env):
 
 
 def _compile_like_train(config, models, state, batch, frozen):
-  """The step compiled as `train_lib.train` compiles it (sharded jit on the config's 1-device mesh), so the
-  `python -m scott_jax.main` runs below find it in the persistent compilation cache."""
+  """The step compiled by `train_lib.compiled_step` as `train_lib.train` compiles it (sharded jit on the config's
+  1-device mesh): the in-process runs below reuse it and the `python -m scott_jax.main` runs find it in the
+  persistent compilation cache."""
   mesh = parallel.make_mesh(config.mesh)
   spec = batches_lib.global_batch_spec(batch)
   abstract = step_lib.abstract_state(config, models, frozen, spec)
-  state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, abstract, frozen, spec)
-  step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
-  return step.lower(parallel.with_shardings(abstract, state_sh), parallel.with_shardings(spec, batch_sh),
-                    parallel.with_shardings(frozen, frozen_sh)).compile()
+  shardings = parallel.shardings_for(config.mesh, mesh, abstract, frozen, spec)
+  return train_lib.compiled_step(config, models, mesh, abstract, frozen, spec, shardings)
+
+
+def test_the_step_reads_only_its_program_sections(tiny):
+  """`train.train` keeps one compiled step per program, keyed by the config's `train.PROGRAM_SECTIONS` (and the
+  mesh and batch shapes): the step built from a config holding only those sections traces (any other section
+  read would raise) to the compiled step's output shapes, and two configs that differ elsewhere share a key."""
+  config, models, frozen, state, batch, compiled = tiny
+  part = config_lib.ConfigDict({k: config[k] for k in train_lib.PROGRAM_SECTIONS})
+  out = jax.eval_shape(step_lib.make_train_step(part, models), state, batch, frozen)
+  assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(compiled.out_info)
+  mesh = parallel.make_mesh(config.mesh)
+  spec = batches_lib.global_batch_spec(batch)
+  other = _config(config.model.teacher_path)
+  other.seed, other.train.num_steps, other.data.source = 7, 99, "synthetic"
+  assert train_lib._program_key(other, mesh, spec) == train_lib._program_key(config, mesh, spec)
+  other.optim.disc_lr *= 2
+  assert train_lib._program_key(other, mesh, spec) != train_lib._program_key(config, mesh, spec)
 
 
 def _copy(tree):
