@@ -27,6 +27,19 @@ from scott_jax.config_files import parse_arg
 VARIANTS = ("default", "quick", "ablations", "evidence", "evidence_quick")
 
 
+def working_gan(c: config_lib.ConfigDict, start_step: int) -> None:
+  """The working GAN of docs/evidence.md, arm f ("scott_fixed_gan" is the paper's fixed lambda from step 0), and
+  the config the evidence arms share: zero-initialised head, adaptive weighting (max 10), L_G from ``start_step``
+  (50 in the experiment, 2 in the CI-sized variants, whose runs are 6-10 steps), disc lr 1e-3 (10x the
+  student's: the discriminator probe on the untrained student took the zero-head discriminator to hinge 0.55 /
+  disc_accuracy 0.96 in 150 steps at 1e-3, but only to 1.45 / 0.90 at 2.5e-4, the paper's 2.5 ratio); w from 0
+  (CFG 1, the second evaluation scale, inside every student's training range); the Gaussian arms' initial
+  log-variance as configs/toy2d.py (-10 learns the variance slowly)."""
+  c.gan.update(dict(head_init="zero", weighting="adaptive", max_weight=10.0, start_step=start_step))
+  c.optim.update(dict(disc_lr=1e-3))
+  c.consistency.update(dict(w_min=0.0, logvar_init=-7.0))
+
+
 def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   variant = parse_arg(arg, positional="variant", variant=("default", VARIANTS))["variant"]
   c = config_lib.defaults()
@@ -52,11 +65,15 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                        teacher_batch=64, teacher_lr=2e-3, teacher_warmup=100, teacher_ema=0.999,
                        classifier_steps=500, classifier_batch=128, guidance_scale=2.0, samples_per_digit=50,
                        eval_batch=250))
+  quick = dict(teacher_steps=300, teacher_batch=32, classifier_steps=150, samples_per_digit=10, eval_batch=100,
+               checkpoint_every=150, log_every=100)
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak
-    c.digits.update(dict(teacher_steps=300, teacher_batch=32, classifier_steps=150, samples_per_digit=10,
-                         eval_batch=100, checkpoint_every=150, log_every=100, teacher_rows=("ddim:10", "er_sde:10"),
-                         distill_seeds=(0, 1)))
+    c.digits.update(dict(quick, teacher_rows=("ddim:10", "er_sde:10"), distill_seeds=(0, 1)))
     c.train.update(dict(num_steps=10, log_every=5, checkpoint_every=5))
+  if variant in ("quick", "evidence", "evidence_quick"):
+    # The working GAN of docs/evidence.md (below); the CI's quick run takes it too, so that its students and the
+    # evidence_quick arms run the same compiled steps (`train.compiled_step`).
+    working_gan(c, start_step=50 if variant == "evidence" else 2)
   if variant in ("evidence", "evidence_quick"):
     c.default_mode = "evidence"
     # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h, i, j; (a) is every run's step 0.
@@ -69,21 +86,10 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                          bootstrap=1000, probe_steps=300, probe_batch=16,
                          probe_grid=(("zero", 1e-4), ("normal", 1e-4), ("zero", 2.5e-4), ("normal", 2.5e-4),
                                      ("zero", 1e-3), ("normal", 1e-3))))
-    c.consistency.logvar_init = -7.0  # the Gaussian arms: as configs/toy2d.py (-10 learns the variance slowly)
-    c.consistency.w_min = 0.0  # CFG 1 (w = 0), the second evaluation scale, inside every student's training range
-    # The working GAN of docs/evidence.md ("scott_fixed_gan" is the paper's fixed lambda from step 0).
-    c.gan.update(dict(head_init="zero", weighting="adaptive", max_weight=10.0, start_step=50))
-    # Disc lr 1e-3 (10x the student's): the discriminator probe on the untrained student (docs/evidence.md) took
-    # the zero-head discriminator to hinge 0.55 / disc_accuracy 0.96 in 150 steps at 1e-3, but only to 1.45 / 0.90
-    # at 2.5e-4 (the paper's 2.5 ratio).
-    c.optim.update(dict(disc_lr=1e-3))
     c.train.update(dict(num_steps=600, log_every=10, checkpoint_every=150, keep_checkpoints=10, save_initial=True))
   if variant == "evidence_quick":  # the CI test's size: the quick teacher, 2 arms x 1 seed, a few steps
-    c.digits.update(dict(teacher_steps=300, classifier_steps=150, distill_methods=("lcm", "scott"), first_methods=1,
-                         distill_seeds=(0,), samples_per_digit=10, eval_batch=100, evidence_teacher_steps=10,
-                         bootstrap=20, checkpoint_every=150, log_every=100, probe_grid=(("zero", 1e-3),),
-                         probe_steps=4))
-    c.gan.start_step = 2
+    c.digits.update(dict(quick, distill_methods=("lcm", "scott"), first_methods=1, distill_seeds=(0,),
+                         evidence_teacher_steps=10, bootstrap=20, probe_grid=(("zero", 1e-3),), probe_steps=4))
     c.train.update(dict(num_steps=6, log_every=2, checkpoint_every=3))
   if variant == "ablations":  # the default run plus Tables 5-7's ablations at digits size (about 3x the time)
     c.digits.distill_methods = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan")

@@ -99,7 +99,7 @@ def test_parse_arg_is_strict(arg, match):
     ("sd15_lcm", "gan=on", lambda c: c.gan.enabled and c.solver.skip == 20 and c.gan.lambda_adv == 0.4),
     ("rv51_scott", "h=2", lambda c: c.solver.h == 2 and "Realistic" in c.model.teacher_path),
     ("tiny_scott", "lcm", lambda c: c.gan.lambda_adv == 0.0 and c.train.batch_size == 2),
-    ("digits", "quick", lambda c: c.train.num_steps == 20),
+    ("digits", "quick", lambda c: c.train.num_steps == 10),
     ("toy2d", "quick", lambda c: c.toy2d.methods == ("scott", "lcm")),
     ("solver_demo", "ddpm", lambda c: (c.sample_teacher.solver, c.sample_teacher.eta) == ("ddim", 1.0)),
 ])

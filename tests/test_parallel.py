@@ -464,6 +464,29 @@ def test_plan_mode_on_sd15(tmp_path):
   assert plan["flops_per_device"] > 1e12
 
 
+@pytest.mark.slow  # about an hour of compile on a 2-core CPU
+def test_plan_mode_on_sdxl(tmp_path):
+  """``--mode plan`` on configs/sdxl_scott.py as shipped (built-in SDXL base 1.0, batch 40 of 1024px images, GAN
+  on) for 8 fake devices with fsdp 8 (TPU v5e-class chips): it compiles, the parameter counts are SDXL's (U-Net
+  2,567,463,684 as diffusers'; student = U-Net + the 256 -> 320 guidance projection), each device holds little
+  more than 1/8 of the train state, all of it donated (docs/scaling.md, SDXL section)."""
+  env = worker_env(8, tmp_path / "cache")
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  cmd = [sys.executable, "-m", "scott_jax.main", "--config", os.path.join(ROOT, "configs", "sdxl_scott.py"),
+         "--mode", "plan", "--workdir", str(tmp_path), "--config.mesh.plan_architecture=sdxl",
+         "--config.mesh.plan_devices=8", "--config.mesh.data=1", "--config.mesh.fsdp=8"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3 * 3600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  with open(tmp_path / "plan.json") as fh:
+    plan = json.load(fh)
+  p = plan["params"]
+  assert p["teacher_unet"] == 2_567_463_684 and p["student"] == p["teacher_unet"] + 256 * 320
+  assert plan["batch_per_device"] == 5 and plan["batch_kind"] == "images" and plan["resolution"] == 1024
+  assert plan["state_bytes_total"] / 8 <= plan["state_bytes_per_device"] < 1.15 * plan["state_bytes_total"] / 8
+  assert plan["memory"]["alias_bytes"] == plan["state_bytes_per_device"]
+  assert plan["flops_per_device"] > 1e13
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The worker (runs in a subprocess with fake devices).
 
