@@ -473,6 +473,21 @@ def test_evidence_quick_report(evidence_run):
     assert os.path.isfile(os.path.join(workdir, evidence.EVIDENCE, "figures", f)), f
 
 
+def test_evidence_rerun_redoes_nothing_and_writes_the_report_once(evidence_run, monkeypatch):
+  """A rerun of the finished experiment trains and evaluates nothing and writes the report once, at its end (not
+  after each finished run it passes: the bootstrap and figures cost minutes per write at full size)."""
+  from scott_jax import evaluate, modes
+  from scott_jax.digits import evidence, evidence_report
+
+  config, workdir, path = evidence_run
+  writes = []
+  monkeypatch.setattr(evidence_report, "write", lambda c, w: writes.append(w) or path)
+  monkeypatch.setattr(evaluate.Evaluator, "run_once", lambda self: pytest.fail("a finished row was recomputed"))
+  monkeypatch.setattr(modes, "resolve", lambda name: pytest.fail(f"mode {name} was started"))
+  assert evidence.run_evidence(config, workdir) == path
+  assert writes == [workdir]
+
+
 def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, digits):
   """The train step's discriminator update alone (`digits.probe`) against the frozen untrained student on the
   digits data: with the evidence config's discriminator (zero-initialised head, disc lr 1e-3) the hinge loss falls

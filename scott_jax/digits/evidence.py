@@ -71,21 +71,24 @@ def eval_config(config: ConfigDict, workdir: str, method: str, seed: int, scale:
   return config_lib.validate(c)
 
 
-def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> None:
+def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> bool:
   """The eval job on one finished run: every checkpoint at the experiment's scale, step 0 and the last step at
-  the other scales (rows already in a results.jsonl are skipped)."""
+  the other scales (rows already in a results.jsonl are skipped). Returns whether any row was computed."""
   run_wd = distill.run_dir(workdir, method, seed, RUNS)
   base = distill.method_config(config, method, seed, os.path.join(workdir, run_lib.PIPELINE))
   run = export.TrainedRun(base, run_wd)
   steps, _ = run.steps()
+  computed = False
   for i, scale in enumerate(scales(config)):
     wanted = tuple(steps) if i == 0 else (steps[0], steps[-1])
     c = eval_config(config, workdir, method, seed, scale, wanted)
     evaluator = evaluate.Evaluator(c, eval_dir(workdir, method, seed, scale), run=run)
     if all(evaluator.complete(s) for s in wanted):
       continue
+    computed = True
     logging.info("evidence: eval job on %s seed %d at CFG %g (steps %s)", method, seed, scale, list(wanted))
     evaluator.run_once()
+  return computed
 
 
 def teacher_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> list[dict[str, Any]]:
@@ -169,11 +172,14 @@ def run_evidence(config: ConfigDict, workdir: str) -> str:
   probe_rows(config, workdir, data)
   t0 = time.time()
   for method, seed in run_order(config):
+    was_done = distill.read_done(distill.run_dir(workdir, method, seed, RUNS)) is not None
     if distill.train_student(config, workdir, data, method, seed, RUNS) is None:
       logging.warning("evidence: %s seed %d stopped early; rerun to resume.", method, seed)
       return ""
-    evaluate_run(config, workdir, method, seed)
-    evidence_report.write(config, workdir)  # the report so far, after every run
+    if evaluate_run(config, workdir, method, seed) or not was_done:
+      # the report so far after every new run (not after the finished runs a rerun passes: bootstrap and figures
+      # cost minutes each)
+      evidence_report.write(config, workdir)
     logging.info("evidence: %s seed %d done (%.0f s since this invocation started)", method, seed,
                  time.time() - t0)
   path = evidence_report.write(config, workdir)
