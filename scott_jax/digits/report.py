@@ -100,7 +100,9 @@ def write_report(config: ConfigDict, workdir: str, results: list[dict[str, Any]]
            f"lr {config.optim.student_lr:g} (discriminator {config.optim.disc_lr:g}), w in "
            f"[{config.consistency.w_min:g}, {config.consistency.w_max:g}], EMA {config.consistency.ema_decay:g}; "
            f"SCott: {config.solver.name} (order {config.solver.order}, noise fn {config.solver.noise_fn}), "
-           f"skip {config.solver.skip}, h = {config.solver.h}, GAN lambda {config.gan.lambda_adv:g}; LCM: DDIM "
+           f"skip {config.solver.skip}, h = {config.solver.h}, GAN lambda {config.gan.lambda_adv:g} "
+           f"({config.gan.weighting}, max {config.gan.max_weight:g}, from step {config.gan.start_step}; head init "
+           f"{config.gan.head_init}); LCM: DDIM "
            f"eta 0, h = 1, skip {d.lcm_skip}, no GAN; seeds {tuple(d.distill_seeds)}, sampled with the "
            f"{d.student_params} parameters. CFG scale {d.guidance_scale} for every row.", "",
            "## Stages", "", "| stage | seconds | details |", "| --- | ---: | --- |"]
