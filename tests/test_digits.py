@@ -475,9 +475,10 @@ def test_evidence_quick_report(evidence_run):
 
 def test_evidence_rerun_redoes_nothing_and_writes_the_report_once(evidence_run, monkeypatch):
   """A rerun of the finished experiment trains and evaluates nothing and writes the report once, at its end (not
-  after each finished run it passes: the bootstrap and figures cost minutes per write at full size)."""
+  after each finished run it passes: the bootstrap and figures cost minutes per write at full size); new runs
+  rewrite it once per seed's round."""
   from scott_jax import evaluate, modes
-  from scott_jax.digits import evidence, evidence_report
+  from scott_jax.digits import distill, evidence, evidence_report
 
   config, workdir, path = evidence_run
   writes = []
@@ -486,6 +487,18 @@ def test_evidence_rerun_redoes_nothing_and_writes_the_report_once(evidence_run, 
   monkeypatch.setattr(modes, "resolve", lambda name: pytest.fail(f"mode {name} was started"))
   assert evidence.run_evidence(config, workdir) == path
   assert writes == [workdir]
+  # Runs of new seeds (training and evaluation faked; seed 8's runs were finished before): the report is
+  # rewritten after each seed's round of runs with new results and at the end, not after every run.
+  runs = []
+  monkeypatch.setattr(distill, "train_student", lambda c, w, d, m, s, r: runs.append((m, s)) or {"seed": s})
+  monkeypatch.setattr(distill, "read_done", lambda run_dir: {} if run_dir.endswith("seed8") else None)
+  monkeypatch.setattr(evidence, "evaluate_run", lambda c, w, m, s: False)
+  config = config.copy_and_resolve_references()
+  config.digits.update(dict(distill_seeds=(7, 8, 9, 10), first_methods=2))
+  writes.clear()
+  assert evidence.run_evidence(config, workdir) == path
+  assert runs == [(m, s) for s in (7, 8, 9, 10) for m in ("lcm", "scott")]
+  assert len(writes) == 3  # after seeds 7 and 9 (not 8: nothing new; not 10: the end comes next), at the end
 
 
 def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, digits):
@@ -499,10 +512,9 @@ def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, dig
   _, workdir, _, _ = quick_run
   c = distill.method_config(_config("evidence"), "lcm_gan", 0, os.path.join(workdir, run_lib.PIPELINE))
   c.train.batch_size = PROBE_BATCH
-  results = {}
-  for name, head, lr in (("evidence", "zero", 1e-3), ("before", "normal", 1e-4)):
-    c.gan.head_init, c.optim.disc_lr = head, lr
-    results[name] = probe.run_probe(c, distill.source(c, digits), PROBE_STEPS, log_every=PROBE_STEPS // 5)
+  curves = probe.run_probes(c, distill.source(c, digits), [("zero", 1e-3), ("normal", 1e-4)], PROBE_STEPS,
+                            log_every=PROBE_STEPS // 5)
+  results = dict(zip(("evidence", "before"), curves, strict=True))
   last = {h: r[-1] for h, r in results.items()}
   assert last["evidence"]["loss_d"] < 1.0 and last["evidence"]["disc_accuracy"] > 0.9, results["evidence"]
   assert last["before"]["loss_d"] > 1.5 and last["before"]["disc_accuracy"] < 0.75, results["before"]

@@ -140,15 +140,15 @@ def probe_rows(config: ConfigDict, workdir: str, data: data_lib.DigitsData) -> l
     with open(path) as fh:
       rows = json.load(fh)
   have = {(r["head_init"], r["disc_lr"]) for r in rows}
-  for head, lr in d.probe_grid:
-    if (head, float(lr)) in have:
-      continue
+  arms = [(head, float(lr)) for head, lr in d.probe_grid if (head, float(lr)) not in have]
+  if arms:
     c = distill.method_config(config, "lcm_gan", d.distill_seeds[0], os.path.join(workdir, run_lib.PIPELINE))
     c.train.batch_size = d.probe_batch
-    c.gan.head_init, c.optim.disc_lr = head, float(lr)
-    logging.info("evidence: discriminator probe, head %s, disc lr %g, %d steps", head, lr, d.probe_steps)
-    curve = probe.run_probe(c, distill.source(c, data), d.probe_steps, log_every=max(d.probe_steps // 6, 1))
-    rows.append({"head_init": head, "disc_lr": float(lr), "batch": d.probe_batch, "curve": curve})
+    logging.info("evidence: discriminator probe, arms (head init, disc lr) %s, %d steps", arms, d.probe_steps)
+    curves = probe.run_probes(c, distill.source(c, data), arms, d.probe_steps,
+                              log_every=max(d.probe_steps // 6, 1))
+    rows += [{"head_init": head, "disc_lr": lr, "batch": d.probe_batch, "curve": curve}
+             for (head, lr), curve in zip(arms, curves, strict=True)]
     with open(path, "w") as fh:
       json.dump(rows, fh, indent=2)
   return rows
@@ -171,15 +171,18 @@ def run_evidence(config: ConfigDict, workdir: str) -> str:
   teacher_rows(config, workdir, data)
   probe_rows(config, workdir, data)
   t0 = time.time()
-  for method, seed in run_order(config):
+  order, changed = run_order(config), False
+  for i, (method, seed) in enumerate(order):
     was_done = distill.read_done(distill.run_dir(workdir, method, seed, RUNS)) is not None
     if distill.train_student(config, workdir, data, method, seed, RUNS) is None:
       logging.warning("evidence: %s seed %d stopped early; rerun to resume.", method, seed)
       return ""
-    if evaluate_run(config, workdir, method, seed) or not was_done:
-      # the report so far after every new run (not after the finished runs a rerun passes: bootstrap and figures
-      # cost minutes each)
+    changed |= evaluate_run(config, workdir, method, seed) or not was_done
+    if changed and i + 1 < len(order) and order[i + 1][1] != seed:
+      # the report so far once a seed's round of runs has new results (its bootstrap and figures cost minutes:
+      # not after every run, nor after the finished runs a rerun passes)
       evidence_report.write(config, workdir)
+      changed = False
     logging.info("evidence: %s seed %d done (%.0f s since this invocation started)", method, seed,
                  time.time() - t0)
   path = evidence_report.write(config, workdir)
