@@ -60,13 +60,15 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                       sample_prompts=("a handwritten digit three", "a handwritten digit seven")))
   c.data.update(dict(source="synthetic", path="", resolution=16, num_examples=8))
   c.compilation_cache = "jax_cache"  # WORKDIR/jax_cache: the seeds of a method share one compiled train step
-  # Sized for 2 CPU cores: teacher 1500 x 64 images, classifier 500 x 128, 50 samples per digit per row.
+  # Sized for 15 minutes on 2 CPU cores: teacher 1500 x 64 images, classifier 500 x 128, students 2 seeds per
+  # method (docs/evidence.md has 5 per arm and bootstrap intervals), 50 samples per digit per row, one teacher
+  # reference row (DDIM 50; the DPM-Solver++ 25 and ER-SDE 50 rows, 40% of the eval stage, are one override away).
   # CFG scale 2 (w = 1): the 2000-step teacher's DDIM-50 samples are 99.6% recognised as the prompted digit
   # (g = 1.5: 98%, FID 33; g = 3: 100%, FID 117 with recall 0.37), so diversity is left to compare.
   c.digits.update(dict(unet_channels=(16, 32), unet_heads=(2, 4), unet_norm_groups=8, teacher_steps=1500,
                        teacher_batch=64, teacher_lr=2e-3, teacher_warmup=100, teacher_ema=0.999,
                        classifier_steps=500, classifier_batch=128, guidance_scale=2.0, samples_per_digit=50,
-                       eval_batch=250))
+                       eval_batch=250, distill_seeds=(0, 1), teacher_rows=("ddim:50",)))
   quick = dict(teacher_steps=300, teacher_batch=32, classifier_steps=150, samples_per_digit=10, eval_batch=100,
                checkpoint_every=150, log_every=100)
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak

@@ -63,8 +63,8 @@ def run_probes(config: ConfigDict, source: Any, arms: Sequence[tuple[str, float]
     arm.gan.head_init, arm.optim.disc_lr = head_init, float(lr)
     data = batches.make_data(arm, models, source)
     batch = next(data)
-    state = step_lib.init_state(arm, dataclasses.replace(models, disc=models.disc.clone(head_init=head_init)),
-                                frozen, batch)
+    arm_models = dataclasses.replace(models, disc=dataclasses.replace(models.disc, head_init=head_init))
+    state = step_lib.init_state(arm, arm_models, frozen, batch)
     out, window = [], []
     for k in range(1, num_steps + 1):
       state, metrics = step(state, batch, frozen, np.float32(lr))
