@@ -12,8 +12,9 @@ teacher's diffusers folder is WORKDIR/teacher_pipeline. Writes WORKDIR/report.md
 Variants: ``default``, ``quick`` (fewer steps and samples; the CI test and a first look), ``ablations``
 (the default plus SCott without GAN, with the DDIM-eta teacher, with h = 1, and LCM + GAN), ``evidence`` (mode
 evidence, `scott_jax.digits.evidence`: the decisive experiment behind docs/evidence.md; same teacher and
-classifier as the default, 10 arms x 5 seeds, learning curves, 2,000 samples per row) and ``evidence_quick``
-(the same pipeline at CI size).
+classifier as the default, the untrained student and 4 trained arms x 5 seeds, learning curves, 2,000 samples
+per row), ``evidence_all`` (the same plus 5 more arms: the ODE control, LCM + GAN, h = 1 and the Gaussian
+students) and ``evidence_quick`` (the same pipeline at CI size).
 
   python -m scott_jax.main --config configs/digits.py:evidence --workdir runs/evidence \
       --config.digits.evidence_doc=docs/evidence.md
@@ -24,7 +25,7 @@ from __future__ import annotations
 from scott_jax import config as config_lib
 from scott_jax.config_files import parse_arg
 
-VARIANTS = ("default", "quick", "ablations", "evidence", "evidence_quick")
+VARIANTS = ("default", "quick", "ablations", "evidence", "evidence_all", "evidence_quick")
 
 
 def working_gan(c: config_lib.ConfigDict, start_step: int) -> None:
@@ -74,12 +75,15 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak
     c.digits.update(dict(quick, teacher_rows=("ddim:10", "er_sde:10"), distill_seeds=(0, 1)))
     c.train.update(dict(num_steps=10, log_every=5, checkpoint_every=5))
-  if variant in ("evidence", "evidence_quick"):
+  if variant in ("evidence", "evidence_all", "evidence_quick"):
     c.default_mode = "evidence"
-    # Arms (docs/evidence.md): b, d, e, f first for every seed, then c, g, h, i, j; (a) is every run's step 0.
-    c.digits.update(dict(distill_methods=("lcm", "scott_no_gan", "scott_fixed_gan", "scott", "ode", "lcm_gan",
-                                          "scott_h1", "scott_gaussian_no_gan", "scott_gaussian"), first_methods=4,
-                         distill_seeds=(0, 1, 2, 3, 4),
+    # Arms (docs/evidence.md; (a) is every run's step 0): b, d, e, f, the first arms, 5 seeds each, are
+    # what the 3-hour CPU budget holds; `evidence_all` adds c, g, h, i, j after them (about 4 hours more on 2
+    # cores), in the same workdir.
+    methods = ("lcm", "scott_no_gan", "scott_fixed_gan", "scott")
+    if variant == "evidence_all":
+      methods += ("ode", "lcm_gan", "scott_h1", "scott_gaussian_no_gan", "scott_gaussian")
+    c.digits.update(dict(distill_methods=methods, first_methods=4, distill_seeds=(0, 1, 2, 3, 4),
                          samples_per_digit=200, eval_batch=500, eval_guidance_scales=(1.0,),
                          # on both training grids (skip 20 and 24): 999 - 120 k
                          eval_timesteps=((999,), (999, 519), (999, 759, 519, 279)), evidence_teacher_steps=50,

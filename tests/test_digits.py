@@ -268,6 +268,12 @@ def test_config_variants():
   g = _config("default").gan
   assert (g.head_init, g.weighting, g.start_step) == ("zero", "adaptive", 50)
   assert set(_config("ablations").digits.distill_methods) >= {"scott", "lcm", "scott_no_gan", "lcm_gan"}
+  # The evidence experiment: the first arms within the budget; evidence_all runs them first, then the rest
+  # (the same runs in the same workdir).
+  first, everything = _config("evidence").digits, _config("evidence_all").digits
+  assert first.distill_methods == ("lcm", "scott_no_gan", "scott_fixed_gan", "scott")
+  assert everything.distill_methods[:4] == first.distill_methods and len(everything.distill_methods) == 9
+  assert first.distill_seeds == everything.distill_seeds == (0, 1, 2, 3, 4)
   with pytest.raises(config_lib.ConfigError):
     _config("nope")
 

@@ -23,6 +23,19 @@ def test_fid_many_equals_the_sqrtm_fid():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
 
 
+def test_resampled_fid_equals_the_fid_of_the_gathered_sets():
+  """The bootstrap's GEMM form (counts against per-image outer products) against fid_many on the resampled sets
+  built by indexing (the draws behind `resample_counts`)."""
+  rng = np.random.default_rng(2)
+  mu_r, sigma_r = _reference(rng)
+  feats = rng.standard_normal((300, 8)) * 1.3 + 0.7
+  counts = er.resample_counts(5, 300, 3)
+  samples = np.random.default_rng(3).integers(0, 300, (5, 300))
+  assert np.array_equal(counts, np.stack([np.bincount(row, minlength=300) for row in samples]))
+  np.testing.assert_allclose(er.fid_resampled(feats, counts, mu_r, sigma_r), er.fid_many(feats[samples], mu_r, sigma_r),
+                             rtol=1e-9, atol=1e-9)
+
+
 def _arm(rng, shift, seeds=4, n=400, f=8, acc=0.8):
   return [{"features": rng.standard_normal((n, f)) + shift, "prompt_metric": (rng.random(n) < acc).astype(float)}
           for _ in range(seeds)]

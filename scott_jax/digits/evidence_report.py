@@ -16,6 +16,7 @@ initial noise). FID is recomputed per replicate against the fixed reference stat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -110,13 +111,9 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def fid_many(features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.ndarray:
-  """FID of each feature set against (mu_r, sigma_r): features (R, N, F) -> (R,) float64, with the trace of
+def _fid_from_moments(mu: np.ndarray, cov: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.ndarray:
+  """FID of each (mu (R, F), cov (R, F, F)) against (mu_r, sigma_r) -> (R,) float64, with the trace of
   sqrt(sigma_r^1/2 S sigma_r^1/2) from batched symmetric eigenvalues (equal to the sqrtm form)."""
-  x = features.astype(np.float64)
-  mu = x.mean(axis=1)
-  xc = x - mu[:, None, :]
-  cov = np.matmul(xc.transpose(0, 2, 1), xc) / (x.shape[1] - 1)  # BLAS; einsum here would not use it
   root = _sqrtm_psd(sigma_r)
   inner = root @ cov @ root
   tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0.0, None)).sum(axis=1)
@@ -124,37 +121,74 @@ def fid_many(features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.
           - 2.0 * tr_sqrt)
 
 
+def fid_many(features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.ndarray:
+  """FID of each feature set against (mu_r, sigma_r): features (R, N, F) -> (R,) float64."""
+  x = features.astype(np.float64)
+  mu = x.mean(axis=1)
+  xc = x - mu[:, None, :]
+  cov = np.matmul(xc.transpose(0, 2, 1), xc) / (x.shape[1] - 1)  # BLAS; einsum here would not use it
+  return _fid_from_moments(mu, cov, mu_r, sigma_r)
+
+
+@functools.lru_cache(maxsize=4)
+def resample_counts(replicates: int, n: int, seed: int) -> np.ndarray:
+  """The bootstrap's image resampling: (replicates, n) float64, row i = how often each of the n images is drawn
+  in replicate i (n draws with replacement; generator ``seed``). The same for every arm, seed and comparison
+  with these arguments (read-only)."""
+  samples = np.random.default_rng(seed).integers(0, n, (replicates, n))
+  counts = np.zeros((replicates, n))
+  np.add.at(counts, (np.arange(replicates)[:, None], samples), 1.0)
+  counts.setflags(write=False)
+  return counts
+
+
+def fid_resampled(features: np.ndarray, counts: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray) -> np.ndarray:
+  """FID of each resampled set of ``features`` (N, F): set i holds image j counts[i, j] times -> (R,) float64.
+  The sets' means and second moments are two GEMMs against the images and their outer products (no gather)."""
+  x = features.astype(np.float64)
+  n, f = x.shape
+  mu = counts @ x / n
+  second = (counts @ (x[:, :, None] * x[:, None, :]).reshape(n, f * f)).reshape(-1, f, f) / n
+  cov = (second - mu[:, :, None] * mu[:, None, :]) * (n / (n - 1))
+  return _fid_from_moments(mu, cov, mu_r, sigma_r)
+
+
 def paired_bootstrap(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], mu_r: np.ndarray,
-                     sigma_r: np.ndarray, replicates: int, seed: int = 0, chunk: int = 50) -> dict[str, Any]:
+                     sigma_r: np.ndarray, replicates: int, seed: int = 0,
+                     cache: dict[Any, np.ndarray] | None = None) -> dict[str, Any]:
   """Paired bootstrap of mean-over-seeds differences A - B of FID and accuracy (module docstring).
 
-  a, b: per seed (paired by position, equal length S) {"features": (N, F), "prompt_metric": (N,)}. Returns
+  a, b: per seed (paired by position, equal length S) {"features": (N, F), "prompt_metric": (N,)} and optionally
+  "key" (e.g. the features file): with a ``cache`` dict, each keyed seed's replicate FIDs are computed once for
+  every comparison of a report (the image resampling, `resample_counts`, is the same for all). Returns
   {"fid": (point, lo, hi), "accuracy": (point, lo, hi), "seeds": S, "samples": N}."""
   if len(a) != len(b) or not a:
     raise ValueError(f"paired bootstrap needs the same number of seeds on both sides, got {len(a)} and {len(b)}")
   s, n = len(a), a[0]["features"].shape[0]
-  fa = np.stack([x["features"] for x in a])
-  fb = np.stack([x["features"] for x in b])
-  ha = np.stack([x["prompt_metric"] for x in a]).astype(np.float64)
-  hb = np.stack([x["prompt_metric"] for x in b]).astype(np.float64)
-  point_fid = (fid_many(fa, mu_r, sigma_r).mean() - fid_many(fb, mu_r, sigma_r).mean())
-  point_acc = ha.mean() - hb.mean()
-  rng = np.random.default_rng(seed)
-  d_fid, d_acc = [], []
-  for start in range(0, replicates, chunk):
-    r = min(chunk, replicates - start)
-    seeds = rng.integers(0, s, (r, s))
-    samples = rng.integers(0, n, (r, n))
-    # (r, s, n, F): seed seeds[i, k]'s features at the replicate's image indices
-    xa = fa[seeds[:, :, None], samples[:, None, :]]
-    xb = fb[seeds[:, :, None], samples[:, None, :]]
-    fid_a = fid_many(xa.reshape(r * s, n, -1), mu_r, sigma_r).reshape(r, s).mean(axis=1)
-    fid_b = fid_many(xb.reshape(r * s, n, -1), mu_r, sigma_r).reshape(r, s).mean(axis=1)
-    d_fid.append(fid_a - fid_b)
-    acc_a = ha[seeds[:, :, None], samples[:, None, :]].mean(axis=(1, 2))
-    acc_b = hb[seeds[:, :, None], samples[:, None, :]].mean(axis=(1, 2))
-    d_acc.append(acc_a - acc_b)
-  d_fid, d_acc = np.concatenate(d_fid), np.concatenate(d_acc)
+  counts = resample_counts(replicates, n, seed)
+  picks = np.random.default_rng([seed, 1]).integers(0, s, (replicates, s))  # the replicates' seed draws
+  rows = np.arange(replicates)[:, None]
+  cache = {} if cache is None else cache
+
+  def replicate_fids(x: dict[str, np.ndarray]) -> np.ndarray:  # (R,) for one seed's row
+    key = (x.get("key"), replicates, n, seed)
+    if key[0] is None or key not in cache:
+      fids = fid_resampled(x["features"], counts, mu_r, sigma_r)
+      if key[0] is None:
+        return fids
+      cache[key] = fids
+    return cache[key]
+
+  def arm(xs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:  # per replicate: mean FID, accuracy
+    fids = np.stack([replicate_fids(x) for x in xs], axis=1)  # (R, S)
+    acc = counts @ np.stack([x["prompt_metric"] for x in xs]).astype(np.float64).T / n  # (R, S)
+    return fids[rows, picks].mean(axis=1), acc[rows, picks].mean(axis=1)
+
+  (fid_a, acc_a), (fid_b, acc_b) = arm(a), arm(b)
+  d_fid, d_acc = fid_a - fid_b, acc_a - acc_b
+  point_fid = (fid_many(np.stack([x["features"] for x in a]), mu_r, sigma_r).mean()
+               - fid_many(np.stack([x["features"] for x in b]), mu_r, sigma_r).mean())
+  point_acc = (np.mean([x["prompt_metric"] for x in a]) - np.mean([x["prompt_metric"] for x in b]))
   return {"fid": (float(point_fid), *map(float, np.percentile(d_fid, [2.5, 97.5]))),
           "accuracy": (float(point_acc), *map(float, np.percentile(d_acc, [2.5, 97.5]))), "seeds": s, "samples": n}
 
@@ -170,8 +204,9 @@ def judge(interval: tuple[float, float, float], lower_is_better: bool) -> str:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+  """A row's per-image features and hits, keyed by its path (the bootstrap's cache key)."""
   with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+    return {"key": path, **{k: z[k] for k in z.files}}
 
 
 def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float, int], dict[int, dict[str, Any]]],
@@ -181,6 +216,7 @@ def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float,
   mu_r, sigma_r, _ = evaluate.read_reference(os.path.join(workdir, layout.EVIDENCE, "reference.npz"), False)
   d = config.digits
   out = []
+  cache: dict[Any, np.ndarray] = {}  # per features file: its replicate FIDs, shared by the comparisons
   for a, b, claim in ORDERINGS:
     for scale in layout.scales(config):
       for k in d.student_steps:
@@ -198,7 +234,7 @@ def comparisons(config: ConfigDict, workdir: str, finals: dict[tuple[str, float,
             continue
           pa, pb = [ra[s] for s in seeds], [rb[s] for s in seeds]
         res = paired_bootstrap([_load_npz(r["features_file"]) for r in pa], [_load_npz(r["features_file"]) for r in pb],
-                               mu_r, sigma_r, d.bootstrap, seed=d.eval_seed)
+                               mu_r, sigma_r, d.bootstrap, seed=d.eval_seed, cache=cache)
         out.append({"a": a, "b": b, "claim": claim, "scale": scale, "steps": k, **res,
                     "verdict_fid": judge(res["fid"], True), "verdict_accuracy": judge(res["accuracy"], False)})
   return out
@@ -332,7 +368,9 @@ def write(config: ConfigDict, workdir: str) -> str:
            "`evidence_report.py`) from the run's files; every number below was measured by that run.", "",
            f"Runs finished: {len(done)} of {len(runs)} (arms x seeds "
            f"{len(d.distill_methods)} x {len(d.distill_seeds)}); training time "
-           f"{sum(i['seconds'] for _, _, i in done) / 60:.1f} min.", "",
+           f"{sum(i['seconds'] for _, _, i in done) / 60:.1f} min, evaluation time "
+           f"{sum(r.get('seconds', 0.0) for r in rows if r['method'] != UNTRAINED) / 60:.1f} min (the rows' "
+           "sampling and metrics; both measured on a shared 2-core host, beside other work).", "",
            "## Protocol", "",
            f"- Data, teacher ({d.teacher_steps} steps), classifier and eval job as the default digits run; students "
            f"trained {config.train.num_steps} steps of batch {config.train.batch_size}, student lr "
@@ -385,6 +423,13 @@ def write(config: ConfigDict, workdir: str) -> str:
                  f"{c['verdict_fid']} | {_fmt_interval(c['accuracy'], '.4f')} | {c['verdict_accuracy']} |")
   if not comps:
     lines.append("| (no pair of arms finished yet) | | | | | | | |")
+  arms = (UNTRAINED, *d.distill_methods)
+  for a, b, claim in ORDERINGS:
+    missing = [m for m in (a, b) if m not in arms]
+    if missing:
+      lines.append(f"| {claim} | - | - | 0 | - | not run: arm "
+                   + " and ".join(f"({LETTERS[m]}) {titles[m]}" for m in missing)
+                   + " is outside this experiment's budget (`configs/digits.py:evidence_all` runs it) | - | - |")
   lines.append("")
   # Curves.
   _plot_curves(os.path.join(fig_dir, "learning_curves.png"), config, rows)
@@ -392,13 +437,16 @@ def write(config: ConfigDict, workdir: str) -> str:
   lines += ["## Learning curves", "", "![learning curves](figures/learning_curves.png)", ""]
   flat = []
   for method in d.distill_methods:
-    per_step: dict[int, list[float]] = {}
-    for r in rows:
-      if r["method"] == method and r["scale"] == float(d.guidance_scale) and int(r["steps"]) == 2:
-        per_step.setdefault(int(r["step"]), []).append(float(r["fid"]))
-    if len(per_step) >= 3:
+    for k in d.student_steps:
+      per_step: dict[int, list[float]] = {}
+      for r in rows:
+        if r["method"] == method and r["scale"] == float(d.guidance_scale) and int(r["steps"]) == k:
+          per_step.setdefault(int(r["step"]), []).append(float(r["fid"]))
+      if len(per_step) < 3:
+        continue
       s = sorted(per_step)
       last, prev = np.asarray(per_step[s[-1]]), np.asarray(per_step[s[-2]])
+      best = min(s, key=lambda step: np.mean(per_step[step]))
       if len(last) < 2:
         state, spread_text = "one seed so far, no spread to judge the change by", "1 seed"
       else:
@@ -406,8 +454,9 @@ def write(config: ConfigDict, workdir: str) -> str:
         spread_text = f"seed std {spread:.2f}"
         state = "flat (change within the seed std)" if abs(last.mean() - prev.mean()) <= spread else (
           "still improving" if last.mean() < prev.mean() else "getting worse")
-      flat.append(f"- ({LETTERS.get(method, '?')}) {titles[method]}: 2-step FID {prev.mean():.2f} at step {s[-2]}, "
-                  f"{last.mean():.2f} at step {s[-1]} ({spread_text}): {state}.")
+      flat.append(f"- ({LETTERS.get(method, '?')}) {titles[method]}, {k} step{'s' * (k > 1)}: FID "
+                  f"{prev.mean():.2f} at step {s[-2]}, {last.mean():.2f} at step {s[-1]} ({spread_text}): {state}; "
+                  f"best mean {np.mean(per_step[best]):.2f} at step {best}.")
   lines += flat + [""]
   lines += ["## Discriminator", "",
             "The probe (`scott_jax/digits/probe.py`): the train step's discriminator update alone against the frozen "
