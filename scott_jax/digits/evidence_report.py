@@ -68,8 +68,11 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 def load_rows(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Every evaluated student row of the finished runs: the eval job's row plus method, seed, scale, its
   features path and whether its checkpoint is the run's last. Step-0 rows are also returned as the untrained
-  arm (method "untrained")."""
+  arm (method "untrained"). Only the scheduled checkpoints (step 0, multiples of ``train.checkpoint_every``, the
+  last) are read: a run stopped by a signal and resumed also kept its stop step's checkpoint, which the other
+  seeds do not have."""
   out = []
+  every = int(config.train.checkpoint_every)
   for method, seed in layout.run_order(config):
     run_wd = distill.run_dir(workdir, method, seed, layout.RUNS)
     done = distill.read_done(run_wd)
@@ -78,6 +81,8 @@ def load_rows(config: ConfigDict, workdir: str) -> list[dict[str, Any]]:
     for scale in layout.scales(config):
       eval_wd = layout.eval_dir(workdir, method, seed, scale)
       for r in _read_jsonl(os.path.join(eval_wd, evaluate.EVAL_SUBDIR, evaluate.RESULTS_FILE)):
+        if int(r["step"]) % every and int(r["step"]) != int(done["steps"]):
+          continue
         feats = evaluate.features_path(eval_wd, int(r["step"]), r["params"], int(r["steps"]))
         row = dict(r, method=method, seed=seed, scale=float(scale), features_file=feats,
                    final=int(r["step"]) == int(done["steps"]), images_dir=evaluate.images_dir(
