@@ -74,3 +74,12 @@ def test_judge():
   assert er.judge((2.0, 1.0, 3.0), True) == "reversed"
   assert er.judge((0.01, 0.005, 0.02), False) == "reproduced"
   assert er.judge((0.0, -1.0, 1.0), False) == "not resolved"
+
+
+def test_verdict_summary_counts_each_claims_rows():
+  comps = [{"claim": "X", "verdict_fid": "reproduced", "verdict_accuracy": "not resolved"},
+           {"claim": "X", "verdict_fid": "reversed", "verdict_accuracy": "not resolved"},
+           {"claim": "Y", "verdict_fid": "reversed", "verdict_accuracy": "reproduced"}]
+  lines = er.verdict_summary(comps)
+  assert "| X | 2 | 1 / 1 / 0 | 0 / 0 / 2 |" in lines and "| Y | 1 | 0 / 1 / 0 | 1 / 0 / 0 |" in lines
+  assert er.verdict_summary([]) == []

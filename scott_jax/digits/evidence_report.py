@@ -198,6 +198,22 @@ def paired_bootstrap(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarra
           "accuracy": (float(point_acc), *map(float, np.percentile(d_acc, [2.5, 97.5]))), "seeds": s, "samples": n}
 
 
+def verdict_summary(comps: list[dict[str, Any]]) -> list[str]:
+  """Markdown lines: per claim, how many of its (CFG, steps) rows are reproduced / reversed / not resolved, for
+  FID and for accuracy (the rows follow in the full table)."""
+  if not comps:
+    return []
+  lines = ["Per claim, the count of its (CFG scale, sampling steps) rows by verdict:", "",
+           "| claim (A vs B) | rows | FID: reproduced / reversed / not resolved | accuracy: reproduced / reversed / "
+           "not resolved |", "|---|---:|---|---|"]
+  for claim in dict.fromkeys(c["claim"] for c in comps):
+    mine = [c for c in comps if c["claim"] == claim]
+    counts = {key: " / ".join(str(sum(c[key] == v for c in mine)) for v in ("reproduced", "reversed", "not resolved"))
+              for key in ("verdict_fid", "verdict_accuracy")}
+    lines.append(f"| {claim} | {len(mine)} | {counts['verdict_fid']} | {counts['verdict_accuracy']} |")
+  return lines + [""]
+
+
 def judge(interval: tuple[float, float, float], lower_is_better: bool) -> str:
   """'reproduced' (A better than B: the 95% interval excludes 0 on A's side), 'reversed' (B better, beyond the
   interval) or 'not resolved' (the interval contains 0)."""
@@ -420,7 +436,8 @@ def write(config: ConfigDict, workdir: str) -> str:
   lines += ["## The paper's orderings", "",
             "Difference A - B (point [95% interval]); FID: negative = A better; accuracy: positive = A better. "
             "`reproduced`: the interval excludes 0 on the paper's side; `reversed`: on the other side; "
-            "`not resolved`: it contains 0.", "",
+            "`not resolved`: it contains 0.", ""]
+  lines += verdict_summary(comps) + [
             "| claim (A vs B) | CFG | steps | seeds | FID A - B | verdict (FID) | accuracy A - B | verdict (acc.) |",
             "|---|---:|---:|---:|---:|---|---:|---|"]
   for c in comps:
