@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   c.consistency.update(dict(w_min=0.5, w_max=3.0, ema_decay=0.95, distance="l2"))  # CFG g in [1.5, 4]
   c.gan.update(dict(enabled=True, lambda_adv=0.4, variant="lora", lora_rank=4, lora_alpha=4.0))
   c.optim.update(dict(student_lr=1e-4, warmup_steps=20))
-  # The working GAN of docs/evidence.md for every variant (the paper's fixed lambda from step 0 collapsed 3 of 3
+  # The working GAN of docs/evidence.md for every variant (the paper's fixed lambda from step 0 collapsed 5 of 5
   # seeds there); the CI-sized variants, whose runs are 6-10 steps, switch L_G on at step 2.
   working_gan(c, start_step=2 if variant in ("quick", "evidence_quick") else 50)
   # 200 steps of batch 32 per student (3 seeds per method): at 300 steps (one seed, CFG 2, 4 steps) SCott and LCM
