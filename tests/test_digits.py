@@ -448,7 +448,7 @@ def test_evidence_quick_report(evidence_run):
   (step 0, the untrained student, is one identical row in every run), learning-curve rows at every checkpoint
   at the experiment's scale and step 0 / last at CFG 1, per-image features kept, the disc diagnostics logged
   by the GAN arm's training, and a report with the table, the orderings, the curves and the grids."""
-  from scott_jax.digits import evidence, evidence_report
+  from scott_jax.digits import distill, evidence, evidence_report
 
   config, workdir, path = evidence_run
   d = config.digits
@@ -478,6 +478,12 @@ def test_evidence_quick_report(evidence_run):
     assert section in text, section
   assert "SCott beats LCM" in text and "(control) LCM distillation beats the untrained student" in text
   assert "| zero | 0.001 |" in text  # the discriminator probe's row
+  # Each run records its CPU time (training in done.json, evaluation in eval_cpu.json) and the report sums it.
+  for method, seed in evidence.run_order(config):
+    run_wd = distill.run_dir(workdir, method, seed, evidence.RUNS)
+    assert distill.read_done(run_wd)["cpu_seconds"] > 0
+    assert json.load(open(os.path.join(run_wd, evidence.EVAL_CPU)))["cpu_seconds"] > 0
+  assert "CPU time of the 2 of 2 runs that recorded it: training" in text
   for f in ("learning_curves.png", "disc_curves.png", "grid_untrained.png", "grid_lcm.png"):
     assert os.path.isfile(os.path.join(workdir, evidence.EVIDENCE, "figures", f)), f
 

@@ -100,19 +100,22 @@ def source(config: ConfigDict, data: data_lib.DigitsData) -> Any:
 def train_student(config: ConfigDict, workdir: str, data: data_lib.DigitsData, method: str,
                   seed: int, runs: str = "distill") -> dict[str, Any] | None:
   """Trains (or resumes, or skips when done) one student in `run_dir` (``runs``); returns its done info (method,
-  seed, steps, seconds), or None when training stopped early (a signal)."""
+  seed, steps, seconds, cpu_seconds), or None when training stopped early (a signal)."""
   directory = run_dir(workdir, method, seed, runs)
   done = read_done(directory)
   if done is not None:
     return done
   c = method_config(config, method, seed, os.path.join(workdir, "teacher_pipeline"))
-  t0 = time.time()
+  t0, cpu0 = time.time(), time.process_time()
   logging.info("digits: distilling %s seed %d (%d steps of batch %d)", method, seed, c.train.num_steps,
                c.train.batch_size)
   state = modes.resolve("train")(c, directory, source=source(c, data))
   if int(state.step) < c.train.num_steps:
     return None
-  info = {"method": method, "seed": int(seed), "steps": int(state.step), "seconds": round(time.time() - t0, 2)}
+  # cpu_seconds: this process's CPU time over the run, all threads (what the run costs whatever else shares the
+  # machine; wall seconds grow with the load beside it)
+  info = {"method": method, "seed": int(seed), "steps": int(state.step), "seconds": round(time.time() - t0, 2),
+          "cpu_seconds": round(time.process_time() - cpu0, 2)}
   with open(os.path.join(directory, DONE), "w") as fh:
     json.dump(info, fh, indent=2)
   return info

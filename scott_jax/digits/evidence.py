@@ -36,7 +36,16 @@ from scott_jax.config import ConfigDict
 from scott_jax.digits import classifier, distill, evaluation, evidence_report, probe
 from scott_jax.digits import data as data_lib
 from scott_jax.digits import run as run_lib
-from scott_jax.digits.evidence_layout import EVIDENCE, RUNS, TEACHER_ROWS, eval_dir, run_order, scale_tag, scales
+from scott_jax.digits.evidence_layout import (
+  EVAL_CPU,
+  EVIDENCE,
+  RUNS,
+  TEACHER_ROWS,
+  eval_dir,
+  run_order,
+  scale_tag,
+  scales,
+)
 from scott_jax.models import loading
 from scott_jax.schedules import NoiseSchedule
 
@@ -78,7 +87,7 @@ def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> bo
   base = distill.method_config(config, method, seed, os.path.join(workdir, run_lib.PIPELINE))
   run = export.TrainedRun(base, run_wd)
   steps, _ = run.steps()
-  computed = False
+  computed, cpu0 = False, time.process_time()
   for i, scale in enumerate(scales(config)):
     wanted = tuple(steps) if i == 0 else (steps[0], steps[-1])
     c = eval_config(config, workdir, method, seed, scale, wanted)
@@ -88,6 +97,14 @@ def evaluate_run(config: ConfigDict, workdir: str, method: str, seed: int) -> bo
     computed = True
     logging.info("evidence: eval job on %s seed %d at CFG %g (steps %s)", method, seed, scale, list(wanted))
     evaluator.run_once()
+  if computed:  # this process's CPU time on the run's evaluation, added up over invocations
+    path = os.path.join(run_wd, EVAL_CPU)
+    spent = 0.0
+    if os.path.isfile(path):
+      with open(path) as fh:
+        spent = json.load(fh)["cpu_seconds"]
+    with open(path, "w") as fh:
+      json.dump({"cpu_seconds": round(spent + time.process_time() - cpu0, 2)}, fh)
   return computed
 
 

@@ -12,6 +12,7 @@ from scott_jax.digits import distill
 EVIDENCE = "evidence"  # WORKDIR/evidence: the teacher rows, the eval inputs, the report
 RUNS = "evidence_runs"  # WORKDIR/evidence_runs/<method>_seed<k>: the student runs (`distill.run_dir`)
 TEACHER_ROWS = "teacher_rows"
+EVAL_CPU = "eval_cpu.json"  # in a run dir: the CPU seconds its evaluation took, {"cpu_seconds": x}
 
 
 def scale_tag(scale: float) -> str:

@@ -360,6 +360,22 @@ def _grid(path: str, images_dir: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # The report.
 
+def _cpu_text(workdir: str, done: list[tuple[str, int, dict[str, Any]]]) -> str:
+  """The CPU time of the finished runs that recorded it (training: done.json's cpu_seconds; evaluation:
+  `layout.EVAL_CPU`), which, unlike wall time, does not grow with the load beside the run."""
+  train, evals = [], []
+  for m, s, info in done:
+    eval_path = os.path.join(distill.run_dir(workdir, m, s, layout.RUNS), layout.EVAL_CPU)
+    if "cpu_seconds" in info and os.path.isfile(eval_path):
+      with open(eval_path) as fh:
+        evals.append(json.load(fh)["cpu_seconds"])
+      train.append(info["cpu_seconds"])
+  if not train:
+    return "CPU time: not recorded by these runs (runs since 2026-12-07 record it)."
+  return (f"CPU time of the {len(train)} of {len(done)} runs that recorded it: training {sum(train) / 60:.1f} min, "
+          f"evaluation {sum(evals) / 60:.1f} min (all threads of the process).")
+
+
 def _fmt_interval(x: tuple[float, float, float], spec: str) -> str:
   return f"{x[0]:{spec}} [{x[1]:{spec}}, {x[2]:{spec}}]"
 
@@ -391,7 +407,8 @@ def write(config: ConfigDict, workdir: str) -> str:
            f"{len(d.distill_methods)} x {len(d.distill_seeds)}); training time "
            f"{sum(i['seconds'] for _, _, i in done) / 60:.1f} min, evaluation time "
            f"{sum(r.get('seconds', 0.0) for r in rows if r['method'] != UNTRAINED) / 60:.1f} min (the rows' "
-           "sampling and metrics; both measured on a shared 2-core host, beside other work).", "",
+           "sampling and metrics; both measured on a shared 2-core host, beside other work). "
+           + _cpu_text(workdir, done), "",
            "## Protocol", "",
            f"- Data, teacher ({d.teacher_steps} steps), classifier and eval job as the default digits run; students "
            f"trained {config.train.num_steps} steps of batch {config.train.batch_size}, student lr "
