@@ -196,7 +196,7 @@ def test_zero_head_starts_every_logit_at_zero_and_learns_from_step_zero(tiny):
   disc, dparams = _init(unet, params, "lora", x, t, text, pooled, head_init="zero")
   fake = x + 0.5
   logits = jit(disc.apply)(dparams, params, jnp.concatenate([x, fake]), jnp.concatenate([t, t]),
-                               jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled]))
+                           jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled]))
   np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
   def loss_fn(p):

@@ -176,12 +176,11 @@ def paired_bootstrap(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarra
   cache = {} if cache is None else cache
 
   def replicate_fids(x: dict[str, np.ndarray]) -> np.ndarray:  # (R,) for one seed's row
-    key = (x.get("key"), replicates, n, seed)
-    if key[0] is None or key not in cache:
-      fids = fid_resampled(x["features"], counts, mu_r, sigma_r)
-      if key[0] is None:
-        return fids
-      cache[key] = fids
+    if "key" not in x:
+      return fid_resampled(x["features"], counts, mu_r, sigma_r)
+    key = (x["key"], replicates, n, seed)
+    if key not in cache:
+      cache[key] = fid_resampled(x["features"], counts, mu_r, sigma_r)
     return cache[key]
 
   def arm(xs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:  # per replicate: mean FID, accuracy
