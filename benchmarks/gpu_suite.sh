@@ -11,7 +11,7 @@
 # Each piece has a time limit, and a piece starts only if the suite's budget (SUITE_BUDGET_S, default 460 s) has
 # room for it, so the whole run stays under 8 minutes on one H100 / H200.
 #
-#   bash benchmarks/gpu_suite.sh                     # on the device (carry .whl: diffusers, grain, clu, ml_collections)
+#   bash benchmarks/gpu_suite.sh                     # on the device (carry .whl: diffusers, grain, ml_collections)
 #   SUITE_SIZE=tiny SUITE_WHEELS=none SUITE_BUDGET_S=2400 SUITE_LIMIT_SCALE=4 PYTHON=.venv/bin/python \
 #     bash benchmarks/gpu_suite.sh
 #                                                    # the same pieces at tiny size on a CPU

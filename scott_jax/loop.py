@@ -80,10 +80,10 @@ def run(*, name: str, state: PyTree, start: int, end: int, num_steps: int,
   """Runs updates ``start + 1`` .. ``end`` (of ``num_steps`` in all) from ``state``; returns (state, stopped by a
   signal).
 
-  step_fn(state, step) -> (state, metrics): update number ``step`` (1-based; it fetches its own batch). metrics:
-  float scalars. eval_fn(state) -> extra metrics for the log steps (and step 0 of a fresh run). on_log(step,
-  values): called at every log step with the logged values (e.g. a clu writer). after_step(step, state): after
-  every update (e.g. sampling). data_state() -> what the checkpoint keeps beside the state. describe(values) ->
+  step_fn(state, step) -> (state, metrics): update number ``step`` (1-based; it fetches its own batch). metrics: float
+  scalars. eval_fn(state) -> extra metrics for the log steps (and step 0 of a fresh run). on_log(step, values): called
+  at every log step with the logged values (e.g. `metric_writer.MetricWriter.write_scalars`). after_step(step, state):
+  after every update (e.g. sampling). data_state() -> what the checkpoint keeps beside the state. describe(values) ->
   the metrics part of the progress line. ``metrics_path`` None: no metrics file (processes other than 0).
   ``batch_size``: adds images_per_sec.
   """

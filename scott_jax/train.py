@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 from scott_jax import checkpoint as ckpt_lib
-from scott_jax import loop, parallel
+from scott_jax import loop, metric_writer, parallel
 from scott_jax import pipeline as pipeline_lib
 from scott_jax import student as student_lib
 from scott_jax.config import ConfigDict
@@ -69,8 +69,9 @@ def _describe(values: dict[str, float]) -> str:
 
 
 def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
-  """Trains (or resumes) under ``workdir``: checkpoints in WORKDIR/checkpoints, metrics (clu), sample PNGs in
-  WORKDIR/samples. Returns the final train state. SIGTERM saves a checkpoint and returns early.
+  """Trains (or resumes) under ``workdir``: checkpoints in WORKDIR/checkpoints, metrics (WORKDIR/metrics.jsonl and
+  TensorBoard events, `scott_jax.metric_writer`), sample PNGs in WORKDIR/samples. Returns the final train state.
+  SIGTERM saves a checkpoint and returns early.
 
   The step runs on the mesh of ``config.mesh`` over all devices of all processes (`scott_jax.parallel`; the
   distributed runtime is started first when the environment asks for it): the train state and the frozen models
@@ -85,8 +86,6 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   tc = config.train
   parallel.initialize_distributed(config.mesh)  # before any other JAX computation
   mesh = parallel.make_mesh(config.mesh)  # a config error: before anything is written, loaded or imported
-
-  from clu import metric_writers, periodic_actions  # (clu imports TensorFlow, which logs to stderr)
 
 
   primary = jax.process_index() == 0
@@ -145,11 +144,9 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
                time.time() - t_start)
   sampler = student_lib.make_sampler(config, models) if tc.sample_every else None
   sample_ids = models.tokenize(list(tc.sample_prompts))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
-  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  writer = metric_writer.MetricWriter(workdir if primary else None)
 
   def after_step(step: int, state: TrainState) -> None:
-    report(step)
     if sampler is None or not (step % tc.sample_every == 0 or step == tc.num_steps):
       return
     if sample_frozen is None:
@@ -168,7 +165,7 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
     metrics_path=os.path.join(workdir, loop.METRICS_FILE) if primary else None, batch_size=tc.batch_size,
     on_log=writer.write_scalars, after_step=after_step,
     data_state=lambda: batches_lib.data_state_to_save(data), describe=_describe)
-  writer.flush()
+  writer.close()
   checkpointer.close()
   data.close()
   if not stopped:
