@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                checkpoint_every=150, log_every=100)
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak
     c.digits.update(dict(quick, teacher_rows=("ddim:10", "er_sde:10"), distill_seeds=(0, 1)))
-    c.train.update(dict(num_steps=10, log_every=5, checkpoint_every=5))
+    c.train.update(dict(batch_size=16, num_steps=10, log_every=5, checkpoint_every=5))
   if variant in ("evidence", "evidence_all", "evidence_quick"):
     c.default_mode = "evidence"
     # Arms (docs/evidence.md; (a) is every run's step 0): b, d, e, f, the issue's first arms, 5 seeds each, are
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
   if variant == "evidence_quick":  # the CI test's size: the quick teacher, 2 arms x 1 seed, a few steps
     c.digits.update(dict(quick, distill_methods=("lcm", "scott"), first_methods=1, distill_seeds=(0,),
                          evidence_teacher_steps=10, bootstrap=20, probe_grid=(("zero", 1e-3),), probe_steps=4))
-    c.train.update(dict(num_steps=6, log_every=2, checkpoint_every=3))
+    c.train.update(dict(batch_size=16, num_steps=6, log_every=2, checkpoint_every=3))
   if variant == "ablations":  # the default run plus Tables 5-7's ablations at digits size (about 3x the time)
     c.digits.distill_methods = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan")
   return c
