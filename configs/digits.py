@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> config_lib.ConfigDict:
                        teacher_batch=64, teacher_lr=2e-3, teacher_warmup=100, teacher_ema=0.999,
                        classifier_steps=500, classifier_batch=128, guidance_scale=2.0, samples_per_digit=50,
                        eval_batch=250, distill_seeds=(0, 1), teacher_rows=("ddim:50",)))
-  quick = dict(teacher_steps=300, teacher_batch=32, classifier_steps=150, samples_per_digit=10, eval_batch=100,
+  quick = dict(teacher_steps=300, teacher_batch=16, classifier_steps=150, samples_per_digit=10, eval_batch=100,
                checkpoint_every=150, log_every=100)
   if variant == "quick":  # the same pipeline in a few minutes (the CI test); its short-trained models are weak
     c.digits.update(dict(quick, teacher_rows=("ddim:10", "er_sde:10"), distill_seeds=(0, 1)))
