@@ -9,8 +9,9 @@ lambda_adv = 0.4, AdamW lr 8e-6 (student) / 2e-5 (LoRA discriminator), batch 40,
 Memory (issue 13; docs/scaling.md): bfloat16 compute with float32 parameters and optimizer state, attention
 "auto" (cuDNN flash attention on a GPU, query-chunked elsewhere, chosen by the backend at trace time), each U-Net
 block rematerialised in the backward pass (policy nothing_saveable), so that batch 10 per device (the paper's 4
-GPUs) fits an 80 GB device. Override with e.g. ``--config.model.remat=False`` or ``--config.model.dtype=float32
---config.model.attention=xla`` for the plain float32 program.
+GPUs) fits an 80 GB device (the CPU plan: 45.5 GiB peak estimate per device). Override with e.g.
+``--config.model.remat=False`` or ``--config.model.dtype=float32 --config.model.attention=xla`` for the plain
+float32 program.
 
 The arg selects the ablations of Tables 5-7 as comma-separated key=value pairs (strictly parsed):
   eta=0|0.1|0.2|0.3|0.6   DDIM-eta teacher instead of ER-SDE (Table 5)

@@ -731,6 +731,12 @@ def _mesh() -> ConfigDict:
           process_id=-1,  # -1 = $JAX_PROCESS_ID or detection
           plan_architecture="teacher",  # mode plan: teacher (config.json files of model.teacher_path) | sd15
           plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
+          # DECISION (issue 13): mode plan on CPU keeps the optimization barriers until code generation
+          # (xla_disable_hlo_passes=cse_barrier_expander), as the GPU compiler does (it removes them after
+          # scheduling). XLA's CPU pipeline removes them before its late CSE, which then merges each remat
+          # recomputation with the forward it repeats: remat is undone and the plan's temporaries are those of
+          # a program without it. False: the CPU compiler's own pipeline.
+          plan_keep_barriers=True,
       )
   )
 

@@ -177,6 +177,18 @@ def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
   return devices
 
 
+def compiler_options(mesh_cfg: ConfigDict, platform: str) -> dict[str, str] | None:
+  """XLA options of the plan's compile: on CPU with ``plan_keep_barriers``, the optimization barriers stay until
+  code generation (the pass ``cse_barrier_expander`` is disabled). JAX's remat puts a barrier on each
+  recomputation's inputs; the CPU pipeline removes barriers before its late CSE, which then merges the
+  recomputation with the forward pass it repeats, so the CPU program keeps every activation remat meant to drop.
+  The GPU compiler removes them only after scheduling; this makes the CPU plan compile the program that remat
+  describes. The values computed are the same (a barrier is an identity)."""
+  if platform == "cpu" and mesh_cfg.plan_keep_barriers:
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+  return None
+
+
 def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str, Any]:
   """Lowers and compiles the sharded train step for ``config`` on ``devices`` (default `plan_devices`) from
   shapes; returns the report (see the module docstring; bytes, FLOPs per device)."""
@@ -195,7 +207,7 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
                        parallel.with_shardings(frozen, frozen_sh))
   t1 = time.time()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options(config.mesh, devices[0].platform))
   t2 = time.time()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -216,7 +228,9 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
     "dtype": config.model.dtype, "attention": config.model.attention, "remat": bool(config.model.remat),
     "remat_policy": config.model.remat_policy if config.model.remat else "",
+    "attention_chunk_size": int(config.model.attention_chunk_size),
     "gan": bool(config.gan.enabled), "frozen_sharding": config.mesh.frozen,
+    "compiler_options": compiler_options(config.mesh, devices[0].platform) or {},
     "params": {"student": lora.count_params(state.student), "disc_trainable": lora.count_params(state.disc),
                "teacher_unet": lora.count_params(frozen["unet"]), "vae": lora.count_params(frozen["vae"]),
                "text_encoder": lora.count_params(frozen["text_encoder"])
@@ -242,7 +256,8 @@ def format_plan(plan: dict[str, Any]) -> str:
   lines = [
     f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
     f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']}, "
-    f"attention {plan['attention']}{', remat ' + plan['remat_policy'] if plan['remat'] else ''})",
+    f"attention {plan['attention']}{' ' + str(plan['attention_chunk_size']) if plan['attention'] == 'chunked' else ''}"
+    f"{', remat ' + plan['remat_policy'] if plan['remat'] else ''})",
     f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
     f"teacher U-Net {p['teacher_unet'] / 1e6:.1f}M, VAE {p['vae'] / 1e6:.1f}M, text encoder "
     f"{p['text_encoder'] / 1e6:.1f}M",
