@@ -80,20 +80,22 @@ def make_teacher_sample_fn(unet: Any, params: PyTree, table: np.ndarray, schedul
   kwargs = solvers.solver_kwargs(solver, solver_options or {})
   timesteps = jnp.asarray(teacher_timesteps(num_steps, schedule.num_train_timesteps))
   table = jnp.asarray(table)
-  w = float(guidance_scale) - 1.0
+  w = jnp.float32(float(guidance_scale) - 1.0)
 
-  def eps_fn(z: Array, t: Array, context: Array) -> Array:
-    return schedule.to_eps(unet.apply(params, z, t, context).astype(jnp.float32), z, t)
-
+  # The weights, prompt table and w are arguments, not constants of the program: the rows of one solver and step
+  # count at every CFG scale are one program (one compile, then JAX's persistent cache).
   @jax.jit
-  def run(labels: Array, key: Array) -> Array:
+  def run(params: PyTree, table: Array, w: Array, labels: Array, key: Array) -> Array:
+    def eps_fn(z: Array, t: Array, context: Array) -> Array:
+      return schedule.to_eps(unet.apply(params, z, t, context).astype(jnp.float32), z, t)
+
     k_z, k_solver = jax.random.split(key)
     res = unet.config.sample_size
     z = jax.random.normal(k_z, (labels.shape[0], res, res, unet.config.in_channels), jnp.float32)
     guided = solvers.make_guided_eps_fn(eps_fn, table[labels], table[UNCOND][None], w)
     return solvers.sample(guided, z, timesteps, solver=solver, schedule=schedule, key=k_solver, **kwargs)
 
-  return lambda labels, key: np.asarray(run(jnp.asarray(labels, jnp.int32), key))
+  return lambda labels, key: np.asarray(run(params, table, w, jnp.asarray(labels, jnp.int32), key))
 
 
 def generate(sample_fn: SampleFn, labels: np.ndarray, seed: int, batch: int) -> tuple[np.ndarray, float]:
