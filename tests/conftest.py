@@ -30,18 +30,8 @@ def pytest_configure(config):
     os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
 
 
-# The longest test files of the default suite, longest first (their measured times: 2026-12-07). xdist's
-# `--dist loadfile` hands files to the workers in collection order, so these go first and the short files fill
-# in at the end (longest-processing-time-first): no worker is left with a long file while the other idles.
-LONG_FILES = ("test_digits.py", "test_train.py", "test_parallel.py", "test_multihost.py", "test_toy2d.py",
-              "test_export.py", "test_evaluate.py", "test_discriminator.py")
-
-
 def pytest_collection_modifyitems(config, items):
-  """The long files first (`LONG_FILES`, a stable sort: the tests of a file keep their order); `@pytest.mark.slow`
-  tests run only when selected with `-m` (e.g. `-m slow`); a default run skips them."""
-  rank = {name: i for i, name in enumerate(LONG_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+  """`@pytest.mark.slow` tests run only when selected with `-m` (e.g. `-m slow`); a default run skips them."""
   if config.option.markexpr:
     return
   skip = pytest.mark.skip(reason="slow: run with -m slow")
