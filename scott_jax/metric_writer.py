@@ -38,10 +38,6 @@ class MetricWriter:
                                            for k, v in sorted(values.items())])
       self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
-  def flush(self) -> None:
-    if self._events is not None:
-      self._events.flush()
-
   def close(self) -> None:
     if self._events is not None:
       self._events.close()

@@ -30,7 +30,6 @@ def test_without_a_logdir_it_only_logs(tmp_path, caplog, monkeypatch):
   writer = metric_writer.MetricWriter(None)
   with caplog.at_level(logging.INFO, logger="absl"):
     writer.write_scalars(7, {"loss": 1.0})
-  writer.flush()
   writer.close()
   assert "[7] loss=1" in [r.getMessage() for r in caplog.records]
   assert not list(tmp_path.iterdir())
