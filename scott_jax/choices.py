@@ -36,6 +36,9 @@ WEIGHTINGS = ("fixed", "adaptive")
 VARIANTS = ("lora", "full", "no_cond")
 HEAD_INITS = ("zero", "normal")
 
+# scott_jax.models.lora: how a network runs with a LoRA overlay (the same function): lora.factorised or lora.merge.
+LORA_APPLY = ("factorised", "merged")
+
 # scott_jax.models: compute dtypes (models.loading.compute_dtype), the U-Net's attention implementations and
 # rematerialisation policies (jax.checkpoint_policies names).
 DTYPES = ("float32", "bfloat16", "float16")

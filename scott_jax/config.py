@@ -295,6 +295,7 @@ def _model() -> ConfigDict:
     "lora_rank": at_least(1),
     "lora_alpha": above(0),
     "head_init": one_of(choices.HEAD_INITS),
+    "lora_apply": one_of(choices.LORA_APPLY),
     "weighting": one_of(choices.WEIGHTINGS),
     "max_weight": above(0, note="the adaptive weighting's upper clip of lambda_eff"),
     "start_step": at_least(0, note="steps of discriminator training before L_G is on"),
@@ -310,6 +311,10 @@ def _gan() -> ConfigDict:
           lora_targets=("attention", "conv"),  # lora.PRESETS names or regexes, inside the up blocks
           lora_rank=64,  # attention + conv of the SD1.5 up blocks at rank 64 + head: 3.64% of the U-Net
           lora_alpha=64.0,
+          # DECISION: how the decoder runs with the overlay (the same function, speed only): "factorised" = x W +
+          # (alpha / r) (x A) B per layer, rank-r parameter gradients (PEFT's form) | "merged" = W + (alpha / r) A B
+          # built first, whose backward computes the full-size kernel gradients (lora.factorised / lora.merge)
+          lora_apply="factorised",
           # DECISION: the head's logit conv and text/time projection start at zero ("zero": every logit starts at
           # 0, both hinges have gradient) or as before ("normal": logits start near +1.3, no real-side gradient)
           head_init="zero",

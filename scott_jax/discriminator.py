@@ -4,8 +4,11 @@ D_phi(x, t, c) for latents x (B, h, w, C) at integer timesteps t (B,) with text 
 
   1. encoder: the teacher U-Net's time embedding, conv_in, down blocks and mid block, with the TEACHER'S
      parameters passed in as a frozen argument (never copied, never updated): (h, skips, temb);
-  2. decoder: the U-Net's up blocks with a LoRA overlay (``lora.merge(teacher, overlay, alpha)``), returning the
-     features of the last up block (B, h, w, C0) (C0 = block_out_channels[0], 320 for SD1.5);
+  2. decoder: the U-Net's up blocks with a LoRA overlay on the teacher's kernels, W + (alpha / r) A B, returning
+     the features of the last up block (B, h, w, C0) (C0 = block_out_channels[0], 320 for SD1.5). ``lora_apply``
+     (config ``gan.lora_apply``) says how, the same function either way: "factorised" (`lora.factorised`: each
+     overlaid layer computes x W + (alpha / r) (x A) B, so the parameter gradients are rank-r matmuls) or
+     "merged" (`lora.merge` builds W' first; its backward computes the full-size dL/dW');
   3. head (trainable): GroupNorm, SiLU, conv3x3 to one logit per position, plus a projection term
      <mean_pos(SiLU(GN(features))), W [pooled text embedding; time embedding]> / sqrt(C0) (projection
      discriminator, Miyato and Koyama 2018) added to every position. ``head_init`` (config ``gan.head_init``,
@@ -41,7 +44,7 @@ import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 
-from scott_jax.choices import HEAD_INITS, VARIANTS
+from scott_jax.choices import HEAD_INITS, LORA_APPLY, VARIANTS
 from scott_jax.models import lora as lora_lib
 
 Array = jax.Array
@@ -94,7 +97,7 @@ class Discriminator:
   unet: the teacher's ``UNet2DConditionModel`` module (its ``encode`` / ``decode`` methods); variant one of
   `VARIANTS`; lora_targets / lora_rank / lora_alpha the overlay on the up blocks (``lora.PRESETS`` names or
   regexes); norm_groups of the head's GroupNorm (the U-Net's own ``norm_num_groups``); head_init one of
-  `HEAD_INITS` (see the module docstring).
+  `HEAD_INITS`; lora_apply one of `LORA_APPLY` (see the module docstring).
   """
 
   unet: nn.Module
@@ -105,12 +108,15 @@ class Discriminator:
   norm_groups: int = 32
   dtype: Any = jnp.float32
   head_init: str = "zero"
+  lora_apply: str = "factorised"
 
   def __post_init__(self) -> None:
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown discriminator variant '{self.variant}'; allowed: {', '.join(VARIANTS)}")
     if self.head_init not in HEAD_INITS:
       raise ValueError(f"unknown discriminator head init '{self.head_init}'; allowed: {', '.join(HEAD_INITS)}")
+    if self.lora_apply not in LORA_APPLY:
+      raise ValueError(f"unknown LoRA application '{self.lora_apply}'; allowed: {', '.join(LORA_APPLY)}")
 
   @property
   def head(self) -> DiscHead:
@@ -164,7 +170,9 @@ class Discriminator:
     return params["unet"] if self.variant == "full" else unet_params
 
   def decoder_params(self, params: PyTree, unet_params: PyTree) -> PyTree:
-    """The decoder's parameters: teacher + LoRA overlay, or the trainable copy (``full``)."""
+    """The decoder's parameters: teacher + LoRA overlay merged, or the trainable copy (``full``). `features` runs
+    the decoder on them with ``lora_apply`` "merged"; "factorised" runs it on the teacher's parameters with the
+    overlay applied per layer (the same function)."""
     if self.variant == "full":
       return params["unet"]
     return lora_lib.merge(unet_params, params["lora"], self.lora_alpha)
@@ -175,9 +183,14 @@ class Discriminator:
     text, added = _unet_text(text)
     h, skips, temb = self.unet.apply(self.encoder_params(params, unet_params), x, t, text,
                                      method=self.unet.encode, **added)
-    feats = self.unet.apply(self.decoder_params(params, unet_params), h, skips, temb, text, return_features=True,
-                            method=self.unet.decode)
-    return feats, temb
+
+    def decode(p: PyTree) -> Array:
+      return self.unet.apply(p, h, skips, temb, text, return_features=True, method=self.unet.decode)
+
+    if self.variant == "full" or self.lora_apply == "merged":
+      return decode(self.decoder_params(params, unet_params)), temb
+    with lora_lib.factorised(params["lora"], self.lora_alpha):
+      return decode(unet_params), temb
 
   def apply(self, params: PyTree, unet_params: PyTree, x: Array, t: Array, text: Any, pooled: Array) -> Array:
     """Logits (B, h, w) float32 for latents x (B, h, w, C), t (B,) int, text (B, L, D) or the SDXL condition

@@ -139,7 +139,7 @@ def build_models(config: ConfigDict, unet_config: Any, vae: Any, text_encoder: A
     disc = disc_lib.Discriminator(teacher, variant=config.gan.variant, lora_targets=tuple(config.gan.lora_targets),
                                   lora_rank=config.gan.lora_rank, lora_alpha=config.gan.lora_alpha,
                                   norm_groups=unet_config.norm_num_groups, dtype=dtype,
-                                  head_init=config.gan.head_init)
+                                  head_init=config.gan.head_init, lora_apply=config.gan.lora_apply)
   schedule = NoiseSchedule.from_config(config.schedule)
   return Models(teacher, student, vae, text_encoder, tokenizer, schedule, disc, int(max_length), text_encoder_2,
                 tokenizer_2, bool(force_zeros_for_empty_prompt))

@@ -1,5 +1,6 @@
 """The LoRA discriminator: frozen teacher encoder, LoRA decoder, head; trainable share at SD1.5 size."""
 
+import dataclasses
 import functools
 import re
 import sys
@@ -210,6 +211,40 @@ def test_zero_head_starts_every_logit_at_zero_and_learns_from_step_zero(tiny):
   assert float(jnp.abs(head["conv"]["kernel"]).max()) > 0 and float(jnp.abs(head["cond_proj"]["kernel"]).max()) > 0
   _, normal = _init(unet, params, "lora", x, t, text, pooled, head_init="normal")
   assert float(jnp.abs(jit(disc.apply)(normal, params, x, t, text, pooled)).mean()) > 0.1
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_factorised_lora_matches_merged(tiny, remat):
+  """gan.lora_apply "factorised" (x W + s (x A) B per layer, `lora.factorised`) and "merged" (`lora.merge`) are the
+  same discriminator in float32: logits and the gradients wrt the LoRA factors, the head and the input x, with
+  a nonzero B (the overlay after some training) and with the U-Net's blocks under nn.remat."""
+  unet, params, x, t, text, pooled = tiny
+  unet = unet_lib.UNet2DConditionModel(TINY, remat=remat)
+  disc, dparams = _init(unet, params, "lora", x, t, text, pooled)
+  rng = np.random.default_rng(3)
+  dparams = {**dparams, "lora": jax.tree_util.tree_map(
+    lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), jnp.float32), dparams["lora"])}
+  merged = dataclasses.replace(disc, lora_apply="merged")
+  assert disc.lora_apply == "factorised"  # the default
+
+  def run(d):
+    def loss(p, z):
+      logits = d.apply(p, params, z, t, text, pooled)
+      return jnp.sum(jnp.tanh(logits)), logits
+    return jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(dparams, x)
+
+  (g_fact, gx_fact), logits_fact = run(disc)
+  (g_merged, gx_merged), logits_merged = run(merged)
+  np.testing.assert_allclose(np.asarray(logits_fact), np.asarray(logits_merged), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx_fact), np.asarray(gx_merged), rtol=1e-5, atol=1e-5)
+  flat_f, flat_m = traverse_util.flatten_dict(g_fact), traverse_util.flatten_dict(g_merged)
+  assert flat_f.keys() == flat_m.keys() and any(k[0] == "lora" for k in flat_f)
+  for k in flat_m:
+    scale = float(jnp.abs(flat_m[k]).max()) + 1e-12
+    np.testing.assert_allclose(np.asarray(flat_f[k]) / scale, np.asarray(flat_m[k]) / scale, atol=1e-5,
+                               err_msg="/".join(k))
+  assert float(jnp.abs(logits_fact - jit(disc.apply)({**dparams, "lora": jax.tree_util.tree_map(
+    jnp.zeros_like, dparams["lora"])}, params, x, t, text, pooled)).max()) > 1e-3  # the overlay matters
 
 
 def test_generator_gradient_reaches_the_input(tiny):

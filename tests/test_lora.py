@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +188,47 @@ def test_conv_lora_matches_peft_layer(stride):
   np.testing.assert_allclose(conv(lora.merge(params, tree, alpha)), ref, rtol=1e-5, atol=1e-5)
   # Without the overlay the outputs differ: the LoRA term is not negligible.
   assert np.abs(conv(params) - ref).max() > 1e-2
+  # The factorised form on a flax nn.Conv (A with the layer's stride and padding, then B 1x1) is PEFT's layer.
+  module = nn.Sequential([nn.Conv(c_out, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))])
+  with lora.factorised({"layers_0": tree["conv"]}, alpha):
+    got = module.apply({"params": {"layers_0": params["conv"]}}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
+
+
+class _DenseNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(nn.relu(nn.Dense(4, name="hidden")(x)))
+
+
+def test_factorised_matches_merge_with_gradients_and_never_drops_an_overlay():
+  """lora.factorised on nn.Dense layers: the merged function and its gradients wrt the overlay and the input
+  (float32), with or without the ``params`` level in the overlay's paths; an overlay no call uses raises."""
+  rng = np.random.default_rng(5)
+  net = _DenseNet()
+  x = jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)
+  params = net.init(jax.random.key(0), x)
+  tree = _random_overlay(lora.init(jax.random.key(1), params, r"(hidden|out)/kernel$", 2), rng)
+  alpha = 3.0
+
+  def merged(t, x):
+    return jnp.sum(jnp.sin(net.apply(lora.merge(params, t, alpha), x)))
+
+  def factorised(t, x):
+    with lora.factorised(t, alpha):
+      return jnp.sum(jnp.sin(net.apply(params, x)))
+
+  want = jax.value_and_grad(merged, argnums=(0, 1))(tree, x)
+  got = jax.jit(jax.value_and_grad(factorised, argnums=(0, 1)))(tree, x)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  with lora.factorised(tree["params"], alpha):  # the same overlay without the "params" level
+    y = net.apply(params, x)
+  np.testing.assert_allclose(y, net.apply(lora.merge(params, tree, alpha), x), rtol=1e-5)
+  stray = {"params": {**tree["params"], "missing": {"kernel": tree["params"]["out"]["kernel"]}}}
+  with pytest.raises(ValueError, match="1 LoRA overlays were not applied.*missing/kernel"):
+    with lora.factorised(stray, alpha):
+      net.apply(params, x)
 
 
 def test_trainable_mask_and_multi_transform():

@@ -14,6 +14,14 @@ matched (`re.search`) against the '/'-joined Flax parameter path, e.g.
 is a static hyper-parameter (not in the tree, so it is never trained); r is read from the shape of A, so
 targets may have different ranks.
 
+Two ways to run a network with an overlay, the same function: `merge` builds the merged kernels W' once (the
+network then runs as usual); `factorised` intercepts the overlaid ``nn.Dense`` / ``nn.Conv`` calls and computes
+y = x W + (alpha / r) (x A) B (for a conv: A with the layer's stride, padding and dilation, B as a 1x1), as PEFT
+does. With gradients wrt the overlay, merged costs a full-size kernel gradient dL/dW' = x^T dy (as many FLOPs as
+the layer's forward) before projecting it onto A and B; factorised costs rank-r matmuls instead, about
+3 r (k d_in + d_out) / (k d_in d_out) of the layer's forward (k = kh kw), i.e. less than the full-size gradient
+when that fraction is below 1. Without gradients wrt the overlay, merged is cheaper (a batch-independent merge).
+
 `export_peft` / `import_peft` write and read a .safetensors file in the layout that diffusers' PEFT
 integration loads (a pipeline's `load_lora_weights`, `UNet2DConditionModel.load_lora_adapter`): keys
 ``unet.<torch module>.lora_A.weight`` / ``lora_B.weight`` in torch layout and the `LoraConfig` (r,
@@ -22,12 +30,14 @@ lora_alpha, target_modules, rank_pattern) as JSON under the file metadata key ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -192,6 +202,65 @@ def merge(params: PyTree, lora: PyTree, alpha: float) -> PyTree:
       raise ValueError(f"LoRA delta {delta.shape} does not match kernel '{_path_str(path)}' {w.shape}")
     flat[path] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
+
+
+def _branch(module: nn.Module, x: Array, a: Array, b: Array, scale: float) -> Array:
+  """scale * B(A(x)) for the flax ``nn.Dense`` / ``nn.Conv`` ``module`` in its compute dtype: A applied as the layer
+  itself (same strides, padding, dilation; r output features, no bias), then B (1 x ... x r x d_out) as a
+  matmul over the channels (a 1x1 conv). The scale is folded into B in float32 before the cast."""
+  if isinstance(module, nn.Conv) and (module.feature_group_count != 1 or module.mask is not None):
+    raise ValueError(f"factorised LoRA does not support grouped or masked convs ({'/'.join(module.path)})")
+  rank = a.shape[-1]
+  u = module.clone(parent=None, name=None, features=rank, use_bias=False).apply({"params": {"kernel": a}}, x)
+  b_mat = scale * b.astype(jnp.float32).reshape(rank, b.shape[-1])
+  u, b_mat = nn.dtypes.promote_dtype(u, b_mat, dtype=module.dtype)
+  return jax.lax.dot_general(u, b_mat, (((u.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+
+
+@contextlib.contextmanager
+def factorised(lora: PyTree, alpha: float) -> Iterator[None]:
+  """Within the block, every flax ``nn.Dense`` / ``nn.Conv`` call whose kernel has an overlay in ``lora`` computes
+  base(x) + (alpha / r) * B(A(x)) (see `_branch`) instead of using a merged kernel: ``module.apply(teacher_params,
+  ...)`` inside it is the same function as ``module.apply(merge(teacher_params, lora, alpha), ...)`` (float32:
+  to rounding; lower compute dtypes round the branch separately), with rank-r parameter gradients.
+
+  The overlay's kernel paths are matched against the modules' paths (`nn.Module.path`, which includes the names
+  of ``nn.remat``-wrapped blocks); a leading ``params`` (an overlay built from a ``{"params": ...}`` tree) is
+  dropped. Functions must be traced inside the block (a jitted function traced before it keeps its trace). On
+  leaving the block, an overlay that no call used raises (a path that names no Dense / Conv, or a function
+  traced outside the block), so an overlay is never silently dropped; run only the part of a network the
+  overlay covers.
+  """
+  overlays: dict[tuple[str, ...], tuple[Array, Array]] = {}
+  for path, ab in _overlays(lora).items():
+    if path[-1] != "kernel":
+      raise ValueError(f"factorised LoRA needs kernel paths; got '{_path_str(path)}'")
+    module_path = path[1:-1] if path[0] == "params" else path[:-1]
+    overlays[module_path] = ab
+  used: set[tuple[str, ...]] = set()
+
+  def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
+      return next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    if path not in overlays:
+      return next_fun(*args, **kwargs)
+    a, b = overlays[path]
+    kernel = module.get_variable("params", "kernel")
+    if kernel is None or a.shape[:-1] != kernel.shape[:-1] or b.shape[-1] != kernel.shape[-1]:
+      raise ValueError(f"LoRA overlay A {a.shape}, B {b.shape} does not match kernel '{'/'.join(path)}' "
+                       f"{None if kernel is None else kernel.shape}")
+    used.add(path)
+    x = args[0] if args else kwargs["inputs"]
+    return next_fun(*args, **kwargs) + _branch(module, x, a, b, alpha / a.shape[-1])
+
+  with nn.intercept_methods(interceptor):
+    yield
+  unused = sorted("/".join(p + ("kernel",)) for p in set(overlays) - used)
+  if unused:
+    raise ValueError(f"{len(unused)} LoRA overlays were not applied (no nn.Dense / nn.Conv call at their path "
+                     f"inside the block), e.g. {unused[:3]}")
 
 
 def trainable_mask(tree: PyTree, patterns: Sequence[str] | str | None = None) -> PyTree:
