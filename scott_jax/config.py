@@ -252,6 +252,7 @@ def _consistency() -> ConfigDict:
     "dtype": one_of(choices.DTYPES),
     "student_lora_rank": at_least(0, note="0: full student"),
     "student_lora_alpha": above(0),
+    "student_lora_apply": one_of(choices.LORA_APPLY),
     "student_lora_targets": Check(lambda v: len(v) >= 1 and all(isinstance(t, str) and t for t in v),
                                   "a non-empty tuple of lora.PRESETS names or regexes"),
     "attention": one_of(choices.ATTENTION_IMPLEMENTATIONS),
@@ -272,6 +273,10 @@ def _model() -> ConfigDict:
           student_lora_alpha=64.0,
           # LCM-LoRA's targets: attention, feed-forward, transformer in/out, resnet convs and time projections.
           student_lora_targets=("attention", "feed_forward", "proj", "conv", r"(^|/)resnets_\d+/time_emb_proj/kernel$"),
+          # DECISION: how the online student's forward + backward runs with the overlay (the same function, speed
+          # only; the EMA target always merges): "factorised" (lora.factorised, rank-r parameter gradients) |
+          # "merged" (lora.merge, full-size kernel gradients); see gan.lora_apply
+          student_lora_apply="factorised",
           # U-Nets (teacher, student, discriminator base): attention xla (plain, (B, N, T, S) logits) | cudnn
           # (fused flash attention, GPU with bfloat16/float16 only) | chunked (query blocks of
           # attention_chunk_size: one block's logits live at a time); remat recomputes each block's activations

@@ -170,11 +170,17 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
     w = jax.random.uniform(k_w, (b,), jnp.float32, cc.w_min, cc.w_max)
     cond = {"text": text, "w": w}
     uncond = student_lib.uncond_like(frozen, text)
-    student_fn = student_lib.make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], c.model.student_lora_alpha)
+    # A LoRA student: the EMA target (no gradient) runs with its overlay merged, the online student as
+    # model.student_lora_apply says (the same function; factorised: rank-r parameter gradients).
+    alpha = c.model.student_lora_alpha
+    target_fn = student_lib.make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], alpha, "merged")
+    student_fn = student_lib.make_student_fn(models, cc.guidance_embed_dim, frozen["unet"], alpha,
+                                             c.model.student_lora_apply)
     make_f = losses.make_gaussian_consistency_fn if gaussian else losses.make_consistency_fn
     f = make_f(student_fn, schedule, timestep_scaling=cc.timestep_scaling)
     problem = losses.make_cd_target(
-      f, student_lib.make_teacher_eps_fn(models, frozen["unet"], uncond), schedule, solver=c.solver.name,
+      make_f(target_fn, schedule, timestep_scaling=cc.timestep_scaling),
+      student_lib.make_teacher_eps_fn(models, frozen["unet"], uncond), schedule, solver=c.solver.name,
       solver_kwargs=solver_kwargs, skip=c.solver.skip, h=c.solver.h, grid=cc.grid,
       num_ddim_timesteps=cc.num_ddim_timesteps)(state.ema, z0, cond, k_cd)
     t_n = problem["t_n"]

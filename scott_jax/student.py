@@ -7,7 +7,8 @@ zero-initialised projection, so it starts equal to the teacher; guidance_embed_d
 ``model.student_lora_rank`` r >= 1 the student state is a LoRA overlay instead (LCM-LoRA style): {"lora":
 rank-r overlay of the teacher's kernels (B = 0), "full": the parameters the teacher lacks, trained in full (the
 guidance projection cond_proj; {} without it)}, merged onto the frozen teacher at every use
-(`student_unet_params`). A Gaussian student (``consistency.student_output``) has twice the output channels
+(`student_unet_params`; in the train step's student forward + backward per layer instead, ``model.student_lora_apply``).
+A Gaussian student (``consistency.student_output``) has twice the output channels
 (prediction, log-variance).
 
 Batches are dicts with either ``images`` (B, H, W, 3) float32 in [-1, 1] and ``input_ids`` (B, L) int32, or
@@ -39,6 +40,7 @@ import numpy as np
 from scott_jax import consistency, solvers
 from scott_jax import discriminator as disc_lib
 from scott_jax import pipeline as pipeline_lib
+from scott_jax.choices import LORA_APPLY
 from scott_jax.config import ConfigDict, ConfigError, ConfigPathError
 from scott_jax.models import loading, lora
 from scott_jax.models import unet as unet_lib
@@ -282,16 +284,19 @@ def is_lora_student(student: PyTree) -> bool:
   return isinstance(student, dict) and STUDENT_LORA in student
 
 
-def student_unet_params(student: PyTree, teacher_params: PyTree, lora_alpha: float) -> PyTree:
-  """The student's U-Net parameters {"params": ...} from its state: a full student as it is; a LoRA state as
-  the teacher's parameters plus its "full" part with the overlay merged, W + (alpha / r) A B (`lora.merge`).
-  Pure and jit-able (the train step calls it on every student and EMA use)."""
-  if not is_lora_student(student):
-    return student
-
+def student_base_params(student: PyTree, teacher_params: PyTree) -> PyTree:
+  """A LoRA student state's U-Net parameters without its overlay: the teacher's plus the state's "full" part."""
   flat = traverse_util.flatten_dict(teacher_params)
   flat.update(traverse_util.flatten_dict(student.get(STUDENT_FULL, {})))
-  return lora.merge(traverse_util.unflatten_dict(flat), student[STUDENT_LORA], lora_alpha)
+  return traverse_util.unflatten_dict(flat)
+
+
+def student_unet_params(student: PyTree, teacher_params: PyTree, lora_alpha: float) -> PyTree:
+  """The student's U-Net parameters {"params": ...} from its state: a full student as it is; a LoRA state as
+  `student_base_params` with the overlay merged, W + (alpha / r) A B (`lora.merge`). Pure and jit-able."""
+  if not is_lora_student(student):
+    return student
+  return lora.merge(student_base_params(student, teacher_params), student[STUDENT_LORA], lora_alpha)
 
 
 def _check_batch(batch: dict[str, Any]) -> str:
@@ -384,19 +389,31 @@ def uncond_like(frozen: PyTree, text: Any) -> Any:
 
 
 def make_student_fn(models: Models, guidance_embed_dim: int, teacher_params: PyTree | None = None,
-                    lora_alpha: float = 1.0) -> Callable:
+                    lora_alpha: float = 1.0, lora_apply: str = "merged") -> Callable:
   """student_fn(params, z, t, cond) -> model output (float32); cond = {"text": (B, L, D) or the SDXL condition
   dict (`encode_batch`), "w": (B,)}.
 
-  ``params``: the student's U-Net parameters, or with ``teacher_params`` given any student state (a LoRA state
-  is merged onto them, `student_unet_params`). guidance_embed_dim 0: the student does not see w."""
+  ``params``: the student's U-Net parameters, or with ``teacher_params`` given any student state. A LoRA state
+  runs on them with its overlay ``lora_apply`` (one of `LORA_APPLY`, the same function): "merged" onto the
+  kernels first (`student_unet_params`; the cheaper form for a forward without gradients wrt the overlay, such
+  as the EMA target's) or "factorised" per layer (`lora.factorised`: rank-r parameter gradients, the cheaper form
+  for the online student's forward + backward, ``model.student_lora_apply``). guidance_embed_dim 0: the student
+  does not see w."""
+  if lora_apply not in LORA_APPLY:
+    raise ValueError(f"unknown LoRA application '{lora_apply}'; allowed: {', '.join(LORA_APPLY)}")
 
   def student_fn(params: PyTree, z: Array, t: Array, cond: PyTree) -> Array:
-    if teacher_params is not None:
-      params = student_unet_params(params, teacher_params, lora_alpha)
     w_emb = consistency.guidance_embedding(cond["w"], guidance_embed_dim) if guidance_embed_dim else None
-    out = pipeline_lib.unet_output(models.student, params, z, t, cond["text"], w_emb)
-    return out.astype(jnp.float32)
+
+    def run(p: PyTree) -> Array:
+      return pipeline_lib.unet_output(models.student, p, z, t, cond["text"], w_emb).astype(jnp.float32)
+
+    if teacher_params is None or not is_lora_student(params):
+      return run(params)
+    if lora_apply == "merged":
+      return run(student_unet_params(params, teacher_params, lora_alpha))
+    with lora.factorised(params[STUDENT_LORA], lora_alpha):
+      return run(student_base_params(params, teacher_params))
 
   return student_fn
 

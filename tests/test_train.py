@@ -508,6 +508,46 @@ def test_lora_student_state(env, embed):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_lora_student_factorised_matches_merged(env):
+  """model.student_lora_apply "factorised" (`lora.factorised`, per layer) and "merged" (`lora.merge`) are the same
+  LoRA student in float32: output and gradients wrt the state (overlay and the full cond_proj) and the input z,
+  with every state leaf perturbed (B != 0, as after training); the train step's default is factorised."""
+  config = _config(env["folder"], "student=lora,gan=off")
+  config.consistency.guidance_embed_dim = 256  # a "full" part (cond_proj) beside the overlay
+  assert config.model.student_lora_apply == "factorised"
+  models, frozen = student_lib.load_models(config)
+  source = batches_lib.make_source(config)
+  state = step_lib.init_state(config, models, frozen, batches_lib.prepare_batch(source.batch(0), models))
+  leaves, tree = jax.tree_util.tree_flatten(state.student)
+  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+  student = jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                                for x, k in zip(leaves, keys, strict=True)])
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+  cond = {"text": jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32), "w": jnp.asarray([3.0, 12.0])}
+  t = jnp.asarray([999, 259], jnp.int32)
+
+  def run(apply):
+    fn = student_lib.make_student_fn(models, config.consistency.guidance_embed_dim, frozen["unet"],
+                                     config.model.student_lora_alpha, apply)
+    def loss(s, z):
+      out = fn(s, z, t, cond)
+      return jnp.sum(jnp.tanh(out)), out
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(student, z)
+
+  (g_fact, gz_fact), out_fact = run("factorised")
+  (g_merged, gz_merged), out_merged = run("merged")
+  np.testing.assert_allclose(np.asarray(out_fact), np.asarray(out_merged), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gz_fact), np.asarray(gz_merged), rtol=1e-5, atol=1e-5)
+  for path, gm, gf in zip(jax.tree_util.tree_leaves_with_path(g_merged), jax.tree_util.tree_leaves(g_merged),
+                          jax.tree_util.tree_leaves(g_fact), strict=True):
+    scale = float(jnp.abs(gm).max()) + 1e-12
+    np.testing.assert_allclose(np.asarray(gf) / scale, np.asarray(gm) / scale, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path[0]))
+  with pytest.raises(ValueError, match="unknown LoRA application 'fused'"):
+    student_lib.make_student_fn(models, 0, frozen["unet"], 1.0, "fused")
+
+
 VARIANTS = [("sd15_scott", a) for a in ("eta=0.2", "h=1", "gan=off", "teacher=lcm", "disc=full", "disc=no_cond",
                                         "disc_time=paper", "disc_time=renoise", "student=lora")] + [("sd15_lcm", "lcm")]
 
