@@ -401,7 +401,8 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
   return _timed(row, kind, args)
 
 
-STEP_SOURCES = ("scott_jax/train.py", "scott_jax/losses.py", "scott_jax/discriminator.py", "scott_jax/solvers.py",
+STEP_SOURCES = ("scott_jax/train.py", "scott_jax/step.py", "scott_jax/student.py", "scott_jax/config.py",
+                "scott_jax/losses.py", "scott_jax/discriminator.py", "scott_jax/solvers.py",
                 "scott_jax/consistency.py", "scott_jax/models/unet.py", "scott_jax/models/vae.py",
                 "scott_jax/models/clip_text.py", "scott_jax/models/lora.py", "configs/sd15_scott.py",
                 "configs/sd15_lcm.py")
