@@ -16,9 +16,10 @@ from scott_jax import discriminator as disc_lib
 from scott_jax import losses
 from scott_jax.models import lora as lora_lib
 from scott_jax.models import unet as unet_lib
+from scott_jax.testing import fast_compile
 
-# Every program here runs once or twice: XLA's CPU LLVM level 0 compiles them faster than it costs in running.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+# Every program here runs once or twice: compiled fast (`scott_jax.testing.fast_compile`).
+jit = functools.partial(jax.jit, compiler_options=fast_compile.COMPILER_OPTIONS)
 
 TINY = unet_lib.UNetConfig(
   sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

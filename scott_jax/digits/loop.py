@@ -47,7 +47,9 @@ def run(*, name: str, directory: str, init_state: Callable[[], PyTree],
                                        save_every=checkpoint_every)
   restored = checkpointer.restore_latest(ckpt_lib.abstract_state(fresh))
   if restored is None:
-    state = fresh
+    # Committed to the device as a restored state is: the same jit signature, so a resumed run's step is the
+    # fresh run's program (a hit in the persistent compilation cache instead of a second compile).
+    state = jax.device_put(fresh, jax.devices()[0])
     logging.info("%s: starting (no checkpoint in %s).", name, checkpointer.directory)
   else:
     step, state, _ = restored
