@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from scott_jax.testing import fast_compile
+
 # A CUDA torchvision wheel next to the CPU torch fails to import; hide it so that transformers and diffusers
 # treat it as absent (the same guard as in the individual test files, applied once for the whole session).
 try:
@@ -22,12 +24,13 @@ def pytest_configure(config):
   if hasattr(config, "workerinput"):
     return  # an xdist worker inherits the controller's environment
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config._tmp_path_factory.getbasetemp() / "jax_cache"))
-  # LLVM optimisation level 1 instead of XLA's default 2 for the CPU code: the tests' programs compile about 15%
-  # faster and the tiny models run as fast (measured on the digits teacher step; level 0 halves the step speed).
-  # Subprocesses inherit it; a level already in XLA_FLAGS is kept.
+  # XLA:CPU compile settings for speed (`scott_jax.testing.fast_compile`: LLVM level 0, the classic fusion
+  # emitters): the tests' programs run a few steps, so compiling dominates (19-33% less CPU than LLVM level 1 on
+  # test_train / test_unet / test_pipeline / test_solvers, measured); the few runs of hundreds of steps use level 1
+  # in a child process (tests/test_digits.py). Subprocesses inherit it; a level already in XLA_FLAGS is kept.
   flags = os.environ.get("XLA_FLAGS", "")
   if "--xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {fast_compile.XLA_FLAGS}".strip()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -135,17 +135,108 @@ PROBE_STEPS, PROBE_BATCH = 150, 16
 TEACHER_STOP = 150
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, digits):
+# The long runs of this file (the quick experiment, the evidence round, the probe) run in one child process (this
+# file as a script, `_Child`) at XLA:CPU's LLVM level 1: they run hundreds of steps, where it pays for its slower
+# compile; the test processes themselves compile for speed (`scott_jax.testing.fast_compile`, tests/conftest.py).
+# One child for all of them, as one process would run them: the later jobs reuse the programs the first compiled.
+RUN_XLA_FLAGS = "--xla_backend_optimization_level=1"
+_DONE = "@@job-done"
+
+
+class _Child:
+  """The child process: runs the jobs of `_JOBS` on request, one at a time (request and result as JSON files)."""
+
+  def __init__(self, directory):
+    self.directory = directory
+    self.log_path = os.path.join(directory, "child.log")
+    self.log = open(self.log_path, "w")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=RUN_XLA_FLAGS)
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=REPO, env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+  def run(self, job, workdir):
+    out = os.path.join(self.directory, f"{job}_result.json")
+    self.proc.stdin.write(json.dumps([job, workdir, out]) + "\n")
+    self.proc.stdin.flush()
+    for line in self.proc.stdout:  # anything else the job prints is passed over
+      if line.strip() == _DONE:
+        break
+    else:
+      raise AssertionError(f"the child process ended during job {job}:\n" + open(self.log_path).read()[-4000:])
+    with open(out) as fh:
+      result = json.load(fh)
+    assert "error" not in result, result.get("error")
+    return result
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+    self.log.close()
+
+
+def _serve():
+  """The child's loop: one JSON request [job, workdir, out] per line of stdin."""
+  import traceback
+
+  for line in sys.stdin:
+    job, workdir, out = json.loads(line)
+    try:
+      result = _JOBS[job](workdir)
+    except Exception:  # reported to the test that asked
+      result = {"error": traceback.format_exc()}
+    with open(out, "w") as fh:
+      json.dump(result, fh)
+    print(_DONE, flush=True)
+
+
+def _job_quick(workdir):
+  """The quick experiment with its teacher stopped at TEACHER_STOP and resumed: {"stopped", "report"}."""
   from scott_jax import main
 
-  workdir = str(tmp_path_factory.mktemp("digits"))
   config = _config("quick")
   main.enable_compilation_cache(config.compilation_cache, workdir)  # as `python -m scott_jax.main` does
   run_lib.stage_setup(config, workdir)
-  stopped = run_lib.stage_teacher(config, workdir, digits, stop_at=TEACHER_STOP)
+  stopped = run_lib.stage_teacher(config, workdir, data_lib.load_data(16, 0.2, 0), stop_at=TEACHER_STOP)
   report = run_lib.run_digits(config, workdir)  # resumes the teacher at TEACHER_STOP
-  return config, workdir, stopped, report
+  return {"stopped": stopped, "report": report}
+
+
+def _job_evidence(workdir):
+  """configs/digits.py:evidence_quick on the quick run's teacher and classifier: {"report"}."""
+  from scott_jax import main
+  from scott_jax.digits import evidence
+
+  config = _config("evidence_quick")
+  main.enable_compilation_cache(config.compilation_cache, workdir)
+  return {"report": evidence.run_evidence(config, workdir)}
+
+
+def _job_probe(workdir):
+  """The discriminator probe with the evidence settings and with the ones before: {"curves"} (see the test)."""
+  from scott_jax.digits import distill, probe
+
+  c = distill.method_config(_config("evidence"), "lcm_gan", 0, os.path.join(workdir, run_lib.PIPELINE))
+  c.train.batch_size = PROBE_BATCH
+  curves = probe.run_probes(c, distill.source(c, data_lib.load_data(16, 0.2, 0)), [("zero", 1e-3), ("normal", 1e-4)],
+                            PROBE_STEPS, log_every=PROBE_STEPS // 5)
+  return {"curves": curves}
+
+
+_JOBS = {"quick": _job_quick, "evidence": _job_evidence, "probe": _job_probe}
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+  runner = _Child(str(tmp_path_factory.mktemp("digits_child")))
+  yield runner
+  runner.close()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, child):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  result = child.run("quick", workdir)
+  return _config("quick"), workdir, result["stopped"], result["report"]
 
 
 def test_teacher_stops_resumes_and_lowers_the_denoising_loss(quick_run):
@@ -435,12 +526,9 @@ def test_report_aggregates_seeds_and_states_the_verdict(tmp_path):
 # Mode evidence (configs/digits.py:evidence_quick on the quick run's teacher and classifier).
 
 @pytest.fixture(scope="module")
-def evidence_run(quick_run):
-  from scott_jax.digits import evidence
-
+def evidence_run(quick_run, child):
   _, workdir, _, _ = quick_run
-  config = _config("evidence_quick")
-  return config, workdir, evidence.run_evidence(config, workdir)
+  return _config("evidence_quick"), workdir, child.run("evidence", workdir)["report"]
 
 
 def test_evidence_quick_report(evidence_run):
@@ -516,20 +604,19 @@ def test_evidence_rerun_redoes_nothing_and_writes_the_report_once(evidence_run, 
   assert len(writes) == 3  # after seeds 7 and 9 (not 8: nothing new; not 10: the end comes next), at the end
 
 
-def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, digits):
+def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, child):
   """The train step's discriminator update alone (`digits.probe`) against the frozen untrained student on the
   digits data: with the evidence config's discriminator (zero-initialised head, disc lr 1e-3) the hinge loss falls
   below 1 and disc_accuracy rises above 0.9 within the probe's steps; with the discriminator the digits runs had
   before (head_init "normal", disc lr 1e-4) the same probe stays near chance. (Which of the two changes matters:
   docs/evidence.md, the probe table; at lr 1e-3 both heads separate, the zero head sooner at 2.5e-4.)"""
-  from scott_jax.digits import distill, probe
-
   _, workdir, _, _ = quick_run
-  c = distill.method_config(_config("evidence"), "lcm_gan", 0, os.path.join(workdir, run_lib.PIPELINE))
-  c.train.batch_size = PROBE_BATCH
-  curves = probe.run_probes(c, distill.source(c, digits), [("zero", 1e-3), ("normal", 1e-4)], PROBE_STEPS,
-                            log_every=PROBE_STEPS // 5)
+  curves = child.run("probe", workdir)["curves"]
   results = dict(zip(("evidence", "before"), curves, strict=True))
   last = {h: r[-1] for h, r in results.items()}
   assert last["evidence"]["loss_d"] < 1.0 and last["evidence"]["disc_accuracy"] > 0.9, results["evidence"]
   assert last["before"]["loss_d"] > 1.5 and last["before"]["disc_accuracy"] < 0.75, results["before"]
+
+
+if __name__ == "__main__":
+  _serve()

@@ -1,7 +1,6 @@
 """The LoRA discriminator: frozen teacher encoder, LoRA decoder, head; trainable share at SD1.5 size."""
 
 import dataclasses
-import functools
 import re
 import sys
 
@@ -16,10 +15,6 @@ from scott_jax import discriminator as disc_lib
 from scott_jax import losses
 from scott_jax.models import lora as lora_lib
 from scott_jax.models import unet as unet_lib
-from scott_jax.testing import fast_compile
-
-# Every program here runs once or twice: compiled fast (`scott_jax.testing.fast_compile`).
-jit = functools.partial(jax.jit, compiler_options=fast_compile.COMPILER_OPTIONS)
 
 TINY = unet_lib.UNetConfig(
   sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -136,7 +131,7 @@ def test_lora_lives_on_the_decoder_and_starts_as_the_teacher(tiny):
   assert any("attn1" in p for p in paths) and any("conv1" in p for p in paths)
   # B = 0 at init: the decoder is exactly the teacher's, so the features are the teacher's last up block.
 
-  @jit
+  @jax.jit
   def run(dparams, params):
     feats, temb = disc.features(dparams, params, x, t, text)
     h, skips, temb_ref = unet.apply(params, x, t, text, method=unet.encode)
@@ -169,7 +164,7 @@ def test_frozen_encoder_gets_no_update_and_no_optimizer_state(tiny):
     real, fk = jnp.split(logits, 2)
     return losses.hinge_d_loss(real, fk)
 
-  @jit
+  @jax.jit
   def step(p, opt):
     loss, grads = jax.value_and_grad(loss_fn)(p)
     updates, opt = tx.update(grads, opt, p)
@@ -181,7 +176,7 @@ def test_frozen_encoder_gets_no_update_and_no_optimizer_state(tiny):
   for _ in range(3):
     p, opt, loss, _ = step(p, opt)
   assert _tree_equal(params, teacher_before)
-  encode = jit(lambda dp: unet.apply(disc.encoder_params(dp, params), x, t, text, method=unet.encode))
+  encode = jax.jit(lambda dp: unet.apply(disc.encoder_params(dp, params), x, t, text, method=unet.encode))
   assert _tree_equal(encode(dparams), encode(p))
   merged = traverse_util.flatten_dict(disc.decoder_params(p, params))
   teacher = traverse_util.flatten_dict(params)
@@ -197,7 +192,7 @@ def test_zero_head_starts_every_logit_at_zero_and_learns_from_step_zero(tiny):
   unet, params, x, t, text, pooled = tiny
   disc, dparams = _init(unet, params, "lora", x, t, text, pooled, head_init="zero")
   fake = x + 0.5
-  logits = jit(disc.apply)(dparams, params, jnp.concatenate([x, fake]), jnp.concatenate([t, t]),
+  logits = jax.jit(disc.apply)(dparams, params, jnp.concatenate([x, fake]), jnp.concatenate([t, t]),
                            jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled]))
   np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
@@ -206,12 +201,12 @@ def test_zero_head_starts_every_logit_at_zero_and_learns_from_step_zero(tiny):
                                     jnp.concatenate([text, text]), jnp.concatenate([pooled, pooled])), 2)
     return losses.hinge_d_loss(real, fk)
 
-  loss, grads = jit(jax.value_and_grad(loss_fn))(dparams)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(dparams)
   assert float(loss) == 2.0
   head = grads["head"]["params"]
   assert float(jnp.abs(head["conv"]["kernel"]).max()) > 0 and float(jnp.abs(head["cond_proj"]["kernel"]).max()) > 0
   _, normal = _init(unet, params, "lora", x, t, text, pooled, head_init="normal")
-  assert float(jnp.abs(jit(disc.apply)(normal, params, x, t, text, pooled)).mean()) > 0.1
+  assert float(jnp.abs(jax.jit(disc.apply)(normal, params, x, t, text, pooled)).mean()) > 0.1
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -232,7 +227,7 @@ def test_factorised_lora_matches_merged(tiny, remat):
     def loss(p, z):
       logits = d.apply(p, params, z, t, text, pooled)
       return jnp.sum(jnp.tanh(logits)), logits
-    return jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(dparams, x)
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(dparams, x)
 
   (g_fact, gx_fact), logits_fact = run(disc)
   (g_merged, gx_merged), logits_merged = run(merged)
@@ -244,7 +239,7 @@ def test_factorised_lora_matches_merged(tiny, remat):
     scale = float(jnp.abs(flat_m[k]).max()) + 1e-12
     np.testing.assert_allclose(np.asarray(flat_f[k]) / scale, np.asarray(flat_m[k]) / scale, atol=1e-5,
                                err_msg="/".join(k))
-  assert float(jnp.abs(logits_fact - jit(disc.apply)({**dparams, "lora": jax.tree_util.tree_map(
+  assert float(jnp.abs(logits_fact - jax.jit(disc.apply)({**dparams, "lora": jax.tree_util.tree_map(
     jnp.zeros_like, dparams["lora"])}, params, x, t, text, pooled)).max()) > 1e-3  # the overlay matters
 
 
@@ -252,14 +247,14 @@ def test_generator_gradient_reaches_the_input(tiny):
   """L_G flows into the fake sample through the frozen encoder and the LoRA decoder (nonzero, finite)."""
   unet, params, x, t, text, pooled = tiny
   disc, dparams = _init(unet, params, "lora", x, t, text, pooled)
-  g = jit(jax.grad(lambda z: losses.hinge_g_loss(disc.apply(dparams, params, z, t, text, pooled))))(x)
+  g = jax.jit(jax.grad(lambda z: losses.hinge_g_loss(disc.apply(dparams, params, z, t, text, pooled))))(x)
   assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
 
 
 def test_conditioning_and_no_cond_variant(tiny):
   unet, params, x, t, text, pooled = tiny
   disc, dparams = _init(unet, params, "lora", x, t, text, pooled)
-  apply = jit(disc.apply)  # the same code for no_cond (its difference is `condition`, applied first)
+  apply = jax.jit(disc.apply)  # the same code for no_cond (its difference is `condition`, applied first)
   base = apply(dparams, params, x, t, text, pooled)
   # The projection term makes the logits depend on the pooled text embedding and the time (per example).
   other_pooled = apply(dparams, params, x, t, text, -pooled)
@@ -288,7 +283,7 @@ def test_full_variant_trains_a_copy(tiny):
   a = jax.tree_util.tree_leaves(dparams["unet"])[0]
   b = jax.tree_util.tree_leaves(params)[0]
   assert a is not b and a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()  # a copy, not an alias
-  grads = jit(jax.grad(lambda p: jnp.mean(disc.apply(p, params, x, t, text, pooled))))(dparams)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(disc.apply(p, params, x, t, text, pooled))))(dparams)
   enc_grads = [g for path, g in traverse_util.flatten_dict(grads["unet"]).items() if path[1].startswith("down_")]
   assert enc_grads and any(float(jnp.abs(g).max()) > 0 for g in enc_grads)  # the encoder trains too
 

@@ -5,5 +5,4 @@ a (2, 2) mesh compiles with 37% less CPU time (12.9 s against 20.4 s, 2-core CPU
 for a few steps. Programs that run hundreds of steps (the digits teacher) are faster overall at XLA's level 1.
 """
 
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"  # for a process's XLA_FLAGS
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}  # for one jax.jit
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"  # a process's XLA_FLAGS
