@@ -87,7 +87,6 @@ def train(config: ConfigDict, workdir: str, source: Any = None) -> TrainState:
   parallel.initialize_distributed(config.mesh)  # before any other JAX computation
   mesh = parallel.make_mesh(config.mesh)  # a config error: before anything is written, loaded or imported
 
-
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if primary:

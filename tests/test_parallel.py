@@ -54,12 +54,9 @@ def tiny_config(folder, data=1, fsdp=1, arg=CONFIG_ARG):
   return config_lib.validate(c)
 
 
-FAST_COMPILE = fast_compile.XLA_FLAGS  # the worker processes' tiny programs run a few steps
-
-
 def worker_env(num_devices, cache_dir):
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {fast_compile.XLA_FLAGS}",
               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -269,7 +266,7 @@ def mesh_run(tmp_path_factory):
   out = root / "out"
   out.mkdir()
   plan_env = worker_env(8, root / "jax_cache_plan")
-  plan_env["XLA_FLAGS"] = FAST_COMPILE  # the plan makes its own 8 CPU devices
+  plan_env["XLA_FLAGS"] = fast_compile.XLA_FLAGS  # the plan makes its own 8 CPU devices
   me = os.path.abspath(__file__)
   jobs = {"a": ([sys.executable, me, "meshes", out, folder, "a", CONFIG_ARG], worker_env(8, root / "c_a")),
           "b": ([sys.executable, me, "meshes", out, folder, "b", CONFIG_ARG], worker_env(8, root / "c_b")),
@@ -484,7 +481,7 @@ def test_plan_mode_on_sd15(tmp_path):
   is 3.64% of the U-Net, and FSDP leaves each device little more than 1/8 of the train state, all of it
   donated."""
   env = worker_env(8, tmp_path / "cache")
-  env["XLA_FLAGS"] = FAST_COMPILE
+  env["XLA_FLAGS"] = fast_compile.XLA_FLAGS
   cmd = [sys.executable, "-m", "scott_jax.main", "--config", os.path.join(ROOT, "configs", "sd15_scott.py"),
          "--mode", "plan", "--workdir", str(tmp_path), "--config.mesh.plan_architecture=sd15",
          "--config.mesh.plan_devices=8", "--config.mesh.data=1", "--config.mesh.fsdp=8"]
@@ -511,7 +508,7 @@ def test_plan_mode_on_sdxl(tmp_path):
   2,567,463,684 as diffusers'; student = U-Net + the 256 -> 320 guidance projection), each device holds little
   more than 1/8 of the train state, all of it donated (docs/scaling.md, SDXL section)."""
   env = worker_env(8, tmp_path / "cache")
-  env["XLA_FLAGS"] = FAST_COMPILE
+  env["XLA_FLAGS"] = fast_compile.XLA_FLAGS
   cmd = [sys.executable, "-m", "scott_jax.main", "--config", os.path.join(ROOT, "configs", "sdxl_scott.py"),
          "--mode", "plan", "--workdir", str(tmp_path), "--config.mesh.plan_architecture=sdxl",
          "--config.mesh.plan_devices=8", "--config.mesh.data=1", "--config.mesh.fsdp=8"]
