@@ -11,7 +11,8 @@ without the latent cache and as diffusers' LCM script) and random weights of the
 test pipeline's shapes; mid: a 3-level U-Net, channels 64-128-256; sd15: Stable Diffusion 1.5). The unit is one
 jitted forward of the teacher U-Net on the step's latents and text states (batch B, no CFG doubling). Step
 kinds: ``scott`` (configs/sd15_scott.py: ER-SDE order 2, h = 3 teacher sub-steps with CFG, LoRA discriminator),
-``nogan`` (the same with gan=off) and ``lcm`` (configs/sd15_lcm.py: DDIM, h = 1, no GAN).
+``scott_k2`` (the same with the discriminator's losses on every 2nd example, ``gan.example_stride=2``), ``nogan``
+(the same with gan=off) and ``lcm`` (configs/sd15_lcm.py: DDIM, h = 1, no GAN).
 
 FLOPs are XLA's cost analysis (``cost_analysis()["flops"]``) of the step compiled (``--flops compiled``) or only
 lowered (``--flops lowered``: the unoptimised HLO, no compile; for SD1.5 on a CPU). XLA counts the body of a
@@ -53,8 +54,11 @@ from scott_jax import step as step_lib
 from scott_jax import student as student_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"scott": ("sd15_scott.py", None), "nogan": ("sd15_scott.py", "gan=off"), "lcm": ("sd15_lcm.py", None)}
-KIND_NAMES = {"scott": "SCott (ER-SDE h 3, GAN)", "nogan": "SCott without GAN", "lcm": "LCM (DDIM, h 1, no GAN)"}
+# kind -> (config file, its arg, overrides)
+KINDS = {"scott": ("sd15_scott.py", None, {}), "scott_k2": ("sd15_scott.py", None, {"gan.example_stride": 2}),
+         "nogan": ("sd15_scott.py", "gan=off", {}), "lcm": ("sd15_lcm.py", None, {})}
+KIND_NAMES = {"scott": "SCott (ER-SDE h 3, GAN)", "scott_k2": "SCott, GAN on every 2nd example",
+              "nogan": "SCott without GAN", "lcm": "LCM (DDIM, h 1, no GAN)"}
 # Dense bf16 peak of one chip (vendor figures, TFLOP/s), for MFU; matched against jax's device_kind.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
@@ -178,8 +182,11 @@ def make_config(kind: str, size: str, batch: int, resolution: int, dtype: str, a
   the tiny config's discriminator LoRA rank (4)."""
   from scott_jax import config_files
 
-  name, arg = KINDS[kind]
+  name, arg, overrides = KINDS[kind]
   c = config_files.get_config(name, arg)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
   c.train.batch_size = batch
   c.data.update(dict(source="synthetic", path="", resolution=resolution))
   c.model.update(dict(dtype=dtype, attention=attention, remat=remat))
@@ -286,12 +293,13 @@ def hand_counts(config: config_lib.ConfigDict, parts: dict[str, float]) -> dict[
   """The step's FLOPs as parts x multiplicity: h teacher calls on the CFG-doubled batch, one EMA-target forward,
   one student forward + backward, and (GAN on) the discriminator as two passes ("separate": L_G on the fake batch
   with its input gradient, L_D on real + fake with the parameter gradient) or one ("fused": real + fake, both
-  gradients)."""
+  gradients). With gan.example_stride k the discriminator's parts (counted at the whole batch) count 1 / k."""
   base = parts["encode"] + config.solver.h * parts["teacher_2B"] + parts["student_fwd"] + parts["student_fwd_bwd"]
   if "disc_B_grad_x" not in parts:
     return {"no disc": base}
-  return {"separate": base + parts["disc_B_grad_x"] + parts["disc_2B_grad_params"],
-          "fused": base + parts["disc_2B_grad_params_x"]}
+  k = config.gan.example_stride
+  return {"separate": base + (parts["disc_B_grad_x"] + parts["disc_2B_grad_params"]) / k,
+          "fused": base + parts["disc_2B_grad_params_x"] / k}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,7 +492,7 @@ def _fmt(row: dict[str, Any]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=("tiny", "mid", "sd15"), nargs="+", default=["tiny", "mid"])
-  parser.add_argument("--kinds", default="scott,nogan,lcm", help="comma-separated: scott, nogan, lcm")
+  parser.add_argument("--kinds", default="scott,nogan,lcm", help="comma-separated: " + ", ".join(KINDS))
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--resolution", type=int, default=32, help="image size in pixels (latents: / VAE factor)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -304,6 +304,7 @@ def _model() -> ConfigDict:
     "weighting": one_of(choices.WEIGHTINGS),
     "max_weight": above(0, note="the adaptive weighting's upper clip of lambda_eff"),
     "start_step": at_least(0, note="steps of discriminator training before L_G is on"),
+    "example_stride": at_least(1, note="the GAN terms on every k-th example of the batch; 1 = all"),
 })
 def _gan() -> ConfigDict:
   """Adversarial part of Eq. 7 and the LoRA discriminator (notes section 5)."""
@@ -328,6 +329,9 @@ def _gan() -> ConfigDict:
           weighting="fixed",
           max_weight=10.0,
           start_step=0,  # DECISION: L_G is off until the discriminator has trained this many steps
+          # DECISION (issue 13, cost): L_D and L_G on every k-th example of the batch (1 = all, the paper; 2 halves
+          # the discriminator's FLOPs, an unbiased estimate of the same losses from half the examples)
+          example_stride=1,
       )
   )
 
@@ -722,6 +726,8 @@ def _eval() -> ConfigDict:
     "process_id": at_least(-1, note="-1: from the environment"),
     "plan_architecture": one_of(choices.PLAN_ARCHITECTURES),
     "plan_devices": at_least(0, note="0: the devices present"),
+    "plan_topology": Check(lambda v: isinstance(v, str) and (v == "" or ":" in v),
+                           "'' (fake CPU devices / the devices present) or a TPU topology name like 'v5e:2x4'"),
 })
 def _mesh() -> ConfigDict:
   """Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan)."""
@@ -741,6 +747,9 @@ def _mesh() -> ConfigDict:
           process_id=-1,  # -1 = $JAX_PROCESS_ID or detection
           plan_architecture="teacher",  # mode plan: teacher (config.json files of model.teacher_path) | sd15
           plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
+          # mode plan for a TPU slice without one: a topology name ("v5e:2x4" = 8 v5e chips) compiles with the TPU
+          # compiler itself (deviceless AOT; needs libtpu: the `tpu` extra); its memory figures are exact
+          plan_topology="",
           # DECISION (issue 13): mode plan on CPU keeps the optimization barriers until code generation
           # (xla_disable_hlo_passes=cse_barrier_expander), as the GPU compiler does (it removes them after
           # scheduling). XLA's CPU pipeline removes them before its late CSE, which then merges each remat

@@ -128,6 +128,14 @@ def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spe
 # ---------------------------------------------------------------------------------------------------------
 # The step.
 
+def _every_nth(k: int, batch: int) -> Callable[[Array], Array]:
+  """a (batch, ...) -> a[::k] as a reshape (batch / k, k, ...)[:, 0]: when the batch is split over devices in
+  contiguous shards of a multiple of k examples, each shard keeps its own examples (no collective)."""
+  if batch % k:
+    raise ValueError(f"config.gan.example_stride={k} must divide the batch of {batch} examples")
+  return lambda a: a if k == 1 else a.reshape(batch // k, k, *a.shape[1:])[:, 0]
+
+
 def make_gradients(config: ConfigDict, models: Models) -> Callable:
   """gradients(state, batch, frozen) -> (student gradient, discriminator gradient ({} without GAN), metrics, next
   key): the part of `make_train_step` before the optimizers; pure.
@@ -205,14 +213,18 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
 
     g_x, g_disc = g_cd, {}
     if gan:
-      # Eq. 6: one discriminator forward per side; the fake side's pullback serves L_D and L_G.
+      # Eq. 6: one discriminator forward per side; the fake side's pullback serves L_D and L_G. With
+      # gan.example_stride k > 1 both sides see every k-th example (a reshape, so each batch shard keeps its own).
+      sub = _every_nth(c.gan.example_stride, b)
+      z0_d, t_d, eps_d, text_d, pooled_d = (sub(a) for a in (z0, t_n, problem["eps"], text, pooled))
+
       def on_fake(dparams: PyTree, x: Array) -> Array:
-        _, _, xf, tf = losses.disc_inputs(z0, x, t_n, problem["eps"], schedule, c.gan.disc_time)
-        return disc_logits(dparams, frozen, xf, tf, text, pooled)
+        _, _, xf, tf = losses.disc_inputs(z0_d, sub(x), t_d, eps_d, schedule, c.gan.disc_time)
+        return disc_logits(dparams, frozen, xf, tf, text_d, pooled_d)
 
       def on_real(dparams: PyTree) -> Array:
-        xr, tr, _, _ = losses.disc_inputs(z0, x_fake, t_n, problem["eps"], schedule, c.gan.disc_time)
-        return disc_logits(dparams, frozen, jax.lax.stop_gradient(xr), tr, text, pooled)
+        xr, tr, _, _ = losses.disc_inputs(z0_d, sub(x_fake), t_d, eps_d, schedule, c.gan.disc_time)
+        return disc_logits(dparams, frozen, jax.lax.stop_gradient(xr), tr, text_d, pooled_d)
 
       fake, pull_fake = jax.vjp(on_fake, state.disc, x_fake)
       real, pull_real = jax.vjp(on_real, state.disc)

@@ -574,10 +574,11 @@ def _perturbed_disc(state, seed=0, scale=0.05):
   return state.replace(disc=jax.tree_util.tree_unflatten(tree, moved))
 
 
-def _two_pass_gradients(config, models, state, batch, frozen):
+def _two_pass_gradients(config, models, state, batch, frozen, k=1):
   """The reference: the SCott gradients as two separate passes (the step before the fused discriminator pass):
   jax.value_and_grad of L_CD + lambda L_G(D(x_fake)) for the student, then of L_D on the concatenated [real;
-  sg(fake)] batch for the discriminator, written with the public pieces of `losses` and `discriminator`."""
+  sg(fake)] batch for the discriminator, written with the public pieces of `losses` and `discriminator`; the GAN
+  terms on the strided slice [::k] of the batch (gan.example_stride)."""
   from scott_jax import losses, solvers
 
   c = config
@@ -596,10 +597,14 @@ def _two_pass_gradients(config, models, state, batch, frozen):
     t, tx, pl = models.disc.condition(t, tx, pl, frozen["uncond_text"], frozen["uncond_pooled"])
     return models.disc.apply(d, frozen["unet"], x, t, tx, pl)
 
+  every = slice(None, None, k)
+  text_k, pooled_k = text[every], pooled[every]
+
   def student_objective(params):
     loss_cd, aux = cd_loss(params, state.ema, z0, cond, k_cd)
-    xr, tr, xf, tf = losses.disc_inputs(z0, aux["x_fake"], aux["t_n"], aux["eps"], models.schedule, c.gan.disc_time)
-    loss_g = losses.hinge_g_loss(logits(state.disc, xf, tf, text, pooled))
+    xr, tr, xf, tf = losses.disc_inputs(z0[every], aux["x_fake"][every], aux["t_n"][every], aux["eps"][every],
+                                        models.schedule, c.gan.disc_time)
+    loss_g = losses.hinge_g_loss(logits(state.disc, xf, tf, text_k, pooled_k))
     return losses.total_student_loss(loss_cd, loss_g, c.gan.lambda_adv), (loss_cd, loss_g, xr, tr, xf, tf)
 
   (_, (loss_cd, loss_g, xr, tr, xf, tf)), g_student = jax.value_and_grad(student_objective, has_aux=True)(
@@ -607,8 +612,8 @@ def _two_pass_gradients(config, models, state, batch, frozen):
   x = jax.lax.stop_gradient(jnp.concatenate([xr, xf]))
 
   def disc_objective(d):
-    real, fake = jnp.split(logits(d, x, jnp.concatenate([tr, tf]), jnp.concatenate([text, text]),
-                                  jnp.concatenate([pooled, pooled])), 2)
+    real, fake = jnp.split(logits(d, x, jnp.concatenate([tr, tf]), jnp.concatenate([text_k, text_k]),
+                                  jnp.concatenate([pooled_k, pooled_k])), 2)
     return losses.hinge_d_loss(real, fake)
 
   loss_d, g_disc = jax.value_and_grad(disc_objective)(state.disc)
@@ -619,7 +624,8 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   """One discriminator forward per side, its pullback serving both L_D and L_G (`make_gradients`), gives the
   losses and both gradients of the two-pass reference (1e-5) at the paper's fixed lambda. gan.weighting=adaptive
   scales L_G's output gradient to lambda_adv times the consistency gradient (grad_ratio == lambda_adv, the rule's
-  closed form); before gan.start_step lambda_eff is 0 and the student's gradient is the no-GAN gradient."""
+  closed form); before gan.start_step lambda_eff is 0 and the student's gradient is the no-GAN gradient. With
+  gan.example_stride 2 the GAN terms are those of the reference on the strided slice [::2] (1e-5)."""
   config, models, frozen, state, batch, _ = tiny
   state = _perturbed_disc(state)
 
@@ -632,22 +638,26 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   nogan_models = student_lib.build_models(nogan, models.teacher.config, models.vae, models.text_encoder,
                                           models.tokenizer, models.max_length)
   variants = {"fixed": (config, models), "adaptive": (with_gan(weighting="adaptive", max_weight=1e6), models),
-              "off": (with_gan(start_step=1), models), "nogan": (nogan, nogan_models)}  # the state is at step 0
+              "off": (with_gan(start_step=1), models), "nogan": (nogan, nogan_models),  # the state is at step 0
+              "stride2": (with_gan(example_stride=2), models)}
 
   def everything(s):  # one program: XLA shares the variants' common work (teacher target, student forward)
     out = {name: step_lib.make_gradients(c, m)(s, batch, frozen) for name, (c, m) in variants.items()}
-    return out, _two_pass_gradients(config, models, s, batch, frozen)
+    return out, [_two_pass_gradients(config, models, s, batch, frozen, k) for k in (1, 2)]
 
-  out, (r_s, r_d, ref) = jax.jit(everything)(state)
-  g_s, g_d, m_fixed, _ = out["fixed"]
-  for k in ("loss_cd", "loss_g", "loss_d"):
-    np.testing.assert_allclose(float(m_fixed[k]), float(ref[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-  assert float(m_fixed["grad_ratio"]) > 0.0  # the GAN gradient reaches the student
-  for got, want in ((g_s, r_s), (g_d, r_d)):
-    flat_want = jax.tree_util.tree_leaves(want)
-    scale = max(float(jnp.max(jnp.abs(x))) for x in flat_want)
-    for a, b in zip(jax.tree_util.tree_leaves(got), flat_want, strict=True):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale)
+  out, refs = jax.jit(everything)(state)
+  for name, (r_s, r_d, ref) in zip(("fixed", "stride2"), refs, strict=True):
+    g_s, g_d, metrics, _ = out[name]
+    for k in ("loss_cd", "loss_g", "loss_d"):
+      np.testing.assert_allclose(float(metrics[k]), float(ref[k]), rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+    assert float(metrics["grad_ratio"]) > 0.0  # the GAN gradient reaches the student
+    for got, want in ((g_s, r_s), (g_d, r_d)):
+      flat_want = jax.tree_util.tree_leaves(want)
+      scale = max(float(jnp.max(jnp.abs(x))) for x in flat_want)
+      for a, b in zip(jax.tree_util.tree_leaves(got), flat_want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+  assert abs(float(out["stride2"][2]["loss_d"]) - float(refs[0][2]["loss_d"])) > 1e-6  # half the batch differs
+  m_fixed = out["fixed"][2]
 
   m_adapt = out["adaptive"][2]
   lam = config.gan.lambda_adv
@@ -668,6 +678,7 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
   ("gan.max_weight", 0.0, "a number > 0"),
   ("gan.start_step", -1, "an integer >= 0"),
   ("gan.head_init", "xavier", "allowed: 'zero', 'normal'"),
+  ("gan.example_stride", 0, "an integer >= 1"),
 ])
 def test_gan_weighting_fields_are_validated(key, value, match):
   c = TINY.get_config()
