@@ -63,7 +63,7 @@ TOY2D_METHODS = ("scott", "lcm", "scott_gaussian")
 
 # scott_jax.digits.distill: the students of the digits experiment (distill.METHODS).
 DIGITS_METHODS = ("scott", "lcm", "scott_no_gan", "scott_ddim", "scott_h1", "lcm_gan", "ode",
-                  "scott_fixed_gan", "scott_gaussian", "scott_gaussian_no_gan")
+                  "scott_fixed_gan", "scott_gaussian", "scott_gaussian_no_gan", "scott_k2")
 
 # scott_jax.parallel: the device mesh's axes and the logical axes that config.mesh.rules maps onto them.
 MESH_AXES = ("data", "fsdp", "tensor")

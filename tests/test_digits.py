@@ -476,6 +476,9 @@ def test_method_configs_are_the_paper_settings():
   gauss_no_gan = distill.method_config(c, "scott_gaussian_no_gan", 0, "")
   assert gauss_no_gan.consistency.student_output == "gaussian" and not gauss_no_gan.gan.enabled
   assert scott.consistency.student_output == "point"
+  k2 = distill.method_config(c, "scott_k2", 0, "")
+  assert k2.gan.example_stride == 2 and scott.gan.example_stride == 1
+  assert {**k2.gan.to_dict(), "example_stride": 1} == scott.gan.to_dict()  # one change from scott
   for m in distill.METHODS:
     config_lib.validate(distill.method_config(c, m, 0, "/t"))
     assert m in distill.TITLES

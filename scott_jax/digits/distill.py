@@ -23,6 +23,8 @@ Methods (``config.digits.distill_methods``), each a set of overrides of the expe
   scott_gaussian   SCott v1's Gaussian student: SCott's teacher and ``config.gan``, the student predicting a
                    Gaussian per pixel trained with the KL consistency loss (consistency.student_output gaussian)
   scott_gaussian_no_gan  the Gaussian student without the adversarial loss
+  scott_k2      SCott with the discriminator's losses on every 2nd example of the batch (gan.example_stride 2,
+                half the discriminator's cost; one change from scott)
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from scott_jax.digits import data as data_lib
 METHODS = DIGITS_METHODS
 TITLES = {"scott": "SCott", "lcm": "LCM", "scott_no_gan": "SCott w/o GAN", "scott_ddim": "SCott DDIM-eta",
           "scott_h1": "SCott h=1", "lcm_gan": "LCM + GAN", "ode": "ODE control", "scott_fixed_gan": "SCott fixed GAN",
-          "scott_gaussian": "SCott Gaussian", "scott_gaussian_no_gan": "SCott Gaussian w/o GAN"}
+          "scott_gaussian": "SCott Gaussian", "scott_gaussian_no_gan": "SCott Gaussian w/o GAN",
+          "scott_k2": "SCott, GAN on every 2nd example"}
 DONE = "done.json"
 
 
@@ -67,6 +70,8 @@ def method_config(config: ConfigDict, method: str, seed: int, teacher_path: str)
     c.solver.h = 1
   if method == "ode":
     c.solver.noise_fn = 1
+  if method == "scott_k2":
+    c.gan.example_stride = 2
   if method == "scott_fixed_gan":
     c.gan.update(dict(weighting="fixed", start_step=0))
   if method in ("scott_gaussian", "scott_gaussian_no_gan"):

@@ -32,7 +32,7 @@ from scott_jax.digits import evidence_layout as layout
 UNTRAINED = "untrained"
 # (arm letter, method) in the lettering; the untrained student is step 0 of any run.
 LETTERS = {UNTRAINED: "a", "lcm": "b", "ode": "c", "scott_no_gan": "d", "scott_fixed_gan": "e", "scott": "f",
-           "lcm_gan": "g", "scott_h1": "h", "scott_gaussian_no_gan": "i", "scott_gaussian": "j"}
+           "lcm_gan": "g", "scott_h1": "h", "scott_gaussian_no_gan": "i", "scott_gaussian": "j", "scott_k2": "k"}
 # (A, B, what the paper claims: A better than B)
 ORDERINGS = (
   ("scott_no_gan", "ode", "Table 5: the SDE teacher beats the ODE teacher (SCott w/o GAN vs the ODE control)"),
@@ -45,6 +45,7 @@ ORDERINGS = (
   ("scott", "scott_fixed_gan", "(ours) the balanced GAN beats the paper's fixed lambda"),
   ("scott_gaussian_no_gan", "scott_no_gan", "v1: the Gaussian student beats the point student (no GAN)"),
   ("scott_gaussian", "scott", "v1: the Gaussian student beats the point student (with the GAN)"),
+  ("scott", "scott_k2", "(ours, cost) the GAN on every example beats it on every 2nd (gan.example_stride 2)"),
   ("lcm", UNTRAINED, "(control) LCM distillation beats the untrained student"),
   ("scott", UNTRAINED, "(control) SCott distillation beats the untrained student"),
 )
