@@ -342,6 +342,42 @@ def test_chunked_attention_gradients_equal_plain():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_odd_lengths_padded_for_cudnn_keep_values_and_gradients():
+  """`unet.padded_to_even` (what the cudnn path runs for odd lengths: CLIP's 77 tokens) equals the unpadded
+  attention, values and gradients wrt q, k, v (1e-5, run with the XLA implementation on this CPU). With the CUDA
+  plugin installed, the cudnn path's gradient at those lengths compiles for an H100 without one (deviceless):
+  JAX's own cuDNN front end refuses odd lengths in training, which the padding avoids."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 33, 2, 8), (2, 77, 2, 8), (2, 77, 2, 8)))
+  r = jnp.asarray(rng.standard_normal((2, 33, 2, 8)), jnp.float32)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * r)
+
+  padded = functools.partial(unet.padded_to_even, implementation="xla")
+  plain = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  _close(padded(q, k, v), plain(q, k, v), 1e-5)
+  ours = jax.jit(jax.grad(functools.partial(loss, padded), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.jit(jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(ours, ref, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  from scott_jax import plan
+
+  device = plan.topology_devices("h100:1")[0]
+  shardings = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct((2, 4096, 8, 40), jnp.bfloat16, sharding=shardings)]
+  args += [jax.ShapeDtypeStruct((2, 77, 8, 40), jnp.bfloat16, sharding=shardings)] * 2
+
+  def cudnn_loss(q, k, v):
+    return jnp.sum(unet.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32))
+
+  with plan.deviceless_cudnn(device):
+    compiled = jax.jit(jax.grad(cudnn_loss, argnums=(0, 1, 2))).trace(*args).lower().compile()
+  assert "__cudnn$fmha" in compiled.as_text()
+
+
 def test_resolve_attention_and_remat_policy():
   """"auto" is cuDNN only on a GPU with half-precision compute, the chunked path elsewhere; other names pass
   through; an unknown remat policy is refused when the module is set up."""

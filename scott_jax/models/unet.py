@@ -271,6 +271,19 @@ def text_time_features(text_embeds: Array, time_ids: Array, dim: int, flip_sin_t
   return jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), t], axis=-1)
 
 
+def padded_to_even(q: Array, k: Array, v: Array, implementation: str) -> Array:
+  """`jax.nn.dot_product_attention` with odd query / key lengths padded by one: the padded key is masked out (a
+  padding mask by ``key_value_seq_lengths``), the padded query row dropped, so the result is the unpadded one.
+  cuDNN's fused attention in JAX 0.10.2 refuses to train odd lengths ("Unsupported sequence length Q 4096, KV 77":
+  CLIP's 77 text tokens in every cross-attention). q (B, T, N, H), k, v (B, S, N, H) -> (B, T, N, H)."""
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+  lengths = jnp.full((b,), s, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q, t), pad(k, s), pad(v, s), key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str = "xla",
                           chunk_size: int = 1024) -> Array:
   """Softmax attention, (B, T, N, H) queries and (B, S, N, H) keys/values -> (B, T, N, H); scale H^-1/2.
@@ -280,6 +293,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
   each block checkpointed, so only a (B, N, chunk, S) logits block is live at a time, in the forward and in the
   backward pass). Logits and softmax are float32.
   """
+  if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+    return padded_to_even(q, k, v, implementation)
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   if implementation != "chunked":
