@@ -727,7 +727,8 @@ def _eval() -> ConfigDict:
     "plan_architecture": one_of(choices.PLAN_ARCHITECTURES),
     "plan_devices": at_least(0, note="0: the devices present"),
     "plan_topology": Check(lambda v: isinstance(v, str) and (v == "" or ":" in v),
-                           "'' (fake CPU devices / the devices present) or a TPU topology name like 'v5e:2x4'"),
+                           "'' (fake CPU devices / the devices present), a TPU topology like 'v5e:2x4' or GPUs "
+                           "like 'h100:4'"),
 })
 def _mesh() -> ConfigDict:
   """Device mesh and sharding of the train step (scott_jax.parallel; mode plan: scott_jax.plan)."""
@@ -747,8 +748,9 @@ def _mesh() -> ConfigDict:
           process_id=-1,  # -1 = $JAX_PROCESS_ID or detection
           plan_architecture="teacher",  # mode plan: teacher (config.json files of model.teacher_path) | sd15
           plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
-          # mode plan for a TPU slice without one: a topology name ("v5e:2x4" = 8 v5e chips) compiles with the TPU
-          # compiler itself (deviceless AOT; needs libtpu: the `tpu` extra); its memory figures are exact
+          # mode plan for accelerators this host does not have: "v5e:2x4" (8 TPU v5e chips) or "h100:4" (4 H100s
+          # on one host; "h100:2x8" 2 hosts of 8) compiles with the TPU / GPU compiler itself (deviceless AOT;
+          # libtpu and the CUDA plugin are in the test extra); its memory figures are then that compiler's own
           plan_topology="",
           # DECISION (issue 13): mode plan on CPU keeps the optimization barriers until code generation
           # (xla_disable_hlo_passes=cse_barrier_expander), as the GPU compiler does (it removes them after

@@ -10,22 +10,28 @@ The networks' architectures come from the config.json files of ``model.teacher_p
 state and the batch are ``jax.ShapeDtypeStruct``s (``jax.eval_shape`` of the model inits and of
 `scott_jax.step.abstract_state`) carrying the shardings of `scott_jax.parallel`; the step is
 ``jit(...).lower(...).compile()``d exactly as training compiles it. ``plan_devices > 0`` makes that many fake
-CPU devices (``jax_num_cpu_devices``; must be set before JAX starts its CPU backend).
+CPU devices (``jax_num_cpu_devices``; must be set before JAX starts its CPU backend); ``plan_topology`` (e.g.
+"v5e:2x4", "h100:4") compiles for a TPU slice or GPUs with that accelerator's own XLA compiler, on this host, with no
+accelerator (deviceless; libtpu or the CUDA plugin installed).
 
 Reported (stdout and WORKDIR/plan.json), all per device of the SPMD-partitioned program: the train state's and
 the frozen models' bytes by the sharding rules (exact, from shapes), XLA's ``memory_analysis()`` (arguments,
 outputs, aliased = donated, temporaries; peak estimate = arguments + outputs - aliased + temporaries) and
 ``cost_analysis()`` FLOPs. On the CPU backend the temporaries come from XLA's CPU buffer assignment, which fuses
-and schedules differently from the GPU/TPU compilers: treat them as indicative, the argument bytes as exact.
+and schedules differently from the GPU/TPU compilers: treat them as indicative, the argument bytes as exact. With
+``plan_topology`` they are that compiler's own buffer assignment for the chip: exact for the program as compiled
+(a GPU compile without the device skips autotuning, which may pick other matmul kernels and workspaces).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -161,8 +167,87 @@ def batch_spec(config: ConfigDict, models: student_lib.Models) -> dict[str, jax.
   return out
 
 
+# stream_executor.GpuTargetConfigProto (text format) of the GPUs mode plan can compile for without one: what XLA's
+# GPU compiler reads from a device (NVIDIA's published H100 SXM5 80GB figures, as in XLA's own spec files; jaxlib
+# 0.10.2's proto has no collective_memory_granularity).
+GPU_TARGET_CONFIGS = {"h100": """
+gpu_device_info {
+  name: "NVIDIA H100 80GB HBM3"  device_vendor: "NVIDIA Corporation"
+  cuda_compute_capability { major: 9 feature_extension: ACCELERATED_FEATURES }
+  core_count: 132  fpus_per_core: 128  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072  memory_bandwidth: 3352320000000  l2_cache_size: 52428800
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448  shared_memory_per_core: 233472
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024  thread_dim_limit_y: 1024  thread_dim_limit_z: 64
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""}
+CUDNN_VERSION = 90800  # the target configs' dnn_version_info, as cudnnGetVersion() reports it
+
+
+def topology_devices(name: str) -> list[Any]:
+  """The devices of a slice named ``name``, for a deviceless compile (the accelerator's own XLA compiler runs on this
+  host; no accelerator needed): a TPU topology ("v5e:2x4": 8 v5e chips; libtpu) or a GPU from
+  `GPU_TARGET_CONFIGS` ("h100:4": 4 GPUs on one host, "h100:2x8": 2 hosts of 8; the CUDA plugin). Raises a
+  one-line error naming the package when the compiler is not installed."""
+  from jax.experimental import topologies
+  chip, _, shape = name.partition(":")
+  if chip in GPU_TARGET_CONFIGS:
+    sizes = [int(x) for x in shape.split("x")] if shape.replace("x", "").isdigit() else []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+      raise ValueError(f"config.mesh.plan_topology={name!r}: expected '{chip}:GPUS' or '{chip}:HOSTSxGPUS'")
+    hosts, gpus = ([1] + sizes)[-2:]
+    try:
+      topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGET_CONFIGS[chip],
+                                              topology=f"1x{hosts}x{gpus}")
+    except NotImplementedError as e:  # no CUDA plugin registered a topology factory
+      raise RuntimeError(f"config.mesh.plan_topology={name!r} compiles with the GPU compiler and needs the CUDA "
+                         "plugin (JAX_PLATFORMS=cpu on a host without a GPU): pip install -e '.[test]'") from e
+    return list(topology.devices)
+  # A compile opens no chip, so libtpu's one-process lock (which guards the chips) need not hold here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except RuntimeError as e:
+    if "not installed" not in str(e):
+      raise
+    raise RuntimeError(f"config.mesh.plan_topology={name!r} compiles with the TPU compiler and needs libtpu: "
+                       "pip install -e '.[tpu]'") from e
+  return list(topology.devices)
+
+
+@contextlib.contextmanager
+def deviceless_cudnn(device: Any) -> Iterator[None]:
+  """While active, JAX's cuDNN attention front end takes cuDNN's version from `CUDNN_VERSION` and the compute
+  capability from ``device`` (a GPU of `topology_devices`) instead of asking the local cuDNN library and the local
+  GPU, neither of which a deviceless compile has (XLA itself needs neither to compile cuDNN's fused attention).
+  No-op for other devices."""
+  if device.platform not in ("gpu", "cuda"):
+    yield
+    return
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # private: the checks have no public hook
+
+  have = tuple(int(x) for x in device.compute_capability.split("."))
+  cap = lambda c: tuple(int(x) for x in c.split("."))
+  saved = fa.check_cudnn_version, fa.check_compute_capability, fa.is_cuda_compute_capability_equal
+  fa.check_cudnn_version = lambda: CUDNN_VERSION
+  fa.check_compute_capability = lambda c: have >= cap(c)
+  fa.is_cuda_compute_capability_equal = lambda c: have == cap(c)
+  try:
+    yield
+  finally:
+    fa.check_cudnn_version, fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
+
+
 def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
-  """The devices to plan for: ``plan_devices`` fake CPU devices, or all devices present when it is 0."""
+  """The devices to plan for: those of ``plan_topology`` (a TPU slice, deviceless), ``plan_devices`` fake CPU
+  devices, or all devices present when both are unset."""
+  if mesh_cfg.plan_topology:
+    return topology_devices(mesh_cfg.plan_topology)
   n = int(mesh_cfg.plan_devices)
   if n == 0:
     return list(jax.devices())
@@ -198,14 +283,15 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     config = config.copy_and_resolve_references()
     config.model.attention = resolve_attention("auto", config.model.dtype, devices[0].platform)
   mesh = parallel.make_mesh(config.mesh, devices)
-  models, frozen = abstract_models(config)
-  batch = batch_spec(config, models)
-  state = step_lib.abstract_state(config, models, frozen, batch)
-  state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, state, frozen, batch)
-  step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
-  t0 = time.time()
-  lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
-                       parallel.with_shardings(frozen, frozen_sh))
+  with deviceless_cudnn(devices[0]):  # the models' shapes are traced too
+    models, frozen = abstract_models(config)
+    batch = batch_spec(config, models)
+    state = step_lib.abstract_state(config, models, frozen, batch)
+    state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, state, frozen, batch)
+    step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+    t0 = time.time()
+    lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
+                         parallel.with_shardings(frozen, frozen_sh))
   t1 = time.time()
   compiled = lowered.compile(compiler_options(config.mesh, devices[0].platform))
   t2 = time.time()
@@ -223,6 +309,7 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   batch_axes = parallel.logical_rules(config.mesh)["batch"]
   return {
     "mesh": shape, "devices": len(devices), "platform": devices[0].platform,
+    "device_kind": devices[0].device_kind,
     "batch_size": config.train.batch_size,
     "batch_per_device": config.train.batch_size // math.prod(shape[a] for a in batch_axes),
     "batch_kind": "latents" if "latents" in batch else "images", "resolution": config.data.resolution,
@@ -254,8 +341,9 @@ def format_plan(plan: dict[str, Any]) -> str:
   m = plan["memory"]
   p = plan["params"]
   lines = [
-    f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices; batch {plan['batch_size']} "
-    f"({plan['batch_per_device']} per device, {plan['batch_kind']} at {plan['resolution']}px, {plan['dtype']}, "
+    f"mesh {plan['mesh']} on {plan['devices']} {plan['platform']} devices ({plan['device_kind']}); "
+    f"batch {plan['batch_size']} ({plan['batch_per_device']} per device, {plan['batch_kind']} at "
+    f"{plan['resolution']}px, {plan['dtype']}, "
     f"attention {plan['attention']}{' ' + str(plan['attention_chunk_size']) if plan['attention'] == 'chunked' else ''}"
     f"{', remat ' + plan['remat_policy'] if plan['remat'] else ''})",
     f"parameters: student {p['student'] / 1e6:.1f}M, discriminator trainable {p['disc_trainable'] / 1e6:.1f}M, "
@@ -268,8 +356,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"XLA memory per device: arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
                  f"aliased (donated) {_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}; peak estimate "
                  f"{_gib(m['peak_estimate_bytes'])}")
-  lines.append(f"FLOPs per device per step: {plan['flops_per_device']:.4g} (XLA cost analysis); bytes accessed "
-               f"{plan['bytes_accessed_per_device']:.4g}")
+  if plan["flops_per_device"]:
+    lines.append(f"FLOPs per device per step: {plan['flops_per_device']:.4g} (XLA cost analysis); bytes accessed "
+                 f"{plan['bytes_accessed_per_device']:.4g}")
+  else:
+    lines.append("FLOPs per device per step: not reported by this compiler (a deviceless GPU compile has no cost "
+                 "analysis; benchmarks/train_step.py counts them)")
   lines.append(f"lowering {plan['lower_seconds']} s, compile {plan['compile_seconds']} s")
   return "\n".join(lines)
 
