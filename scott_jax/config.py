@@ -342,6 +342,7 @@ def _gan() -> ConfigDict:
     "warmup_steps": at_least(0),
     "weight_decay": at_least(0, number=True),
     "grad_clip": above(0),
+    "grad_accum_steps": at_least(1, note="microbatches per update; 1 = the whole batch at once"),
 })
 def _optim() -> ConfigDict:
   """One AdamW per network: linear warmup to the learning rate, then constant; global-norm clipping first."""
@@ -355,6 +356,11 @@ def _optim() -> ConfigDict:
           eps=1e-8,
           weight_decay=1e-2,
           grad_clip=1.0,
+          # Gradient accumulation inside the step: the batch is split into this many microbatches (each device
+          # keeps its own examples), their gradients averaged before the one update, so activations are those of
+          # one microbatch (docs/scaling.md). Each microbatch draws its own t_n, w and noise; with gan.weighting
+          # "adaptive" lambda_eff is each microbatch's (DECISION).
+          grad_accum_steps=1,
       )
   )
 

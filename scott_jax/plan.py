@@ -262,15 +262,21 @@ def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
   return devices
 
 
-def compiler_options(mesh_cfg: ConfigDict, platform: str) -> dict[str, str] | None:
+def compiler_options(mesh_cfg: ConfigDict, platform: str) -> dict[str, Any] | None:
   """XLA options of the plan's compile: on CPU with ``plan_keep_barriers``, the optimization barriers stay until
   code generation (the pass ``cse_barrier_expander`` is disabled). JAX's remat puts a barrier on each
   recomputation's inputs; the CPU pipeline removes barriers before its late CSE, which then merges the
   recomputation with the forward pass it repeats, so the CPU program keeps every activation remat meant to drop.
   The GPU compiler removes them only after scheduling; this makes the CPU plan compile the program that remat
-  describes. The values computed are the same (a barrier is an identity)."""
+  describes. The values computed are the same (a barrier is an identity).
+
+  A deviceless GPU compile (``plan_topology`` "h100:..."): matmuls go to cuBLAS. Without a GPU XLA cannot autotune
+  its Triton matmul tilings, and its untuned default fails on some shapes ("Couldn't find output tile sizes" for
+  the text encoder's bf16[1848, 768] at batch 24); on a GPU the autotuner chooses between the two."""
   if platform == "cpu" and mesh_cfg.plan_keep_barriers:
     return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+  if platform in ("gpu", "cuda") and mesh_cfg.plan_topology:
+    return {"xla_gpu_enable_triton_gemm": False}
   return None
 
 

@@ -258,17 +258,60 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
 def make_train_step(config: ConfigDict, models: Models) -> Callable:
   """train_step(state, batch, frozen) -> (new state, metrics): pure; jit it with ``donate_argnums=(0,)``.
 
-  The gradients of `make_gradients`, then one AdamW update of the student and one of the discriminator and the
-  EMA update theta^- <- mu theta^- + (1 - mu) theta. metrics: `make_gradients`' plus grad_norm_student (before
-  clipping) and lr_student.
+  The gradients of `make_gradients` (averaged over ``optim.grad_accum_steps`` microbatches, `accumulated`), then
+  `make_update`: one AdamW update of the student and one of the discriminator and the EMA update theta^- <- mu
+  theta^- + (1 - mu) theta. metrics: `make_gradients`' plus grad_norm_student (before clipping) and lr_student.
   """
-  gradients = make_gradients(config, models)
+  gradients = accumulated(make_gradients(config, models), config.optim.grad_accum_steps)
+  update = make_update(config, models)
+
+  def train_step(state: TrainState, batch: dict[str, Array], frozen: PyTree) -> tuple[TrainState, dict[str, Array]]:
+    return update(state, *gradients(state, batch, frozen))
+
+  return train_step
+
+
+def accumulated(gradients: Callable, steps: int) -> Callable:
+  """``gradients`` (`make_gradients`' signature) over ``steps`` microbatches of the batch, averaged.
+
+  Microbatch i holds examples i, i + steps, i + 2 steps, ... (a reshape (B / steps, steps, ...), so a device
+  holding a contiguous shard of a multiple of ``steps`` examples keeps its own examples) and runs with the state's
+  key folded with i; the microbatches are a `jax.lax.scan`, so one microbatch's activations are live at a time.
+  Returns the mean gradients and metrics and the key of one whole-batch call (``steps`` = 1 is ``gradients``).
+  """
+  if steps == 1:
+    return gradients
+
+  def run(state: TrainState, batch: dict[str, Array],
+          frozen: PyTree) -> tuple[PyTree, PyTree, dict[str, Array], Array]:
+    def split(a: Array) -> Array:
+      if a.shape[0] % steps:
+        raise ValueError(f"config.optim.grad_accum_steps={steps} must divide the batch of {a.shape[0]} examples")
+      return jnp.moveaxis(a.reshape(a.shape[0] // steps, steps, *a.shape[1:]), 1, 0)
+
+    def body(total: PyTree, i_micro: tuple[Array, dict[str, Array]]) -> tuple[PyTree, None]:
+      i, micro = i_micro
+      out = gradients(state.replace(key=jax.random.fold_in(state.key, i)), micro, frozen)[:3]
+      return jax.tree_util.tree_map(lambda t, o: t + o / steps, total, out), None
+
+    micro = jax.tree_util.tree_map(split, batch)
+    shapes = jax.eval_shape(lambda m: gradients(state, m, frozen)[:3], jax.tree_util.tree_map(lambda a: a[0], micro))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (g_student, g_disc, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
+    return g_student, g_disc, metrics, jax.random.split(state.key, 4)[0]
+
+  return run
+
+
+def make_update(config: ConfigDict, models: Models) -> Callable:
+  """update(state, student gradient, discriminator gradient, metrics, key) -> (new state, metrics): one AdamW
+  update of the student and one of the discriminator, the EMA update, the step count and the next key."""
   tx_s, lr_s = make_optimizer(config.optim.student_lr, config.optim)
   tx_d, _ = make_optimizer(config.optim.disc_lr, config.optim)
   mu = config.consistency.ema_decay
 
-  def train_step(state: TrainState, batch: dict[str, Array], frozen: PyTree) -> tuple[TrainState, dict[str, Array]]:
-    g_student, g_disc, metrics, key = gradients(state, batch, frozen)
+  def update(state: TrainState, g_student: PyTree, g_disc: PyTree, metrics: dict[str, Array],
+             key: Array) -> tuple[TrainState, dict[str, Array]]:
     updates, opt_student = tx_s.update(g_student, state.opt_student, state.student)
     student = optax.apply_updates(state.student, updates)
     ema = jax.tree_util.tree_map(lambda e, p: (mu * e + (1.0 - mu) * p).astype(e.dtype), state.ema, student)
@@ -282,4 +325,4 @@ def make_train_step(config: ConfigDict, models: Models) -> Callable:
                            opt_disc=opt_disc, key=key)
     return new_state, metrics
 
-  return train_step
+  return update

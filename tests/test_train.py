@@ -673,6 +673,30 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
+def test_gradient_accumulation_averages_the_microbatches(tiny):
+  """optim.grad_accum_steps 2: the step's new state and metrics equal one update (`step.make_update`) with the mean
+  of `make_gradients` on the two microbatches [0::2] and [1::2] (written with strided slices), each run with the
+  state's key folded with its index (1e-5); a batch it does not divide is a one-line error."""
+  config, models, frozen, state, batch, _ = tiny
+  accum = config_lib.ConfigDict(config.to_dict())
+  accum.optim.grad_accum_steps = 2
+
+  def both(s):
+    grads = step_lib.make_gradients(config, models)
+    outs = [grads(s.replace(key=jax.random.fold_in(s.key, i)), jax.tree_util.tree_map(lambda a, i=i: a[i::2], batch),
+                  frozen)[:3] for i in range(2)]
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *outs)
+    want = step_lib.make_update(config, models)(s, *mean, jax.random.split(s.key, 4)[0])
+    return step_lib.make_train_step(accum, models)(s, batch, frozen), want
+
+  got, want = jax.jit(both)(_perturbed_disc(state))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  accum.optim.grad_accum_steps = 3
+  with pytest.raises(ValueError, match="grad_accum_steps=3 must divide the batch of 2"):
+    jax.eval_shape(step_lib.make_train_step(accum, models), state, batch, frozen)
+
+
 @pytest.mark.parametrize("key,value,match", [
   ("gan.weighting", "vqgan", "allowed: 'fixed', 'adaptive'"),
   ("gan.max_weight", 0.0, "a number > 0"),
