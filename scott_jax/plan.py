@@ -225,7 +225,7 @@ def deviceless_cudnn(device: Any) -> Iterator[None]:
   """While active, JAX's cuDNN attention front end takes cuDNN's version from `CUDNN_VERSION` and the compute
   capability from ``device`` (a GPU of `topology_devices`) instead of asking the local cuDNN library and the local
   GPU, neither of which a deviceless compile has (XLA itself needs neither to compile cuDNN's fused attention).
-  No-op for other devices."""
+  No-op for other devices; never for a GPU that is present."""
   if device.platform not in ("gpu", "cuda"):
     yield
     return
@@ -244,7 +244,7 @@ def deviceless_cudnn(device: Any) -> Iterator[None]:
 
 
 def plan_devices(mesh_cfg: ConfigDict) -> list[Any]:
-  """The devices to plan for: those of ``plan_topology`` (a TPU slice, deviceless), ``plan_devices`` fake CPU
+  """The devices to plan for: those of ``plan_topology`` (TPU chips or GPUs, deviceless), ``plan_devices`` fake CPU
   devices, or all devices present when both are unset."""
   if mesh_cfg.plan_topology:
     return topology_devices(mesh_cfg.plan_topology)
@@ -289,7 +289,8 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     config = config.copy_and_resolve_references()
     config.model.attention = resolve_attention("auto", config.model.dtype, devices[0].platform)
   mesh = parallel.make_mesh(config.mesh, devices)
-  with deviceless_cudnn(devices[0]):  # the models' shapes are traced too
+  deviceless = deviceless_cudnn(devices[0]) if config.mesh.plan_topology else contextlib.nullcontext()
+  with deviceless:  # the models' shapes are traced too
     models, frozen = abstract_models(config)
     batch = batch_spec(config, models)
     state = step_lib.abstract_state(config, models, frozen, batch)
