@@ -392,7 +392,7 @@ def test_plan_for_accelerators_without_them(mesh_run, topology, module, platform
   assert report["compiler_options"] == ({"xla_gpu_enable_triton_gemm": False} if platform == "gpu" else {})
   chip = topology.split(":")[0]
   bad = f"{chip}:9x9x9" if platform == "tpu" else f"{chip}:x"
-  with pytest.raises((RuntimeError, ValueError), match=bad):
+  with pytest.raises(Exception, match=bad):  # libtpu: JaxRuntimeError; a malformed GPU name: ValueError
     plan.topology_devices(bad)
 
 
