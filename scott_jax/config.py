@@ -756,7 +756,7 @@ def _mesh() -> ConfigDict:
           plan_devices=0,  # mode plan on CPU: that many fake host devices; 0 = the devices present
           # mode plan for accelerators this host does not have: "v5e:2x4" (8 TPU v5e chips) or "h100:4" (4 H100s
           # on one host; "h100:2x8" 2 hosts of 8) compiles with the TPU / GPU compiler itself (deviceless AOT;
-          # libtpu and the CUDA plugin are in the test extra); its memory figures are then that compiler's own
+          # libtpu: the test extra; the CUDA plugin: the gpu-plan extra); its memory figures are that compiler's own
           plan_topology="",
           # DECISION (issue 13): mode plan on CPU keeps the optimization barriers until code generation
           # (xla_disable_hlo_passes=cse_barrier_expander), as the GPU compiler does (it removes them after

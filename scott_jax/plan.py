@@ -206,7 +206,7 @@ def topology_devices(name: str) -> list[Any]:
                                               topology=f"1x{hosts}x{gpus}")
     except NotImplementedError as e:  # no CUDA plugin registered a topology factory
       raise RuntimeError(f"config.mesh.plan_topology={name!r} compiles with the GPU compiler and needs the CUDA "
-                         "plugin (JAX_PLATFORMS=cpu on a host without a GPU): pip install -e '.[test]'") from e
+                         "plugin (JAX_PLATFORMS=cpu on a host without a GPU): pip install -e '.[gpu-plan]'") from e
     return list(topology.devices)
   # A compile opens no chip, so libtpu's one-process lock (which guards the chips) need not hold here.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

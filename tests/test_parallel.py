@@ -368,14 +368,15 @@ def test_plan_mode_on_the_tiny_config(mesh_run):
   assert "FLOPs per device" in mesh_run["plan_log"] and "XLA memory per device" in mesh_run["plan_log"]
 
 
+@pytest.mark.slow  # two more compiles (tiny: ~40 s TPU, ~100 s GPU on 2 cores)
 @pytest.mark.parametrize("topology,module,platform,kind", [("v5e:2x4", "libtpu", "tpu", "TPU v5"),
                                                            ("h100:8", "jax_plugins.xla_cuda12", "gpu", "NVIDIA H100")])
 def test_plan_for_accelerators_without_them(mesh_run, topology, module, platform, kind):
   """``mesh.plan_topology`` compiles the same sharded step for 8 TPU v5e chips or 8 H100s with that accelerator's
-  own XLA compiler on this host (deviceless; libtpu and the CUDA plugin of the test extra): the per-device train
-  state is the real (2,4) run's (the same sharding rules), the compiler aliases all of it (donation), and its
-  argument bytes are at least the logical bytes of state + frozen + batch (a TPU pads small dimensions to tiles).
-  A bad topology is an error naming it."""
+  own XLA compiler on this host (deviceless; libtpu of the test extra, the CUDA plugin of the gpu-plan extra): the
+  per-device train state is the real (2,4) run's (the same sharding rules), the compiler aliases all of it
+  (donation) and takes it as an argument (arguments >= state; a TPU pads small dimensions to tiles). A bad
+  topology is an error naming it."""
   pytest.importorskip(module)
   from scott_jax import plan
 
@@ -387,8 +388,7 @@ def test_plan_for_accelerators_without_them(mesh_run, topology, module, platform
   assert report["state_bytes_per_device"] == mesh_run["results"]["m2x4"]["state_bytes_per_device"]
   memory = report["memory"]
   assert memory["alias_bytes"] >= report["state_bytes_per_device"]
-  logical = report["state_bytes_per_device"] + report["frozen_bytes_per_device"] + report["batch_bytes_per_device"]
-  assert memory["argument_bytes"] >= logical and memory["temp_bytes"] > 0
+  assert memory["argument_bytes"] >= report["state_bytes_per_device"] and memory["temp_bytes"] > 0
   assert report["compiler_options"] == ({"xla_gpu_enable_triton_gemm": False} if platform == "gpu" else {})
   chip = topology.split(":")[0]
   bad = f"{chip}:9x9x9" if platform == "tpu" else f"{chip}:x"

@@ -345,8 +345,8 @@ def test_chunked_attention_gradients_equal_plain():
 def test_odd_lengths_padded_for_cudnn_keep_values_and_gradients():
   """`unet.padded_to_even` (what the cudnn path runs for odd lengths: CLIP's 77 tokens) equals the unpadded
   attention, values and gradients wrt q, k, v (1e-5, run with the XLA implementation on this CPU). With the CUDA
-  plugin installed, the cudnn path's gradient at those lengths compiles for an H100 without one (deviceless):
-  JAX's own cuDNN front end refuses odd lengths in training, which the padding avoids."""
+  plugin installed (the gpu-plan extra), the cudnn path's gradient at those lengths compiles for an H100 without
+  one (deviceless): JAX's own cuDNN front end refuses odd lengths in training, which the padding avoids."""
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 33, 2, 8), (2, 77, 2, 8), (2, 77, 2, 8)))
   r = jnp.asarray(rng.standard_normal((2, 33, 2, 8)), jnp.float32)
