@@ -673,6 +673,7 @@ def test_fused_discriminator_pass_weighting_and_start_step(tiny):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # its own compile of the accumulated step (~90 CPU-s); the default suite is at its 12 min limit
 def test_gradient_accumulation_averages_the_microbatches(tiny):
   """optim.grad_accum_steps 2: the step's new state and metrics equal one update (`step.make_update`) with the mean
   of `make_gradients` on the two microbatches [0::2] and [1::2] (written with strided slices), each run with the
