@@ -128,12 +128,20 @@ def abstract_state(config: ConfigDict, models: Models, frozen: PyTree, batch_spe
 # ---------------------------------------------------------------------------------------------------------
 # The step.
 
+def _interleaved(a: Array, k: int, field: str) -> Array:
+  """a (B, ...) -> (k, B / k, ...) with row i = a[i::k], as a reshape (B / k, k, ...): when the batch is split over
+  devices in contiguous shards of a multiple of k examples, each shard keeps its own examples (no collective).
+  ``field`` names the config field of k in the error for a batch k does not divide."""
+  if a.shape[0] % k:
+    raise ValueError(f"config.{field}={k} must divide the batch of {a.shape[0]} examples")
+  return jnp.moveaxis(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 1, 0)
+
+
 def _every_nth(k: int, batch: int) -> Callable[[Array], Array]:
-  """a (batch, ...) -> a[::k] as a reshape (batch / k, k, ...)[:, 0]: when the batch is split over devices in
-  contiguous shards of a multiple of k examples, each shard keeps its own examples (no collective)."""
+  """a (batch, ...) -> a[::k] (`_interleaved`'s first row); the identity for k = 1."""
   if batch % k:
     raise ValueError(f"config.gan.example_stride={k} must divide the batch of {batch} examples")
-  return lambda a: a if k == 1 else a.reshape(batch // k, k, *a.shape[1:])[:, 0]
+  return lambda a: a if k == 1 else _interleaved(a, k, "gan.example_stride")[0]
 
 
 def make_gradients(config: ConfigDict, models: Models) -> Callable:
@@ -284,17 +292,12 @@ def accumulated(gradients: Callable, steps: int) -> Callable:
 
   def run(state: TrainState, batch: dict[str, Array],
           frozen: PyTree) -> tuple[PyTree, PyTree, dict[str, Array], Array]:
-    def split(a: Array) -> Array:
-      if a.shape[0] % steps:
-        raise ValueError(f"config.optim.grad_accum_steps={steps} must divide the batch of {a.shape[0]} examples")
-      return jnp.moveaxis(a.reshape(a.shape[0] // steps, steps, *a.shape[1:]), 1, 0)
-
     def body(total: PyTree, i_micro: tuple[Array, dict[str, Array]]) -> tuple[PyTree, None]:
       i, micro = i_micro
       out = gradients(state.replace(key=jax.random.fold_in(state.key, i)), micro, frozen)[:3]
       return jax.tree_util.tree_map(lambda t, o: t + o / steps, total, out), None
 
-    micro = jax.tree_util.tree_map(split, batch)
+    micro = jax.tree_util.tree_map(lambda a: _interleaved(a, steps, "optim.grad_accum_steps"), batch)
     shapes = jax.eval_shape(lambda m: gradients(state, m, frozen)[:3], jax.tree_util.tree_map(lambda a: a[0], micro))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (g_student, g_disc, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
