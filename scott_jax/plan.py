@@ -21,6 +21,10 @@ outputs, aliased = donated, temporaries; peak estimate = arguments + outputs - a
 and schedules differently from the GPU/TPU compilers: treat them as indicative, the argument bytes as exact. With
 ``plan_topology`` they are that compiler's own buffer assignment for the chip: exact for the program as compiled
 (a GPU compile without the device skips autotuning, which may pick other matmul kernels and workspaces).
+A program that does not fit the chip is a plan too: the TPU compiler refuses it ("Ran out of memory in memory
+space hbm. Used 21.95G of 15.75G hbm" or, from libtpu 0.0.42, "Ran out of memory on HBM, the total memory required
+for HLO temporaries (23.84G) exceeds available HBM (15.75G)"), and the report then carries ``out_of_memory`` (bytes
+needed, bytes the chip has, the compiler's message) instead of a memory analysis.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -280,6 +285,44 @@ def compiler_options(mesh_cfg: ConfigDict, platform: str) -> dict[str, Any] | No
   return None
 
 
+# The TPU compiler's two forms (libtpu 0.0.42: the first; earlier releases and after buffer assignment: the second).
+_OUT_OF_MEMORY = (
+  re.compile(r"Ran out of memory on (?P<space>\w+), the total memory required for [\w ]+ \((?P<used>[\d.]+)"
+             r"(?P<used_unit>[BKMGT])\) exceeds available \w+ \((?P<have>[\d.]+)(?P<have_unit>[BKMGT])\)"),
+  re.compile(r"Ran out of memory in memory space (?P<space>\w+)\. Used (?P<used>[\d.]+)(?P<used_unit>[BKMGT]) of "
+             r"(?P<have>[\d.]+)(?P<have_unit>[BKMGT])"),
+)
+_UNIT = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # XLA prints binary units (15.75G = 15.75 GiB)
+
+
+def out_of_memory(message: str) -> dict[str, Any] | None:
+  """What an XLA compile error says about a program too large for the device (the TPU compiler's "Ran out of
+  memory on HBM, the total memory required for HLO temporaries (23.84G) exceeds available HBM (15.75G)" or "Ran out
+  of memory in memory space hbm. Used 21.95G of 15.75G hbm. ..."): memory space, bytes needed and available, and
+  the message from there on (with XLA's largest allocations where it lists them; at most 60 lines); None for any
+  other error."""
+  for pattern in _OUT_OF_MEMORY:
+    m = pattern.search(message)
+    if m is not None:
+      return {"memory_space": m["space"].lower(), "needed_bytes": int(float(m["used"]) * _UNIT[m["used_unit"]]),
+              "device_bytes": int(float(m["have"]) * _UNIT[m["have_unit"]]),
+              "report": "\n".join(message[m.start():].splitlines()[:60])}
+  return None
+
+
+def compile_or_out_of_memory(lowered: jax.stages.Lowered, options: dict[str, Any] | None,
+                             ) -> tuple[jax.stages.Compiled | None, dict[str, Any] | None]:
+  """``lowered.compile(options)``, or (None, `out_of_memory`) when the compiler refuses the program because it
+  does not fit the device's memory (any other compile error is raised)."""
+  try:
+    return lowered.compile(options), None
+  except jax.errors.JaxRuntimeError as e:
+    oom = out_of_memory(str(e))
+    if oom is None:
+      raise
+    return None, oom
+
+
 def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str, Any]:
   """Lowers and compiles the sharded train step for ``config`` on ``devices`` (default `plan_devices`) from
   shapes; returns the report (see the module docstring; bytes, FLOPs per device)."""
@@ -300,10 +343,10 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
                          parallel.with_shardings(frozen, frozen_sh))
   t1 = time.time()
-  compiled = lowered.compile(compiler_options(config.mesh, devices[0].platform))
+  compiled, oom = compile_or_out_of_memory(lowered, compiler_options(config.mesh, devices[0].platform))
   t2 = time.time()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
+  mem = compiled.memory_analysis() if oom is None else None
+  cost = compiled.cost_analysis() if oom is None else None
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   memory = {}
   if mem is not None:
@@ -333,7 +376,7 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     "state_bytes_per_device": parallel.bytes_per_device(state, state_sh),
     "frozen_bytes_per_device": parallel.bytes_per_device(frozen, frozen_sh),
     "batch_bytes_per_device": parallel.bytes_per_device(batch, batch_sh),
-    "memory": memory,
+    "memory": memory, "out_of_memory": oom,
     "flops_per_device": float(cost.get("flops", 0.0)),
     "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
     "lower_seconds": round(t1 - t0, 1), "compile_seconds": round(t2 - t1, 1),
@@ -363,7 +406,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"XLA memory per device: arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
                  f"aliased (donated) {_gib(m['alias_bytes'])}, temporaries {_gib(m['temp_bytes'])}; peak estimate "
                  f"{_gib(m['peak_estimate_bytes'])}")
-  if plan["flops_per_device"]:
+  if plan.get("out_of_memory"):
+    oom = plan["out_of_memory"]
+    lines.append(f"DOES NOT FIT: the compiler needs {_gib(oom['needed_bytes'])} of {oom['memory_space']} per device, "
+                 f"the device has {_gib(oom['device_bytes'])} (the compiler's message: out_of_memory.report in "
+                 "plan.json)")
+  elif plan["flops_per_device"]:
     lines.append(f"FLOPs per device per step: {plan['flops_per_device']:.4g} (XLA cost analysis); bytes accessed "
                  f"{plan['bytes_accessed_per_device']:.4g}")
   else:

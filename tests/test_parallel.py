@@ -717,11 +717,67 @@ def worker_run(out, folder, data, fsdp, arg):
       json.dump(result, fh)
 
 
+def test_plan_reports_a_program_too_large_for_the_chip(tmp_path):
+  """A plan for a chip the program does not fit is a result, not a crash: libtpu's compiler refuses an
+  outer product of 80,000 float32 values (25.6e9 bytes) on one v5e chip, and `plan.compile_or_out_of_memory`
+  returns the bytes it names (within its 2-decimal rounding) and the chip's 15.75 GiB; an 8,192-value one
+  compiles (output bytes exact: 8,192 is a whole number of the chip's tiles). In a subprocess, so libtpu stays
+  out of the test worker. The older message form parses the same way, and no other error is taken for it."""
+  pytest.importorskip("libtpu")
+  from scott_jax import plan
+
+  out = tmp_path / "oom.json"
+  run_worker(["oom", out], dict(os.environ, JAX_PLATFORMS="cpu", TPU_LOG_DIR=str(tmp_path)), tmp_path / "oom.log",
+             timeout=300)
+  res = json.loads(out.read_text())
+  big = res["big"]
+  assert res["big_compiled"] is False and big["memory_space"] == "hbm"
+  assert abs(big["needed_bytes"] - 80_000**2 * 4) <= 0.005 * 2**30
+  assert big["device_bytes"] == int(15.75 * 2**30) and "exceeds" in big["report"]
+  assert res["small"] == {"out_of_memory": None, "output_bytes": 8_192**2 * 4}
+  old = plan.out_of_memory("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                           "hbm. Used 21.95G of 15.48G hbm.\n Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage")
+  assert old["needed_bytes"] == int(21.95 * 2**30) and old["device_bytes"] == int(15.48 * 2**30)
+  assert "Exceeded hbm capacity" in old["report"]
+  assert plan.out_of_memory("INVALID_ARGUMENT: Ran out of patience") is None
+  report = {"mesh": {"data": 1}, "devices": 1, "platform": "tpu", "device_kind": "TPU v5 lite", "batch_size": 1,
+            "batch_per_device": 1, "batch_kind": "images", "resolution": 8, "dtype": "float32", "attention": "xla",
+            "attention_chunk_size": 0, "remat": False, "remat_policy": "", "frozen_sharding": "fsdp",
+            "params": dict.fromkeys(["student", "disc_trainable", "teacher_unet", "vae", "text_encoder"], 0),
+            "state_bytes_total": 0, "state_bytes_per_device": 0, "frozen_bytes_per_device": 0, "memory": {},
+            "out_of_memory": big, "flops_per_device": 0.0, "lower_seconds": 0, "compile_seconds": 0}
+  assert "DOES NOT FIT: the compiler needs 23.84 GiB of hbm per device, the device has 15.75 GiB" in (
+    plan.format_plan(report))
+
+
+def worker_oom(out):
+  """Compiles two outer products for one TPU v5e chip (deviceless) and writes what the plan makes of them."""
+  import jax
+  import jax.numpy as jnp
+
+  from scott_jax import plan
+
+  sharding = jax.sharding.SingleDeviceSharding(plan.topology_devices("v5e:2x2")[0])
+  res = {}
+  for name, n in (("big", 80_000), ("small", 8_192)):
+    lowered = jax.jit(lambda v: jnp.outer(v, v) + 1.0, out_shardings=sharding).lower(
+      jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sharding))
+    compiled, oom = plan.compile_or_out_of_memory(lowered, None)
+    if name == "big":
+      res.update(big=oom, big_compiled=compiled is not None)
+    else:
+      res["small"] = {"out_of_memory": oom, "output_bytes": int(compiled.memory_analysis().output_size_in_bytes)}
+  with open(out, "w") as fh:
+    json.dump(res, fh)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   if sys.argv[1] == "meshes":
     worker_meshes(*sys.argv[2:6])
   elif sys.argv[1] == "run":
     worker_run(*sys.argv[2:7])
+  elif sys.argv[1] == "oom":
+    worker_oom(sys.argv[2])
   else:
     raise SystemExit(f"unknown worker mode {sys.argv[1]}")
