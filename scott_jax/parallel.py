@@ -6,7 +6,8 @@ whose parameters, optimizer states and, by config, frozen models are sharded: Ze
 -1 and then fills the devices; a product that does not match the device count raises `MeshError`.
 
 Sharding is decided by logical-axis rules (``config.mesh.rules``) applied to shapes, with no annotation in the
-models (the Flax modules are the diffusers layout, so the rule must work on any parameter tree):
+models (the Flax modules are the diffusers layout, so the rule must work on any parameter tree) but one: cuDNN
+attention's inputs are constrained to ``batch`` (its partitioner demands it; `jit_train_step`):
 
 - ``batch``: the leading dimension of every batch array, over ``data,fsdp`` by default (batch size must divide);
 - ``param_fsdp``: a parameter (or optimizer moment) with at least ``fsdp_min_size`` elements is split along its
@@ -23,7 +24,8 @@ global array)::
   initialize_distributed(config.mesh)                    # before any other JAX call
   mesh = make_mesh(config.mesh)
   state_sh, frozen_sh, batch_sh = shardings_for(config.mesh, mesh, abstract_state, frozen, batch_spec)
-  step = jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+  step = jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh,
+                        logical_rules(config.mesh))
   state, frozen = put_tree(state, state_sh), put_tree(frozen, frozen_sh)
   state, metrics = step(state, make_global_batch(local_batch, batch_sh), frozen)
 """
@@ -37,6 +39,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -211,15 +214,25 @@ def with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------
 # The sharded step and data placement.
 
-def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: PyTree, batch_sh: PyTree,
-                   frozen_sh: PyTree) -> Any:
+def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: PyTree, batch_sh: PyTree, frozen_sh: PyTree,
+                   rules: Mapping[str, Sequence[str]] | None = None) -> Any:
   """``jax.jit(step_fn)`` for ``step_fn(state, batch, frozen) -> (state, metrics)`` with explicit in/out
   shardings (the state keeps its shardings, metrics are replicated) and the state donated.
 
-  ``step_fn`` must be un-jitted (`scott_jax.step.make_train_step` returns it so); a jitted function's
-  ``__wrapped__`` is used if given one.
+  ``rules`` (`logical_rules` of the mesh config) are in force while the step is traced, on the mesh, as Flax
+  logical-axis rules: the one activation constraint of the models (cuDNN attention's inputs, sharded along
+  ``batch`` only, `scott_jax.models.unet.dot_product_attention`) follows them. ``step_fn`` must be un-jitted
+  (`scott_jax.step.make_train_step` returns it so); a jitted function's ``__wrapped__`` is used if given one.
   """
   fn = getattr(step_fn, "__wrapped__", step_fn)
+  if rules is not None:
+    flax_rules = tuple((name, tuple(axes) or None) for name, axes in rules.items())
+    inner = fn
+
+    def fn(state: PyTree, batch: PyTree, frozen: PyTree) -> Any:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(flax_rules):
+        return inner(state, batch, frozen)
+
   return jax.jit(fn, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated(mesh)),
                  donate_argnums=(0,))
 

@@ -338,7 +338,8 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
     batch = batch_spec(config, models)
     state = step_lib.abstract_state(config, models, frozen, batch)
     state_sh, frozen_sh, batch_sh = parallel.shardings_for(config.mesh, mesh, state, frozen, batch)
-    step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+    step = parallel.jit_train_step(step_lib.make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh,
+                                   parallel.logical_rules(config.mesh))
     t0 = time.time()
     lowered = step.lower(parallel.with_shardings(state, state_sh), parallel.with_shardings(batch, batch_sh),
                          parallel.with_shardings(frozen, frozen_sh))

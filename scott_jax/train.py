@@ -48,7 +48,8 @@ def compiled_step(config: ConfigDict, models: student_lib.Models, mesh: Any, abs
   state_sh, frozen_sh, batch_sh = shardings
   key = _program_key(config, mesh, batch_spec)
   if key not in _COMPILED:
-    step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh)
+    step_fn = parallel.jit_train_step(make_train_step(config, models), mesh, state_sh, batch_sh, frozen_sh,
+                                      parallel.logical_rules(config.mesh))
     _COMPILED[key] = step_fn.lower(parallel.with_shardings(abstract, state_sh),
                                    parallel.with_shardings(batch_spec, batch_sh),
                                    parallel.with_shardings(frozen, frozen_sh)).compile()

@@ -396,6 +396,33 @@ def test_plan_for_accelerators_without_them(mesh_run, topology, module, platform
     plan.topology_devices(bad)
 
 
+@pytest.mark.slow  # two deviceless GPU compiles of the tiny step (~60 s each on 2 cores)
+def test_cudnn_attention_compiles_under_fsdp(mesh_run, tmp_path, monkeypatch):
+  """cuDNN's fused attention under FSDP: its partitioner takes q, k, v only sharded alike and along the batch
+  alone. The tiny step in bfloat16 with ``attention auto`` (= cuDNN on a GPU; head dims 16 and 32, which cuDNN
+  takes) on 8 H100s, mesh (2,4), compiles with the GPU compiler; jitted without the logical rules (the models'
+  one constraint then a no-op) the same compile fails as it did before the constraint. Needs the gpu-plan extra."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  import shutil
+
+  from scott_jax import parallel, plan
+
+  folder = tmp_path / "tiny_sd"
+  shutil.copytree(mesh_run["folder"], folder)
+  unet_json = folder / "unet" / "config.json"
+  unet_cfg = json.loads(unet_json.read_text())
+  unet_json.write_text(json.dumps(dict(unet_cfg, attention_head_dim=2)))  # 2 heads: head dims 16 and 32
+  config = tiny_config(folder, data=2, fsdp=4, arg="teacher=lcm")
+  config.model.update(dtype="bfloat16", attention="auto")
+  config.mesh.plan_topology = "h100:8"
+  report = plan.make_plan(config)
+  assert report["attention"] == "cudnn" and report["memory"]["temp_bytes"] > 0
+  jit_train_step = parallel.jit_train_step
+  monkeypatch.setattr(parallel, "jit_train_step", lambda *args, rules=None: jit_train_step(*args[:5]))
+  with pytest.raises(Exception, match="same sharding"):
+    plan.make_plan(config)
+
+
 def test_plan_keeps_remat_on_cpu():
   """Mode plan's CPU compile keeps the optimization barriers (``mesh.plan_keep_barriers``): remat survives, so a
   chain of 6 checkpointed layers, each with a (4096, 256) float32 intermediate, needs a fraction of the

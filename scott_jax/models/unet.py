@@ -293,8 +293,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
   each block checkpointed, so only a (B, N, chunk, S) logits block is live at a time, in the forward and in the
   backward pass). Logits and softmax are float32.
   """
-  if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
-    return padded_to_even(q, k, v, implementation)
+  if implementation == "cudnn":
+    # cuDNN's partitioner (a custom_partitioning rule) accepts q, k and v only when they are sharded alike and
+    # only along the batch; under FSDP the SPMD partitioner would give k and v the projection kernels' sharding
+    # and the compile fails ("Query, key and value should have same sharding"). A no-op without logical rules
+    # (`scott_jax.parallel.jit_train_step` sets them).
+    q, k, v = (nn.with_logical_constraint(a, ("batch", None, None, None)) for a in (q, k, v))
+    if q.shape[1] % 2 or k.shape[1] % 2:
+      return padded_to_even(q, k, v, implementation)
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   if implementation != "chunked":
