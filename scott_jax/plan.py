@@ -346,8 +346,7 @@ def make_plan(config: ConfigDict, devices: list[Any] | None = None) -> dict[str,
   t1 = time.time()
   compiled, oom = compile_or_out_of_memory(lowered, compiler_options(config.mesh, devices[0].platform))
   t2 = time.time()
-  mem = compiled.memory_analysis() if oom is None else None
-  cost = compiled.cost_analysis() if oom is None else None
+  mem, cost = (compiled.memory_analysis(), compiled.cost_analysis()) if compiled is not None else (None, None)
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   memory = {}
   if mem is not None:

@@ -137,10 +137,8 @@ def _interleaved(a: Array, k: int, field: str) -> Array:
   return jnp.moveaxis(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 1, 0)
 
 
-def _every_nth(k: int, batch: int) -> Callable[[Array], Array]:
+def _every_nth(k: int) -> Callable[[Array], Array]:
   """a (batch, ...) -> a[::k] (`_interleaved`'s first row); the identity for k = 1."""
-  if batch % k:
-    raise ValueError(f"config.gan.example_stride={k} must divide the batch of {batch} examples")
   return lambda a: a if k == 1 else _interleaved(a, k, "gan.example_stride")[0]
 
 
@@ -223,7 +221,7 @@ def make_gradients(config: ConfigDict, models: Models) -> Callable:
     if gan:
       # Eq. 6: one discriminator forward per side; the fake side's pullback serves L_D and L_G. With
       # gan.example_stride k > 1 both sides see every k-th example (a reshape, so each batch shard keeps its own).
-      sub = _every_nth(c.gan.example_stride, b)
+      sub = _every_nth(c.gan.example_stride)
       z0_d, t_d, eps_d, text_d, pooled_d = (sub(a) for a in (z0, t_n, problem["eps"], text, pooled))
 
       def on_fake(dparams: PyTree, x: Array) -> Array:
