@@ -396,13 +396,15 @@ def test_plan_for_accelerators_without_them(mesh_run, topology, module, platform
     plan.topology_devices(bad)
 
 
-@pytest.mark.slow  # two deviceless GPU compiles of the tiny step (~60 s each on 2 cores)
+@pytest.mark.slow  # three deviceless GPU compiles of the tiny step (~60 s each on 2 cores)
 def test_cudnn_attention_compiles_under_fsdp(mesh_run, tmp_path, monkeypatch):
-  """cuDNN's fused attention under FSDP: its partitioner takes q, k, v only sharded alike and along the batch
-  alone. The tiny step in bfloat16 with ``attention auto`` (= cuDNN on a GPU; head dims 16 and 32, which cuDNN
-  takes) on 8 H100s, mesh (2,4), compiles with the GPU compiler; jitted without the logical rules (the models'
-  one constraint then a no-op) the same compile fails in cuDNN attention's custom partitioner, as it did before
-  the constraint. Needs the gpu-plan extra."""
+  """cuDNN's fused attention under FSDP: its partitioners take q, k, v only sharded alike and along the batch
+  alone, and the backward's output cotangent only in a layout the mesh can name. The tiny step in bfloat16 with
+  ``attention auto`` (= cuDNN on a GPU; 2 heads, head dims 16 and 32, which cuDNN takes) on 8 H100s compiles with
+  the GPU compiler on mesh (2,4) and on fsdp 8 (1,8), where the cotangent from the FSDP-sharded output projection
+  came as (heads 2 x head dim 4) tiles before the output was constrained too; jitted without the logical rules
+  (the models' constraints then no-ops) the (2,4) compile fails in cuDNN attention's custom partitioner, as it did
+  before the constraints. Needs the gpu-plan extra."""
   pytest.importorskip("jax_plugins.xla_cuda12")
   import shutil
 
@@ -413,15 +415,16 @@ def test_cudnn_attention_compiles_under_fsdp(mesh_run, tmp_path, monkeypatch):
   unet_json = folder / "unet" / "config.json"
   unet_cfg = json.loads(unet_json.read_text())
   unet_json.write_text(json.dumps(dict(unet_cfg, attention_head_dim=2)))  # 2 heads: head dims 16 and 32
-  config = tiny_config(folder, data=2, fsdp=4, arg="teacher=lcm")
-  config.model.update(dtype="bfloat16", attention="auto")
-  config.mesh.plan_topology = "h100:8"
-  report = plan.make_plan(config)
-  assert report["attention"] == "cudnn" and report["memory"]["temp_bytes"] > 0
+  configs = [tiny_config(folder, data=data, fsdp=fsdp, arg="teacher=lcm") for data, fsdp in ((2, 4), (1, 8))]
+  for config in configs:
+    config.model.update(dtype="bfloat16", attention="auto")
+    config.mesh.plan_topology = "h100:8"
+    report = plan.make_plan(config)
+    assert report["attention"] == "cudnn" and report["memory"]["temp_bytes"] > 0
   jit_train_step = parallel.jit_train_step
   monkeypatch.setattr(parallel, "jit_train_step", lambda *args, rules=None: jit_train_step(*args[:5]))
   with pytest.raises(Exception, match="custom_partitioner"):  # "same sharding" or a dim not divisible by the axis
-    plan.make_plan(config)
+    plan.make_plan(configs[0])
 
 
 def test_plan_keeps_remat_on_cpu():

@@ -271,6 +271,13 @@ def text_time_features(text_embeds: Array, time_ids: Array, dim: int, flip_sin_t
   return jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), t], axis=-1)
 
 
+def batch_sharded(a: Array) -> Array:
+  """``a`` (B, ...) constrained to the ``batch`` logical axis, its other dimensions whole (a no-op without logical
+  axis rules; `scott_jax.parallel.jit_train_step` traces with the mesh's). The constraint's transpose constrains the
+  cotangent alike, so around a call it pins the backward's operands too."""
+  return nn.with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 1))
+
+
 def padded_to_even(q: Array, k: Array, v: Array, implementation: str) -> Array:
   """`jax.nn.dot_product_attention` with odd query / key lengths padded by one: the padded key is masked out (a
   padding mask by ``key_value_seq_lengths``), the padded query row dropped, so the result is the unpadded one.
@@ -281,7 +288,7 @@ def padded_to_even(q: Array, k: Array, v: Array, implementation: str) -> Array:
   lengths = jnp.full((b,), s, jnp.int32)
   out = jax.nn.dot_product_attention(pad(q, t), pad(k, s), pad(v, s), key_value_seq_lengths=lengths,
                                      implementation=implementation)
-  return out[:, :t]
+  return batch_sharded(out)[:, :t]
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str = "xla",
@@ -294,14 +301,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
   backward pass). Logits and softmax are float32.
   """
   if implementation == "cudnn":
-    # cuDNN's partitioner (a custom_partitioning rule) accepts q, k and v only when they are sharded alike and
-    # only along the batch; under FSDP the SPMD partitioner would give k and v the projection kernels' sharding
-    # and the compile fails ("Query, key and value should have same sharding"). A no-op without logical rules
-    # (`scott_jax.parallel.jit_train_step` sets them).
-    q, k, v = (nn.with_logical_constraint(a, ("batch", None, None, None)) for a in (q, k, v))
+    # cuDNN's partitioners (custom_partitioning rules) take their operands sharded along the batch alone: q, k, v
+    # alike ("Query, key and value should have same sharding"), and in the backward the output's cotangent in a
+    # layout the mesh can name. Under FSDP the SPMD partitioner would give k and v their projection kernels'
+    # sharding, and the cotangent (from the sharded output projection's backward) heads x head-dim tiles
+    # ("dim_size=2 is not divisible by axis_size=8" for 2 heads on fsdp 8): both compiles failed.
+    q, k, v = map(batch_sharded, (q, k, v))
     if q.shape[1] % 2 or k.shape[1] % 2:
       return padded_to_even(q, k, v, implementation)
-  if implementation in ("xla", "cudnn"):
+    return batch_sharded(jax.nn.dot_product_attention(q, k, v, implementation=implementation))
+  if implementation == "xla":
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   if implementation != "chunked":
     raise ValueError(f"unknown attention implementation {implementation!r}; "
