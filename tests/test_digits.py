@@ -607,6 +607,8 @@ def test_evidence_rerun_redoes_nothing_and_writes_the_report_once(evidence_run, 
   assert len(writes) == 3  # after seeds 7 and 9 (not 8: nothing new; not 10: the end comes next), at the end
 
 
+@pytest.mark.slow  # 300 discriminator steps (~100 s); the default suite's GAN tests (test_train, test_discriminator)
+# check that the discriminator's update lowers L_D and that the zero head learns from step 0
 def test_discriminator_probe_separates_with_the_evidence_settings(quick_run, child):
   """The train step's discriminator update alone (`digits.probe`) against the frozen untrained student on the
   digits data: with the evidence config's discriminator (zero-initialised head, disc lr 1e-3) the hinge loss falls
