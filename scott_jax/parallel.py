@@ -7,7 +7,7 @@ whose parameters, optimizer states and, by config, frozen models are sharded: Ze
 
 Sharding is decided by logical-axis rules (``config.mesh.rules``) applied to shapes, with no annotation in the
 models (the Flax modules are the diffusers layout, so the rule must work on any parameter tree) but one: cuDNN
-attention's inputs are constrained to ``batch`` (its partitioner demands it; `jit_train_step`):
+attention's inputs and output are constrained to ``batch`` (its partitioners demand it; `jit_train_step`):
 
 - ``batch``: the leading dimension of every batch array, over ``data,fsdp`` by default (batch size must divide);
 - ``param_fsdp``: a parameter (or optimizer moment) with at least ``fsdp_min_size`` elements is split along its
@@ -220,9 +220,10 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: PyTree, batch_sh: Py
   shardings (the state keeps its shardings, metrics are replicated) and the state donated.
 
   ``rules`` (`logical_rules` of the mesh config) are in force while the step is traced, on the mesh, as Flax
-  logical-axis rules: the one activation constraint of the models (cuDNN attention's inputs, sharded along
-  ``batch`` only, `scott_jax.models.unet.dot_product_attention`) follows them. ``step_fn`` must be un-jitted
-  (`scott_jax.step.make_train_step` returns it so); a jitted function's ``__wrapped__`` is used if given one.
+  logical-axis rules: the models' one activation constraint (cuDNN attention's inputs and output, so also its
+  backward's cotangent, sharded along ``batch`` only, `scott_jax.models.unet.batch_sharded`) follows them.
+  ``step_fn`` must be un-jitted (`scott_jax.step.make_train_step` returns it so); a jitted function's
+  ``__wrapped__`` is used if given one.
   """
   fn = getattr(step_fn, "__wrapped__", step_fn)
   if rules is not None:

@@ -311,7 +311,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, implementation: str =
       return padded_to_even(q, k, v, implementation)
     return batch_sharded(jax.nn.dot_product_attention(q, k, v, implementation=implementation))
   if implementation == "xla":
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   if implementation != "chunked":
     raise ValueError(f"unknown attention implementation {implementation!r}; "
                      f"one of {ATTENTION_IMPLEMENTATIONS}")
